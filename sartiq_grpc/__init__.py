@@ -1,0 +1,1 @@
+"""Python gRPC stubs and client for the Sartiq generation and catalog APIs."""

@@ -1,0 +1,1 @@
+"""Generated stubs for the sartiq.catalog proto package; do not edit."""

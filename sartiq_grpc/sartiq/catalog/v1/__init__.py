@@ -1,0 +1,1 @@
+"""Generated stubs for the sartiq.catalog.v1 proto package; do not edit."""

@@ -1,0 +1,1 @@
+"""Generated stubs for the sartiq.generation proto package; do not edit."""
