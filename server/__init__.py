@@ -1,0 +1,1 @@
+"""Sartiq generation service: the server package."""

@@ -1,0 +1,1 @@
+"""The gRPC layer, the only one that imports grpc: servicers, conversion, errors, plumbing."""

@@ -1,0 +1,130 @@
+"""One place that turns domain errors into gRPC statuses with google.rpc details.
+
+Unexpected exceptions become INTERNAL with a generic message; the detail goes to the
+log under the call's request id, which the client also receives as the correlation id.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from server.api.context import current_request_id
+from server.domain import errors
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "generation.sartiq"
+
+_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
+    errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.UnimplementedError: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def status_for(error: errors.DomainError) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The gRPC code and the rich status describing ``error``."""
+    code = next(
+        (c for kind, c in _CODES.items() if isinstance(error, kind)), grpc.StatusCode.INTERNAL
+    )
+    details: list[any_pb2.Any] = []
+    if isinstance(error, errors.InvalidArgumentError):
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in error.violations
+            ]
+        )
+        details.append(_pack(bad))
+    metadata = {}
+    if isinstance(error, errors.NotFoundError) and error.field:
+        metadata["field"] = error.field
+    details.append(
+        _pack(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
+        )
+    )
+    if isinstance(error, errors.ResourceExhaustedError):
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(error.retry_after * 1000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    return code, status
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    if isinstance(exc, errors.DomainError) and not isinstance(exc, errors.IllegalTransitionError):
+        code, status = status_for(exc)
+    else:
+        request_id = current_request_id()
+        log.error("unexpected error (request id %s)", request_id, exc_info=exc)
+        code = grpc.StatusCode.INTERNAL
+        status = status_pb2.Status(
+            code=code_pb2.INTERNAL,
+            message=f"internal error; correlation id {request_id}",
+            details=[
+                _pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN)),
+                _pack(error_details_pb2.RequestInfo(request_id=request_id)),
+            ],
+        )
+    await context.abort(
+        code,
+        status.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Servicer = TypeVar("Servicer")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def unary(
+    method: Callable[[Servicer, Req, Context], Awaitable[Resp]],
+) -> Callable[[Servicer, Req, Context], Awaitable[Resp]]:
+    """Map every exception a unary method raises to a proper status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Servicer, request: Req, context: Context) -> Resp:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper
+
+
+def streaming(
+    method: Callable[[Servicer, Req, Context], AsyncIterator[Resp]],
+) -> Callable[[Servicer, Req, Context], AsyncIterator[Resp]]:
+    """Map every exception a server-streaming method raises to a proper status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Servicer, request: Req, context: Context) -> AsyncIterator[Resp]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return wrapper

@@ -1,0 +1,74 @@
+"""Builds the grpc.aio server: servicers, health, reflection and interceptors on one port."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+
+from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from sartiq_grpc.sartiq.generation.v1 import service_pb2, service_pb2_grpc
+from server.api.catalog_servicer import CatalogServicer
+from server.api.generation_servicer import GenerationServicer
+from server.api.interceptors import RequestIdInterceptor
+from server.catalog.service import CatalogService
+from server.config import ServerSettings
+from server.orchestration.service import GenerationService
+from server.orchestration.watch import Watcher
+
+SERVICE_NAMES = (
+    service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
+)
+
+
+@dataclass
+class GrpcServer:
+    """The server, its bound port and its health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+
+    async def mark_serving(self) -> None:
+        """Report every service, and the server as a whole, as SERVING."""
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        """Flip health to NOT_SERVING, let calls drain for ``grace`` seconds, then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def build_server(
+    settings: ServerSettings,
+    generations: GenerationService,
+    watcher: Watcher,
+    catalog: CatalogService,
+) -> GrpcServer:
+    """Create the server and bind its port (0 picks a free one); it is not started."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.heartbeat_interval * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+    server = grpc.aio.server(interceptors=[RequestIdInterceptor()], options=options)
+    org = settings.default_organization
+    service_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(generations, watcher, organization=org), server
+    )
+    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
+        CatalogServicer(catalog, organization=org), server
+    )
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    return GrpcServer(server, port, health_servicer)

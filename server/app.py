@@ -1,0 +1,130 @@
+"""The composition root: builds every collaborator from the settings and owns their lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import re
+from types import TracebackType
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.api.server import GrpcServer, build_server
+from server.catalog.service import CatalogService
+from server.compute.base import ComputeBackend
+from server.compute.local import LocalComputeBackend
+from server.compute.processors.tasks import default_registry
+from server.config import Settings
+from server.media.artifacts import FileArtifactStore
+from server.orchestration.engine import Engine
+from server.orchestration.service import GenerationService
+from server.orchestration.watch import Watcher
+from server.store.db import create_engine, create_session_factory, is_sqlite
+from server.store.events import EventBus
+from server.store.migrate import upgrade_to_head
+from server.store.uow import Store
+from server.strategies.base import StrategyRegistry
+from server.strategies.generate import GenerateStrategy
+
+log = logging.getLogger(__name__)
+_ARTIFACT_URI = re.compile(r"^artifact:([0-9a-f]{64})$")
+
+
+def _local_backend(settings: Settings, artifacts: FileArtifactStore) -> LocalComputeBackend:
+    def resolve(uri: str) -> bytes:
+        match = _ARTIFACT_URI.match(uri)
+        if match is None:
+            raise FileNotFoundError(f"cannot resolve {uri!r}")
+        return artifacts.find_sync(match.group(1)).read_bytes()
+
+    return LocalComputeBackend(
+        default_registry(),
+        resolve=resolve,
+        workers=settings.compute.local_workers,
+        max_input_pixels=settings.media.max_input_pixels,
+    )
+
+
+class App:
+    """The running service. ``async with App(settings) as app:`` serves on ``app.port``.
+
+    Args:
+        settings: every setting, parsed once by the caller.
+        compute: a compute backend to use instead of the configured one (tests, benchmarks).
+    """
+
+    def __init__(self, settings: Settings, *, compute: ComputeBackend | None = None) -> None:
+        self.settings = settings
+        self._compute_override = compute
+        self._db: AsyncEngine | None = None
+        self._compute: ComputeBackend | None = None
+        self._engine: Engine | None = None
+        self._grpc: GrpcServer | None = None
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        """The port the gRPC server listens on."""
+        if self._grpc is None:
+            raise RuntimeError("the app is not started")
+        return self._grpc.port
+
+    async def start(self) -> None:
+        """Migrate the database, build everything, resume unfinished work, and serve."""
+        s = self.settings
+        self._db = create_engine(s.database)
+        await upgrade_to_head(self._db)
+        store = Store(
+            create_session_factory(self._db), EventBus(), single_writer=is_sqlite(s.database.url)
+        )
+        artifacts = FileArtifactStore(s.media.artifact_dir)
+        self._compute = self._compute_override or _local_backend(s, artifacts)
+        self._engine = Engine(store, self._compute, artifacts, settings=s.orchestration)
+        generations = GenerationService(
+            store, self._engine, StrategyRegistry([GenerateStrategy()]), settings=s.orchestration
+        )
+        watcher = Watcher(store, heartbeat_interval=s.server.heartbeat_interval)
+        catalog = CatalogService(store, artifacts, media=s.media)
+        self._grpc = build_server(s.server, generations, watcher, catalog)
+        await self._grpc.server.start()
+        await self._engine.start()
+        await self._grpc.mark_serving()
+        log.info("serving on %s:%d", s.server.host, self._grpc.port)
+
+    async def wait(self) -> None:
+        """Block until the server stops."""
+        if self._grpc is not None:
+            await self._grpc.server.wait_for_termination()
+
+    async def shutdown(self) -> None:
+        """Stop accepting calls, drain, stop the engine and compute, close the database.
+
+        Idempotent; parts never started are skipped.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.server.grace_period)
+        if self._engine is not None:
+            await self._engine.shutdown()
+        if self._compute is not None:
+            await self._compute.aclose()
+        if self._db is not None:
+            await self._db.dispose()
+        log.info("stopped")
+
+    async def __aenter__(self) -> App:
+        try:
+            await self.start()
+        except BaseException:
+            await self.shutdown()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()

@@ -1,0 +1,1 @@
+"""The catalog GENERATE loads: subjects, products and styles with their reference images."""

@@ -1,0 +1,214 @@
+"""Create, read, list and delete catalog entities, independent of gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from server.config import MediaSettings
+from server.domain.enums import CatalogKind
+from server.domain.errors import NotFoundError, Violations
+from server.domain.paging import Cursor, check_page_size, decode_token, encode_token, query_key
+from server.media.artifacts import FileArtifactStore
+from server.media.images import InvalidImageError, probe_image
+from server.store import repository
+from server.store.models import Artifact, CatalogEntity, CatalogReferenceImage, utcnow
+from server.store.uow import Store
+
+MAX_REFERENCE_IMAGES = 8
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+_ARTIFACT_URI = re.compile(r"^artifact:([0-9a-f]{64})$")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInput:
+    """A reference image given inline (``data``) or by ``artifact:<sha256>`` (``uri``)."""
+
+    data: bytes | None = None
+    uri: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EntityInput:
+    """A catalog entity as asked for on create."""
+
+    name: str = ""
+    description: str = ""
+    reference_images: list[ImageInput] = field(default_factory=list)
+    lora_uri: str = ""
+    lora_default_weight: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Image:
+    sha256: str
+    data: bytes | None
+    mime_type: str
+    width: int
+    height: int
+
+
+class CatalogService:
+    """Every catalog use case, scoped to the caller's organization."""
+
+    def __init__(self, store: Store, artifacts: FileArtifactStore, *, media: MediaSettings) -> None:
+        self._store = store
+        self._artifacts = artifacts
+        self._media = media
+
+    async def create(self, org: str, kind: CatalogKind, entity: EntityInput) -> CatalogEntity:
+        """Validate and store a new entity with its reference images.
+
+        Raises:
+            InvalidArgumentError: every offending field at once.
+            NotFoundError: an ``artifact:`` reference names nothing stored.
+        """
+        v = Violations()
+        name = entity.name.strip()
+        if not name:
+            v.add("name", "is required")
+        elif len(name) > 200:
+            v.add("name", "must be at most 200 characters")
+        if len(entity.description) > 2000:
+            v.add("description", "must be at most 2000 characters")
+        if len(entity.lora_uri) > 2048:
+            v.add("lora.uri", "must be at most 2048 characters")
+        weight = entity.lora_default_weight
+        if weight is not None and not 0 <= weight <= 2:
+            v.add("lora.default_weight", f"must be between 0 and 2, got {weight:g}")
+        if len(entity.reference_images) > MAX_REFERENCE_IMAGES:
+            v.add("reference_images", f"must have at most {MAX_REFERENCE_IMAGES} images")
+            images: list[_Image] = []
+        else:
+            images = await self._check_images(entity.reference_images, v)
+        v.raise_if_any()
+        return await self._insert(org, kind, name, entity, images)
+
+    async def _check_images(self, inputs: Sequence[ImageInput], v: Violations) -> list[_Image]:
+        images: list[_Image] = []
+        for index, image in enumerate(inputs):
+            path = f"reference_images[{index}]"
+            if image.data is not None:
+                try:
+                    info = await asyncio.to_thread(
+                        probe_image,
+                        image.data,
+                        max_bytes=self._media.max_input_bytes,
+                        max_pixels=self._media.max_input_pixels,
+                    )
+                except InvalidImageError as exc:
+                    v.add(f"{path}.data", str(exc))
+                    continue
+                sha = await asyncio.to_thread(_sha256, image.data)
+                images.append(_Image(sha, image.data, info.mime_type, info.width, info.height))
+                continue
+            match = _ARTIFACT_URI.match(image.uri)
+            if match is None:
+                v.add(f"{path}.uri", "must be artifact:<sha256 hex> or inline data")
+                continue
+            async with self._store.read() as session:
+                artifact = await repository.get_artifact(session, match.group(1))
+            if artifact is None:
+                raise NotFoundError(f"no artifact {match.group(1)}", field=f"{path}.uri")
+            images.append(
+                _Image(artifact.sha256, None, artifact.mime_type, artifact.width, artifact.height)
+            )
+        return images
+
+    async def _insert(
+        self, org: str, kind: CatalogKind, name: str, entity: EntityInput, images: list[_Image]
+    ) -> CatalogEntity:
+        blobs = {
+            image.sha256: await self._artifacts.put(image.data, image.mime_type)
+            for image in images
+            if image.data is not None
+        }
+        async with self._store.write() as uow:
+            row = CatalogEntity(
+                id=str(uuid.uuid4()),
+                organization=org,
+                kind=kind.value,
+                name=name,
+                description=entity.description,
+                lora_uri=entity.lora_uri,
+                lora_default_weight=entity.lora_default_weight,
+                created_at=utcnow(),
+                reference_images=[],
+            )
+            for position, image in enumerate(images):
+                artifact = await uow.session.get(Artifact, image.sha256)
+                if artifact is None:
+                    blob = blobs[image.sha256]
+                    artifact = Artifact(
+                        sha256=image.sha256,
+                        mime_type=image.mime_type,
+                        size_bytes=blob.size_bytes,
+                        width=image.width,
+                        height=image.height,
+                        uri=blob.uri,
+                        recipe=None,
+                        created_at=utcnow(),
+                    )
+                    uow.session.add(artifact)
+                row.reference_images.append(
+                    CatalogReferenceImage(
+                        position=position, artifact_sha256=artifact.sha256, artifact=artifact
+                    )
+                )
+            uow.session.add(row)
+        return row
+
+    async def get(self, org: str, kind: CatalogKind, entity_id: str) -> CatalogEntity:
+        """One entity.
+
+        Raises:
+            NotFoundError: unknown id, or another organization's.
+        """
+        async with self._store.read() as session:
+            row = await repository.get_entity(session, org, kind, entity_id)
+        if row is None:
+            raise _not_found(kind, entity_id)
+        return row
+
+    async def list(
+        self, org: str, kind: CatalogKind, page_size: int, page_token: str
+    ) -> tuple[Sequence[CatalogEntity], str]:
+        """One page of entities, newest first, and the next page's token."""
+        v = Violations()
+        check_page_size(v, page_size, MAX_PAGE_SIZE)
+        key = query_key("catalog", kind.value)
+        cursor = decode_token(page_token, key, v)
+        v.raise_if_any()
+        limit = page_size or DEFAULT_PAGE_SIZE
+        async with self._store.read() as session:
+            rows = await repository.list_entities(session, org, kind, cursor, limit + 1)
+        items = rows[:limit]
+        if len(rows) <= limit:
+            return items, ""
+        return items, encode_token(Cursor(items[-1].created_at, items[-1].id), key)
+
+    async def delete(self, org: str, kind: CatalogKind, entity_id: str) -> None:
+        """Remove an entity; generations created from it keep what they copied.
+
+        Raises:
+            NotFoundError: unknown id, or another organization's.
+        """
+        async with self._store.write() as uow:
+            row = await repository.get_entity(uow.session, org, kind, entity_id)
+            if row is None:
+                raise _not_found(kind, entity_id)
+            await uow.session.delete(row)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _not_found(kind: CatalogKind, entity_id: str) -> NotFoundError:
+    name = kind.value.lower()
+    return NotFoundError(f"{name} {entity_id!r} not found", field=f"{name}_id")

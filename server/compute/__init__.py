@@ -1,0 +1,1 @@
+"""Compute: the backend interface, the local CPU backend and its processors."""

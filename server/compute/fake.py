@@ -1,0 +1,113 @@
+"""A scriptable in-memory compute backend with fault injection, for tests and benchmarks.
+
+By default every task completes at once with a small PNG. Tests can hold tasks until
+released, fail them, or make ``submit`` raise, to drive the engine through every path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from PIL import Image
+
+from server.compute.base import (
+    ComputeError,
+    OutputFile,
+    TaskRequest,
+    TaskSnapshot,
+    UnknownComputeTaskError,
+)
+from server.compute.cell import TaskCell
+from server.domain.enums import TaskStatus
+
+
+def tiny_png(key: str, width: int = 8, height: int = 8) -> OutputFile:
+    """A deterministic solid-colour PNG derived from ``key``."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:3], "big")
+    colour = (digest & 0xFF, (digest >> 8) & 0xFF, (digest >> 16) & 0xFF)
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return OutputFile(buffer.getvalue(), "image/png", width, height, seed=0)
+
+
+@dataclass(eq=False)
+class FakeTask(TaskCell):
+    """A fake task and the request that created it."""
+
+    request: TaskRequest | None = None
+
+
+class FakeComputeBackend:
+    """In-memory backend whose behaviour each test scripts."""
+
+    name = "fake"
+
+    def __init__(self, *, hold: bool = False) -> None:
+        self.hold = hold
+        self.tasks: dict[str, FakeTask] = {}
+        self.submitted: list[TaskRequest] = []
+        self.cancelled: list[str] = []
+        self.submit_faults: list[ComputeError] = []
+        self.fail_with: tuple[str, str] | None = None
+        self._by_key: dict[str, str] = {}
+        self._ids = itertools.count(1)
+
+    async def submit(self, request: TaskRequest) -> str:
+        """Accept a task, or raise the next scripted submit fault."""
+        if self.submit_faults:
+            raise self.submit_faults.pop(0)
+        if request.idempotency_key in self._by_key:
+            return self._by_key[request.idempotency_key]
+        task = FakeTask(id=f"fake-{next(self._ids)}", request=request)
+        self.tasks[task.id] = task
+        self._by_key[request.idempotency_key] = task.id
+        self.submitted.append(request)
+        if self.fail_with is not None:
+            task.update(status=TaskStatus.FAILED, error=self.fail_with)
+        elif not self.hold:
+            self.complete(task.id)
+        return task.id
+
+    def progress(self, compute_id: str, value: float) -> None:
+        """Report a held task as running with ``value`` progress."""
+        self.tasks[compute_id].update(status=TaskStatus.RUNNING, progress=value)
+
+    def complete(self, compute_id: str) -> None:
+        """Finish a task successfully with a small PNG of the asked size."""
+        task = self.tasks[compute_id]
+        assert task.request is not None
+        params = task.request.params
+        output = tiny_png(task.id, int(params.get("width", 8)), int(params.get("height", 8)))
+        task.update(status=TaskStatus.COMPLETED, progress=1.0, outputs=(output,))
+
+    def fail(self, compute_id: str, category: str, message: str) -> None:
+        """Fail a held task."""
+        self.tasks[compute_id].update(status=TaskStatus.FAILED, error=(category, message))
+
+    def forget_all(self) -> None:
+        """Lose every task, as a compute server that restarted would."""
+        self.tasks.clear()
+        self._by_key.clear()
+
+    async def watch(self, compute_id: str) -> AsyncIterator[TaskSnapshot]:
+        """Follow a task to its terminal state."""
+        task = self.tasks.get(compute_id)
+        if task is None:
+            raise UnknownComputeTaskError(compute_id)
+        async for snap in task.follow():
+            yield snap
+
+    async def cancel(self, compute_id: str) -> bool:
+        """Cancel a task that is not terminal yet."""
+        self.cancelled.append(compute_id)
+        task = self.tasks.get(compute_id)
+        if task is not None and task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
+            task.update(status=TaskStatus.CANCELLED)
+        return True
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

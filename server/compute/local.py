@@ -1,0 +1,138 @@
+"""The local compute backend: runs task processors on this machine's CPU, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from server.compute.base import TaskRequest, TaskSnapshot, UnknownComputeTaskError
+from server.compute.cell import TaskCell
+from server.compute.registry import ProcessorContext, ProcessorError, ProcessorRegistry
+from server.domain.enums import TaskStatus
+
+log = logging.getLogger(__name__)
+
+
+class _CancelledError(Exception):
+    """Raised inside a processor thread when its task was cancelled."""
+
+
+@dataclass(eq=False)
+class _LocalTask(TaskCell):
+    request: TaskRequest = field(kw_only=True)
+    cancel_flag: threading.Event = field(default_factory=threading.Event)
+
+
+class LocalComputeBackend:
+    """Runs each task's processor in a thread pool and reports progress as it goes."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        processors: ProcessorRegistry,
+        *,
+        resolve: Callable[[str], bytes],
+        workers: int,
+        max_input_pixels: int,
+    ) -> None:
+        self._processors = processors
+        self._resolve = resolve
+        self._max_input_pixels = max_input_pixels
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
+        self._tasks: dict[str, _LocalTask] = {}
+        self._by_key: dict[str, str] = {}
+        self._runners: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def submit(self, request: TaskRequest) -> str:
+        """Start the task unless this idempotency key already started one."""
+        if self._closed:
+            raise RuntimeError("backend is closed")
+        existing = self._by_key.get(request.idempotency_key)
+        if existing is not None:
+            return existing
+        self._processors.get(request.task_type)  # unsupported types fail here, at once
+        task = _LocalTask(id=f"local-{uuid.uuid4()}", request=request)
+        self._tasks[task.id] = task
+        self._by_key[request.idempotency_key] = task.id
+        runner = asyncio.create_task(self._run(task), name=f"compute:{task.id}")
+        self._runners.add(runner)
+        runner.add_done_callback(self._runners.discard)
+        return task.id
+
+    async def watch(self, compute_id: str) -> AsyncIterator[TaskSnapshot]:
+        """Yield a snapshot at every change until the task is terminal."""
+        task = self._tasks.get(compute_id)
+        if task is None:
+            raise UnknownComputeTaskError(compute_id)
+        async for snap in task.follow():
+            yield snap
+
+    async def cancel(self, compute_id: str) -> bool:
+        """Stop the task; True once it is terminal (its worker slot released)."""
+        task = self._tasks.get(compute_id)
+        if task is None:
+            return True
+        task.cancel_flag.set()
+        await task.wait_terminal()
+        return True
+
+    async def aclose(self) -> None:
+        """Abandon running tasks and stop the worker threads."""
+        self._closed = True
+        for task in self._tasks.values():
+            task.cancel_flag.set()
+        for runner in list(self._runners):
+            runner.cancel()
+        for runner in list(self._runners):
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _progress_from_thread(
+        loop: asyncio.AbstractEventLoop, task: _LocalTask
+    ) -> Callable[[float], None]:
+        def report(value: float) -> None:
+            if task.cancel_flag.is_set():
+                raise _CancelledError
+            clamped = min(max(value, 0.0), 1.0)
+            with contextlib.suppress(RuntimeError):  # the loop closed under a dying worker
+                loop.call_soon_threadsafe(lambda: task.update(progress=clamped))
+
+        return report
+
+    async def _run(self, task: _LocalTask) -> None:
+        loop = asyncio.get_running_loop()
+        processor = self._processors.get(task.request.task_type)
+        context = ProcessorContext(
+            resolve=self._resolve,
+            progress=self._progress_from_thread(loop, task),
+            max_input_pixels=self._max_input_pixels,
+        )
+        task.update(status=TaskStatus.RUNNING)
+        try:
+            outputs = await loop.run_in_executor(
+                self._executor, processor, task.request.params, context
+            )
+        except _CancelledError:
+            task.update(status=TaskStatus.CANCELLED)
+        except ProcessorError as exc:
+            task.update(status=TaskStatus.FAILED, error=(exc.category, str(exc)))
+        except Exception:
+            log.exception("processor for %s failed", task.request.task_type)
+            task.update(
+                status=TaskStatus.FAILED, error=("internal", "processor failed unexpectedly")
+            )
+        else:
+            if task.cancel_flag.is_set():
+                task.update(status=TaskStatus.CANCELLED)
+            else:
+                task.update(status=TaskStatus.COMPLETED, progress=1.0, outputs=tuple(outputs))

@@ -1,0 +1,1 @@
+"""Task processors for the local compute backend: deterministic CPU image work."""

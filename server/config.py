@@ -1,0 +1,87 @@
+"""Typed settings, read once from ``SARTIQ_*`` environment variables by the composition root.
+
+Nested groups use a double underscore: ``SARTIQ_DATABASE__URL``, ``SARTIQ_SERVER__PORT``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(BaseModel):
+    """The gRPC listener."""
+
+    model_config = _FROZEN
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    grace_period: float = Field(default=10.0, ge=0, description="seconds to drain on shutdown")
+    max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    heartbeat_interval: float = Field(default=15.0, gt=0, description="seconds between pings")
+    default_organization: str = Field(
+        default="default", description="tenant of every call until authentication lands"
+    )
+
+
+class DatabaseSettings(BaseModel):
+    """The SQL store."""
+
+    model_config = _FROZEN
+
+    url: str = "sqlite+aiosqlite:///./var/sartiq.db"
+    echo: bool = False
+    busy_timeout_ms: int = Field(default=5000, ge=0)
+
+
+class MediaSettings(BaseModel):
+    """Artifact storage and input limits."""
+
+    model_config = _FROZEN
+
+    artifact_dir: Path = Path("./var/artifacts")
+    max_input_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_input_pixels: int = Field(default=40_000_000, ge=1)
+
+
+class ComputeSettings(BaseModel):
+    """Which compute backend runs the tasks, and how."""
+
+    model_config = _FROZEN
+
+    backend: Literal["local"] = "local"
+    local_workers: int = Field(default=2, ge=1, le=64)
+    poll_interval: float = Field(default=0.5, gt=0)
+
+
+class OrchestrationSettings(BaseModel):
+    """Admission and concurrency limits of the engine."""
+
+    model_config = _FROZEN
+
+    max_tasks_in_flight: int = Field(default=8, ge=1)
+    max_queued_generations: int = Field(default=1000, ge=1)
+    retry_after_seconds: float = Field(default=2.0, gt=0)
+    progress_interval: float = Field(
+        default=0.5, ge=0, description="minimum seconds between stored progress events per task"
+    )
+
+
+class Settings(BaseSettings):
+    """All settings of the service."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SARTIQ_", env_nested_delimiter="__", frozen=True, extra="forbid"
+    )
+
+    server: ServerSettings = ServerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    media: MediaSettings = MediaSettings()
+    compute: ComputeSettings = ComputeSettings()
+    orchestration: OrchestrationSettings = OrchestrationSettings()
+    log_level: str = "INFO"

@@ -1,0 +1,1 @@
+"""Media: content-addressed artifact storage and safe decoding of input images."""

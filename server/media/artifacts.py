@@ -1,0 +1,87 @@
+"""Content-addressed artifact storage on the local filesystem."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "video/mp4": ".mp4",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """Where a blob landed."""
+
+    sha256: str
+    size_bytes: int
+    uri: str
+    path: Path
+
+
+class FileArtifactStore:
+    """Stores blobs under ``root/ab/<sha256><ext>``; writing the same bytes twice is free."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root.resolve()
+
+    @property
+    def root(self) -> Path:
+        """The directory holding every blob."""
+        return self._root
+
+    def path_for(self, sha256: str, mime_type: str) -> Path:
+        """The file that holds (or will hold) the blob ``sha256``."""
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError("not a sha256 hex digest")
+        return self._root / sha256[:2] / f"{sha256}{_EXTENSIONS.get(mime_type, '.bin')}"
+
+    def put_sync(self, data: bytes, mime_type: str) -> StoredBlob:
+        """Write ``data`` atomically (temp file, fsync, rename) unless already present."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        path = self.path_for(sha256, mime_type)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return StoredBlob(sha256, len(data), path.as_uri(), path)
+
+    async def put(self, data: bytes, mime_type: str) -> StoredBlob:
+        """Write ``data`` off the event loop."""
+        return await asyncio.to_thread(self.put_sync, data, mime_type)
+
+    def read_sync(self, sha256: str, mime_type: str) -> bytes:
+        """The bytes of a stored blob.
+
+        Raises:
+            FileNotFoundError: nothing is stored under that digest.
+        """
+        return self.path_for(sha256, mime_type).read_bytes()
+
+    def find_sync(self, sha256: str) -> Path:
+        """The file holding ``sha256``, whatever its extension.
+
+        Raises:
+            FileNotFoundError: nothing is stored under that digest.
+        """
+        for ext in (*_EXTENSIONS.values(), ".bin"):
+            path = self.path_for(sha256, "").with_suffix(ext)
+            if path.exists():
+                return path
+        raise FileNotFoundError(f"no artifact {sha256}")

@@ -1,0 +1,1 @@
+"""Orchestration: the durable engine, the BASE workflow, admission, cancellation and watching."""

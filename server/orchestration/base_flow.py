@@ -1,0 +1,292 @@
+"""The BASE workflow: one task per prediction, submitted concurrently, results recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+from server.compute.base import (
+    ComputeBackend,
+    ComputeError,
+    TaskRequest,
+    TaskSnapshot,
+    UnknownComputeTaskError,
+)
+from server.config import OrchestrationSettings
+from server.domain.enums import (
+    EventKind,
+    GenerationStatus,
+    PredictionStatus,
+    TaskStatus,
+    TaskType,
+)
+from server.domain.states import GENERATION_TERMINAL, PREDICTION_TERMINAL, TASK_TERMINAL
+from server.media.artifacts import FileArtifactStore
+from server.store.models import Artifact, Generation, Prediction, Task
+from server.store.uow import Store, UnitOfWork
+
+log = logging.getLogger(__name__)
+
+SUBMIT_ATTEMPTS = 5
+BACKOFF_BASE_S = 0.2
+BACKOFF_CAP_S = 5.0
+
+
+class BaseWorkflow:
+    """Drives a generation's predictions through compute and records every change."""
+
+    def __init__(
+        self,
+        store: Store,
+        compute: ComputeBackend,
+        artifacts: FileArtifactStore,
+        slots: asyncio.Semaphore,
+        *,
+        settings: OrchestrationSettings,
+    ) -> None:
+        self._store = store
+        self._compute = compute
+        self._artifacts = artifacts
+        self._slots = slots
+        self._progress_interval = settings.progress_interval
+
+    async def run(self, generation_id: str) -> None:
+        """Run every unfinished prediction, then settle the generation's final status."""
+        async with self._store.write() as uow:
+            generation = await _load(uow, generation_id)
+            if generation.status == GenerationStatus.PENDING:
+                uow.set_generation_status(generation, GenerationStatus.PROCESSING)
+            live = [p for p in generation.predictions if p.status not in PREDICTION_TERMINAL]
+        async with asyncio.TaskGroup() as group:
+            for prediction in live:
+                group.create_task(self._run_prediction(generation_id, _current_task(prediction)))
+        await self._settle(generation_id)
+
+    async def _run_prediction(self, generation_id: str, task: Task) -> None:
+        async with self._slots:
+            compute_id = task.compute_task_id
+            if compute_id is None or task.status == TaskStatus.PENDING:
+                compute_id = await self._submit(generation_id, task)
+                if compute_id is None:
+                    return
+            try:
+                await self._follow(generation_id, task.id, compute_id)
+            except UnknownComputeTaskError:
+                log.info("compute lost task %s; submitting it again", task.id)
+                compute_id = await self._submit(generation_id, task)
+                if compute_id is not None:
+                    await self._follow(generation_id, task.id, compute_id)
+
+    async def _submit(self, generation_id: str, task: Task) -> str | None:
+        """Submit with capped, jittered backoff on transient errors; None if it failed."""
+        request = TaskRequest(
+            task_type=TaskType(task.task_type),
+            params=task.params,
+            idempotency_key=task.id,
+            organization="",
+        )
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+            try:
+                compute_id = await self._compute.submit(request)
+                break
+            except ComputeError as exc:
+                if not exc.transient or attempt == SUBMIT_ATTEMPTS:
+                    await self._task_failed(generation_id, task.id, exc.category, exc.message)
+                    return None
+                delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # backoff, not a wait
+        async with self._store.write() as uow:
+            generation = await _load(uow, generation_id)
+            row, prediction = _find_task(generation, task.id)
+            row.compute_task_id = compute_id
+            if row.status == TaskStatus.PENDING:
+                uow.set_task_status(generation, row, TaskStatus.RUNNING)
+            else:
+                uow.task_event(generation, row, EventKind.TASK)
+            if prediction.status == PredictionStatus.PENDING:
+                uow.set_prediction_status(generation, prediction, PredictionStatus.GENERATING)
+        return compute_id
+
+    async def _follow(self, generation_id: str, task_id: str, compute_id: str) -> None:
+        last_write = 0.0
+        async for snap in self._compute.watch(compute_id):
+            if snap.status is TaskStatus.COMPLETED:
+                await self._task_completed(generation_id, task_id, snap)
+            elif snap.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+                category = snap.error_category or snap.status.value.lower()
+                message = snap.error_message or f"compute reported {snap.status.value.lower()}"
+                await self._task_failed(generation_id, task_id, category, message)
+            elif time.monotonic() - last_write >= self._progress_interval and snap.progress:
+                last_write = time.monotonic()
+                await self._task_progress(generation_id, task_id, snap.progress)
+
+    async def _task_progress(self, generation_id: str, task_id: str, progress: float) -> None:
+        async with self._store.write() as uow:
+            generation = await _load(uow, generation_id)
+            row, _ = _find_task(generation, task_id)
+            if row.status in TASK_TERMINAL or progress <= row.progress:
+                return
+            row.progress = progress
+            uow.task_event(generation, row, EventKind.TASK_PROGRESS)
+
+    async def _task_completed(self, generation_id: str, task_id: str, snap: TaskSnapshot) -> None:
+        if not snap.outputs:
+            await self._task_failed(
+                generation_id, task_id, "internal", "compute returned no output"
+            )
+            return
+        output = snap.outputs[0]
+        blob = await self._artifacts.put(output.data, output.mime_type)
+        async with self._store.write() as uow:
+            generation = await _load(uow, generation_id)
+            row, prediction = _find_task(generation, task_id)
+            artifact = await uow.session.get(Artifact, blob.sha256)
+            if artifact is None:
+                artifact = Artifact(
+                    sha256=blob.sha256,
+                    mime_type=output.mime_type,
+                    size_bytes=blob.size_bytes,
+                    width=output.width,
+                    height=output.height,
+                    duration_s=output.duration_s,
+                    uri=blob.uri,
+                    recipe=_recipe(row, getattr(self._compute, "name", "unknown")),
+                )
+                uow.session.add(artifact)
+            uow.set_task_status(generation, row, TaskStatus.COMPLETED)
+            prediction.artifact_sha256 = artifact.sha256
+            prediction.artifact = artifact
+            uow.set_prediction_status(generation, prediction, PredictionStatus.COMPLETED)
+
+    async def _task_failed(
+        self, generation_id: str, task_id: str, category: str, message: str
+    ) -> None:
+        async with self._store.write() as uow:
+            generation = await _load(uow, generation_id)
+            row, prediction = _find_task(generation, task_id)
+            uow.set_task_status(generation, row, TaskStatus.FAILED, error=(category, message))
+            uow.set_prediction_status(
+                generation, prediction, PredictionStatus.ERROR, error=("COMPUTE_FAILED", message)
+            )
+
+    async def _settle(self, generation_id: str) -> None:
+        async with self._store.write() as uow:
+            generation = await _load(uow, generation_id)
+            if GenerationStatus(generation.status) in GENERATION_TERMINAL:
+                return
+            done = [p for p in generation.predictions if p.status == PredictionStatus.COMPLETED]
+            if len(done) == len(generation.predictions):
+                uow.set_generation_status(generation, GenerationStatus.COMPLETED)
+            elif done:
+                uow.set_generation_status(generation, GenerationStatus.PARTIALLY_COMPLETED)
+            else:
+                first = next(
+                    (p.error_message for p in generation.predictions if p.error_message), None
+                )
+                uow.set_generation_status(
+                    generation,
+                    GenerationStatus.FAILED,
+                    error=("NO_PREDICTION_COMPLETED", first or "no prediction completed"),
+                )
+
+    async def finish_cancel(self, generation_id: str) -> None:
+        """Release compute, then close everything unfinished as CANCELLED."""
+        await self._close(
+            generation_id,
+            prediction_status=PredictionStatus.CANCELLED,
+            generation_status=GenerationStatus.CANCELLED,
+            error=("CANCELLED", "the generation was cancelled"),
+        )
+
+    async def expire(self, generation_id: str) -> None:
+        """Release compute, then fail the generation with DEADLINE_EXCEEDED."""
+        await self._close(
+            generation_id,
+            prediction_status=PredictionStatus.ERROR,
+            generation_status=GenerationStatus.FAILED,
+            error=("DEADLINE_EXCEEDED", "the generation's deadline passed"),
+        )
+
+    async def fail(self, generation_id: str, reason: str, message: str) -> None:
+        """Release compute, then fail the generation with ``reason``."""
+        await self._close(
+            generation_id,
+            prediction_status=PredictionStatus.ERROR,
+            generation_status=GenerationStatus.FAILED,
+            error=(reason, message),
+        )
+
+    async def _close(
+        self,
+        generation_id: str,
+        *,
+        prediction_status: PredictionStatus,
+        generation_status: GenerationStatus,
+        error: tuple[str, str],
+    ) -> None:
+        async with self._store.read() as session:
+            generation = await session.get(Generation, generation_id)
+            if generation is None or GenerationStatus(generation.status) in GENERATION_TERMINAL:
+                return
+            live = [
+                t.compute_task_id
+                for p in generation.predictions
+                for t in p.tasks
+                if t.status not in TASK_TERMINAL and t.compute_task_id
+            ]
+        released = {cid: await self._release(cid) for cid in live}
+        async with self._store.write() as uow:
+            generation = await _load(uow, generation_id)
+            if GenerationStatus(generation.status) in GENERATION_TERMINAL:
+                return
+            for prediction in generation.predictions:
+                for task in prediction.tasks:
+                    if task.status not in TASK_TERMINAL:
+                        note = released.get(task.compute_task_id or "", "never reached compute")
+                        uow.set_task_status(
+                            generation, task, TaskStatus.CANCELLED, error=("cancelled", note)
+                        )
+                if prediction.status not in PREDICTION_TERMINAL:
+                    uow.set_prediction_status(
+                        generation, prediction, prediction_status, error=error
+                    )
+            uow.set_generation_status(generation, generation_status, error=error)
+
+    async def _release(self, compute_id: str) -> str:
+        try:
+            confirmed = await self._compute.cancel(compute_id)
+        except ComputeError as exc:
+            return f"compute did not confirm release: {exc.message}"
+        return "compute confirmed release" if confirmed else "compute did not confirm release"
+
+
+async def _load(uow: UnitOfWork, generation_id: str) -> Generation:
+    generation = await uow.session.get(Generation, generation_id)
+    if generation is None:
+        raise LookupError(f"generation {generation_id} vanished")
+    return generation
+
+
+def _current_task(prediction: Prediction) -> Task:
+    return prediction.tasks[-1]
+
+
+def _find_task(generation: Generation, task_id: str) -> tuple[Task, Prediction]:
+    for prediction in generation.predictions:
+        for task in prediction.tasks:
+            if task.id == task_id:
+                return task, prediction
+    raise LookupError(f"task {task_id} is not part of generation {generation.id}")
+
+
+def _recipe(task: Task, backend: str) -> dict[str, Any]:
+    seed = task.params.get("seed", 0)
+    return {
+        "task_type": task.task_type,
+        "parameters": task.params,
+        "seed": seed,
+        "backend": backend,
+    }

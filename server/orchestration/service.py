@@ -1,0 +1,254 @@
+"""The generation service: create, read, list and cancel generations, independent of gRPC."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+
+from server.config import OrchestrationSettings
+from server.domain.enums import GenerationStatus, GenerationType, PredictionStatus, Strategy
+from server.domain.errors import (
+    AlreadyExistsError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnimplementedError,
+    Violations,
+)
+from server.domain.paging import Cursor, check_page_size, decode_token, encode_token, query_key
+from server.domain.states import GENERATION_TERMINAL
+from server.orchestration.engine import Engine
+from server.store import repository
+from server.store.models import Generation, GenerationLabel, Prediction, Task, utcnow
+from server.store.repository import GenerationFilter
+from server.store.uow import Store
+from server.strategies.base import PlannedTask, StrategyRegistry
+from server.strategies.common import Orchestration, validate_options
+from server.strategies.inputs import CreateOptions
+
+DEFAULT_PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a list and the token of the next one ("" on the last)."""
+
+    items: Sequence[Generation]
+    next_page_token: str
+
+
+class GenerationService:
+    """Every generation use case; the API layer calls this and nothing below it."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        strategies: StrategyRegistry,
+        *,
+        settings: OrchestrationSettings,
+    ) -> None:
+        self._store = store
+        self._engine = engine
+        self._strategies = strategies
+        self._settings = settings
+
+    async def create(
+        self, org: str, strategy: Strategy, options: CreateOptions, raw: Any
+    ) -> Generation:
+        """Validate, record and start a generation; returns it in PENDING at once.
+
+        Raises:
+            InvalidArgumentError: every offending field, at once.
+            NotFoundError: a referenced catalog entity does not exist.
+            AlreadyExistsError: the request_id was used for a different request.
+            ResourceExhaustedError: too many generations are queued.
+            UnimplementedError: the strategy or orchestration type is not available yet.
+        """
+        handler = self._strategies.get(strategy)
+        v = Violations()
+        orchestration = validate_options(options, v)
+        params = handler.normalize(raw, v)
+        v.raise_if_any()
+        if orchestration.type is GenerationType.AGENTIC:
+            raise UnimplementedError("AGENTIC orchestration is not available yet; use BASE")
+        fingerprint = _fingerprint(strategy, options, params)
+        if options.validate_only:
+            async with self._store.read() as session:
+                planned = await handler.plan(session, org, params)
+            return _build(org, strategy, options, orchestration, params, planned, fingerprint, "")
+        async with self._store.write() as uow:
+            if options.request_id:
+                existing = await repository.get_generation_by_request_id(
+                    uow.session, org, options.request_id
+                )
+                if existing is not None:
+                    if existing.fingerprint != fingerprint:
+                        raise AlreadyExistsError(
+                            f"request_id {options.request_id!r} was used for a different request"
+                        )
+                    return existing
+            await self._admit(uow.session)
+            planned = await handler.plan(uow.session, org, params)
+            generation = _build(
+                org,
+                strategy,
+                options,
+                orchestration,
+                params,
+                planned,
+                fingerprint,
+                str(uuid.uuid4()),
+            )
+            uow.session.add(generation)
+            uow.generation_event(generation)
+        self._engine.submit(generation.id)
+        return generation
+
+    async def _admit(self, session: Any) -> None:
+        live = [s.value for s in GenerationStatus if s not in GENERATION_TERMINAL]
+        count = await session.scalar(
+            select(func.count()).select_from(Generation).where(Generation.status.in_(live))
+        )
+        if count >= self._settings.max_queued_generations:
+            raise ResourceExhaustedError(
+                "too many generations are in progress; retry later",
+                retry_after=self._settings.retry_after_seconds,
+            )
+
+    async def get(self, org: str, generation_id: str) -> Generation:
+        """The generation with its predictions and tasks.
+
+        Raises:
+            NotFoundError: unknown id, or another organization's.
+        """
+        async with self._store.read() as session:
+            generation = await repository.get_generation(session, org, generation_id)
+        if generation is None:
+            raise NotFoundError(f"generation {generation_id!r} not found", field="generation_id")
+        return generation
+
+    async def list(self, org: str, flt: GenerationFilter, page_size: int, page_token: str) -> Page:
+        """One page of the organization's generations, newest first.
+
+        Raises:
+            InvalidArgumentError: bad page size, or a token from another filter.
+        """
+        v = Violations()
+        check_page_size(v, page_size, MAX_PAGE_SIZE)
+        cursor = decode_token(page_token, _filter_key(flt), v)
+        v.raise_if_any()
+        limit = page_size or DEFAULT_PAGE_SIZE
+        async with self._store.read() as session:
+            rows = await repository.list_generations(session, org, flt, cursor, limit + 1)
+        items = rows[:limit]
+        if len(rows) <= limit:
+            return Page(items, "")
+        last = items[-1]
+        return Page(items, encode_token(Cursor(last.created_at, last.id), _filter_key(flt)))
+
+    async def cancel(self, org: str, generation_id: str) -> Generation:
+        """Ask a generation to stop; a terminal one is returned unchanged.
+
+        Raises:
+            NotFoundError: unknown id, or another organization's.
+        """
+        async with self._store.write() as uow:
+            generation = await repository.get_generation(uow.session, org, generation_id)
+            if generation is None:
+                raise NotFoundError(
+                    f"generation {generation_id!r} not found", field="generation_id"
+                )
+            status = GenerationStatus(generation.status)
+            if status in GENERATION_TERMINAL or status is GenerationStatus.CANCELLING:
+                return generation
+            uow.set_generation_status(generation, GenerationStatus.CANCELLING)
+        await self._engine.request_cancel(generation)
+        return await self.get(org, generation_id)
+
+
+def _build(
+    org: str,
+    strategy: Strategy,
+    options: CreateOptions,
+    orchestration: Orchestration,
+    params: dict[str, Any],
+    planned: list[PlannedTask],
+    fingerprint: str,
+    generation_id: str,
+) -> Generation:
+    now = utcnow()
+    generation = Generation(
+        id=generation_id,
+        organization=org,
+        type=orchestration.type.value,
+        strategy=strategy.value,
+        status=GenerationStatus.PENDING.value,
+        request_id=options.request_id or None,
+        fingerprint=fingerprint,
+        params=params,
+        orchestration=orchestration.as_dict(),
+        created_at=now,
+        expire_at=now + timedelta(seconds=options.timeout_s) if options.timeout_s else None,
+        event_seq=0,
+        labels=[GenerationLabel(key=k, value=v) for k, v in sorted(options.labels.items())],
+        predictions=[],
+    )
+    for index, plan in enumerate(planned):
+        prediction_id = str(uuid.uuid4()) if generation_id else ""
+        task = Task(
+            id=str(uuid.uuid4()) if generation_id else "",
+            generation_id=generation_id,
+            prediction_id=prediction_id,
+            task_type=plan.task_type.value,
+            status="PENDING",
+            progress=0.0,
+            attempt=1,
+            params=plan.params,
+            created_at=now,
+        )
+        generation.predictions.append(
+            Prediction(
+                id=prediction_id,
+                generation_id=generation_id,
+                index=index,
+                seed=plan.seed,
+                status=PredictionStatus.PENDING.value,
+                created_at=now,
+                tasks=[task],
+                artifact=None,
+                shot=None,
+            )
+        )
+    return generation
+
+
+def _fingerprint(strategy: Strategy, options: CreateOptions, params: dict[str, Any]) -> str:
+    body = {
+        "strategy": strategy.value,
+        "params": params,
+        "type": (options.type or GenerationType.BASE).value,
+        "agentic": asdict(options.agentic) if options.agentic else None,
+        "labels": options.labels,
+        "timeout": options.timeout_s,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _filter_key(flt: GenerationFilter) -> str:
+    return query_key(
+        "generations",
+        sorted(flt.statuses),
+        sorted(flt.strategies),
+        sorted(flt.types),
+        sorted(flt.labels.items()),
+        flt.created_after,
+        flt.created_before,
+    )

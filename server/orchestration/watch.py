@@ -1,0 +1,101 @@
+"""WatchGeneration: replay stored events after a cursor, then tail live ones, gap-free."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from server.domain.enums import GenerationStatus
+from server.domain.errors import NotFoundError, Violations
+from server.domain.states import GENERATION_TERMINAL
+from server.store import repository
+from server.store.events import EventRecord, LaggedError, Subscription
+from server.store.models import utcnow
+from server.store.uow import Store
+
+REPLAY_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Sent when nothing happened for a while, to keep idle streams alive."""
+
+    time: datetime
+
+
+class Watcher:
+    """Streams one generation's events to one subscriber."""
+
+    def __init__(self, store: Store, *, heartbeat_interval: float) -> None:
+        self._store = store
+        self._heartbeat_interval = heartbeat_interval
+
+    async def watch(
+        self, org: str, generation_id: str, after_sequence: int
+    ) -> AsyncIterator[EventRecord | Heartbeat]:
+        """Yield events with sequence > ``after_sequence``; end after the terminal one.
+
+        Raises:
+            NotFoundError: unknown id, or another organization's.
+            InvalidArgumentError: the cursor is negative or beyond the last event.
+        """
+        subscription = self._store.bus.subscribe(generation_id)
+        try:
+            async with self._store.read() as session:
+                generation = await repository.get_generation(session, org, generation_id)
+            if generation is None:
+                raise NotFoundError(
+                    f"generation {generation_id!r} not found", field="generation_id"
+                )
+            v = Violations()
+            if not 0 <= after_sequence <= generation.event_seq:
+                v.add("after_sequence", f"must be between 0 and {generation.event_seq}")
+            v.raise_if_any()
+            if GenerationStatus(generation.status) in GENERATION_TERMINAL and (
+                after_sequence == generation.event_seq
+            ):
+                return
+            last = after_sequence
+            while True:
+                async for event in self._replay(generation_id, last):
+                    yield event
+                    last = event.sequence
+                    if event.terminal:
+                        return
+                try:
+                    async for item in self._tail(subscription, last):
+                        yield item
+                        if isinstance(item, EventRecord):
+                            last = item.sequence
+                            if item.terminal:
+                                return
+                except LaggedError:
+                    continue
+        finally:
+            subscription.close()
+
+    async def _replay(self, generation_id: str, after: int) -> AsyncIterator[EventRecord]:
+        while True:
+            async with self._store.read() as session:
+                batch = await repository.events_after(session, generation_id, after, REPLAY_BATCH)
+            for event in batch:
+                yield event
+                after = event.sequence
+            if len(batch) < REPLAY_BATCH:
+                return
+
+    async def _tail(
+        self, subscription: Subscription, last: int
+    ) -> AsyncIterator[EventRecord | Heartbeat]:
+        while True:
+            event = await subscription.next(self._heartbeat_interval)
+            if event is None:
+                yield Heartbeat(utcnow())
+            elif event.sequence <= last:
+                continue  # already replayed from the store
+            elif event.sequence > last + 1:
+                raise LaggedError  # a gap: resume from the store
+            else:
+                last = event.sequence
+                yield event

@@ -1,0 +1,107 @@
+"""Committed generation events and their in-process fan-out to watchers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from server.domain.enums import EventKind
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One stored event of a generation, as watchers receive it."""
+
+    generation_id: str
+    sequence: int
+    time: datetime
+    kind: EventKind
+    terminal: bool
+    payload: dict[str, Any]
+
+
+class LaggedError(Exception):
+    """The subscriber fell too far behind; it must resume from the store."""
+
+
+class Subscription:
+    """A bounded buffer of live events for one watcher of one generation."""
+
+    def __init__(self, bus: EventBus, generation_id: str, maxsize: int) -> None:
+        self._bus = bus
+        self.generation_id = generation_id
+        self._items: deque[EventRecord] = deque()
+        self._maxsize = maxsize
+        self._wakeup = asyncio.Event()
+        self._lagged = False
+
+    def push(self, event: EventRecord) -> None:
+        """Buffer ``event``; on overflow drop the buffer and flag the lag instead."""
+        if len(self._items) >= self._maxsize:
+            self._items.clear()
+            self._lagged = True
+        else:
+            self._items.append(event)
+        self._wakeup.set()
+
+    async def next(self, timeout: float) -> EventRecord | None:  # noqa: ASYNC109
+        """Wait up to ``timeout`` seconds for the next event; None when none came.
+
+        Raises:
+            LaggedError: events were dropped since the last call.
+        """
+        while not self._items and not self._lagged:
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return None
+        if self._lagged:
+            self._lagged = False
+            raise LaggedError
+        return self._items.popleft()
+
+    def close(self) -> None:
+        """Stop receiving events."""
+        self._bus.unsubscribe(self)
+
+
+class EventBus:
+    """Fans committed events out to the subscribers of their generation.
+
+    It never blocks a publisher: a subscriber whose buffer is full is flagged as lagged
+    and resumes from the event store.
+    """
+
+    def __init__(self, buffer_size: int = 256) -> None:
+        self._buffer_size = buffer_size
+        self._subscribers: dict[str, set[Subscription]] = {}
+
+    def subscribe(self, generation_id: str) -> Subscription:
+        """Start buffering the live events of ``generation_id``."""
+        sub = Subscription(self, generation_id, self._buffer_size)
+        self._subscribers.setdefault(generation_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Forget ``sub``; idempotent."""
+        subs = self._subscribers.get(sub.generation_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subscribers[sub.generation_id]
+
+    def publish(self, events: Iterable[EventRecord]) -> None:
+        """Deliver committed events to every subscriber of their generation."""
+        for event in events:
+            for sub in self._subscribers.get(event.generation_id, ()):
+                sub.push(event)
+
+    def subscriber_count(self, generation_id: str) -> int:
+        """How many watchers follow ``generation_id`` on this process."""
+        return len(self._subscribers.get(generation_id, ()))

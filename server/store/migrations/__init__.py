@@ -1,0 +1,1 @@
+"""Alembic migrations, kept inside the package and run by the service at start-up."""

@@ -1,0 +1,279 @@
+"""SQLAlchemy 2 typed models for every record of DESIGN §3."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as naive UTC and always read back as aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Normalise to naive UTC before writing."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Attach UTC when reading back."""
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    """Return the current time, aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the naming convention on its metadata."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+
+
+class Artifact(Base):
+    """A content-addressed output or input image, with the recipe that made it."""
+
+    __tablename__ = "artifacts"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    mime_type: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    uri: Mapped[str] = mapped_column(String(2048))
+    recipe: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CatalogEntity(Base):
+    """A subject, product or style of the catalog GENERATE loads."""
+
+    __tablename__ = "catalog_entities"
+    __table_args__ = (Index("ix_catalog_entities_org_kind", "organization", "kind", "id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    lora_uri: Mapped[str] = mapped_column(String(2048), default="")
+    lora_default_weight: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reference_images: Mapped[list[CatalogReferenceImage]] = relationship(
+        order_by="CatalogReferenceImage.position",
+        cascade="all, delete-orphan",
+        lazy="selectin",
+    )
+
+
+class CatalogReferenceImage(Base):
+    """One reference image of a catalog entity, in order."""
+
+    __tablename__ = "catalog_reference_images"
+
+    entity_id: Mapped[str] = mapped_column(
+        ForeignKey("catalog_entities.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
+    artifact: Mapped[Artifact] = relationship(lazy="selectin")
+
+
+class Generation(Base):
+    """One request to produce outputs, tracked to the end."""
+
+    __tablename__ = "generations"
+    __table_args__ = (
+        UniqueConstraint("organization", "request_id"),
+        Index("ix_generations_list", "organization", "created_at", "id"),
+        Index("ix_generations_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(16))
+    strategy: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(32))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]]
+    orchestration: Mapped[dict[str, Any]]
+    error_reason: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    expire_at: Mapped[datetime | None]
+    event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    labels: Mapped[list[GenerationLabel]] = relationship(
+        cascade="all, delete-orphan", lazy="selectin", order_by="GenerationLabel.key"
+    )
+    predictions: Mapped[list[Prediction]] = relationship(
+        cascade="all, delete-orphan", lazy="selectin", order_by="Prediction.index"
+    )
+
+
+class GenerationLabel(Base):
+    """One key/value label of a generation, a row so lists can filter on it."""
+
+    __tablename__ = "generation_labels"
+    __table_args__ = (Index("ix_generation_labels_kv", "key", "value"),)
+
+    generation_id: Mapped[str] = mapped_column(
+        ForeignKey("generations.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
+class Prediction(Base):
+    """One output slot of a generation."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("generation_id", "index"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32))
+    artifact_sha256: Mapped[str | None] = mapped_column(ForeignKey("artifacts.sha256"))
+    score: Mapped[float | None] = mapped_column(Float)
+    error_reason: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    artifact: Mapped[Artifact | None] = relationship(lazy="selectin")
+    tasks: Mapped[list[Task]] = relationship(lazy="selectin", order_by="Task.created_at")
+    shot: Mapped[OrchestratedShot | None] = relationship(lazy="selectin")
+
+
+class Task(Base):
+    """One unit of work sent to compute."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (Index("ix_tasks_generation", "generation_id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"))
+    task_type: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(32))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    compute_task_id: Mapped[str | None] = mapped_column(String(128))
+    params: Mapped[dict[str, Any]]
+    error_category: Mapped[str | None] = mapped_column(String(32))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class OrchestratedShot(Base):
+    """AGENTIC only: the retry loop of one prediction."""
+
+    __tablename__ = "orchestrated_shots"
+
+    prediction_id: Mapped[str] = mapped_column(
+        ForeignKey("predictions.id", ondelete="CASCADE"), primary_key=True
+    )
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    min_confidence_score: Mapped[float] = mapped_column(Float)
+    evaluation_provider: Mapped[str] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    best_attempt: Mapped[int | None] = mapped_column(Integer)
+    stop_reason: Mapped[str | None] = mapped_column(String(32))
+    attempt_history: Mapped[list[Attempt]] = relationship(
+        lazy="selectin", order_by="Attempt.number"
+    )
+
+
+class Attempt(Base):
+    """AGENTIC only: one try of a shot, with its evaluation."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (UniqueConstraint("prediction_id", "number"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    prediction_id: Mapped[str] = mapped_column(
+        ForeignKey("orchestrated_shots.prediction_id", ondelete="CASCADE")
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id"))
+    seed: Mapped[int] = mapped_column(Integer)
+    adjustments: Mapped[dict[str, Any]]
+    score: Mapped[float | None] = mapped_column(Float)
+    criteria: Mapped[dict[str, Any] | None]
+    feedback: Mapped[str | None] = mapped_column(Text)
+    provider: Mapped[str | None] = mapped_column(String(64))
+    artifact_sha256: Mapped[str | None] = mapped_column(ForeignKey("artifacts.sha256"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Refine(Base):
+    """REFINE only: the refinement parameters of a generation."""
+
+    __tablename__ = "refines"
+
+    generation_id: Mapped[str] = mapped_column(
+        ForeignKey("generations.id", ondelete="CASCADE"), primary_key=True
+    )
+    base_artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
+    target_width: Mapped[int] = mapped_column(Integer)
+    target_height: Mapped[int] = mapped_column(Integer)
+    upscale_enabled: Mapped[bool] = mapped_column(Boolean)
+    upscale_factor: Mapped[float] = mapped_column(Float)
+    upscale_steps: Mapped[int] = mapped_column(Integer)
+    upscale_denoise: Mapped[float] = mapped_column(Float)
+    face_detail_enabled: Mapped[bool] = mapped_column(Boolean)
+    face_detail_steps: Mapped[int] = mapped_column(Integer)
+
+
+class GenerationEvent(Base):
+    """Append-only log of a generation's state changes, gap-free per generation."""
+
+    __tablename__ = "generation_events"
+    __table_args__ = (UniqueConstraint("generation_id", "sequence"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    sequence: Mapped[int] = mapped_column(Integer)
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    terminal: Mapped[bool] = mapped_column(Boolean, default=False)
+    payload: Mapped[dict[str, Any]]

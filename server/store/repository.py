@@ -1,0 +1,152 @@
+"""Queries over the store, each scoped to the caller's organization where it applies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, and_, exists, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+
+from server.domain.enums import CatalogKind, EventKind
+from server.domain.paging import Cursor
+from server.domain.states import GENERATION_TERMINAL
+from server.store.events import EventRecord
+from server.store.models import (
+    Artifact,
+    CatalogEntity,
+    Generation,
+    GenerationEvent,
+    GenerationLabel,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationFilter:
+    """Which generations a list returns; empty collections mean "any"."""
+
+    statuses: frozenset[str] = frozenset()
+    strategies: frozenset[str] = frozenset()
+    types: frozenset[str] = frozenset()
+    labels: dict[str, str] = field(default_factory=dict)
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+async def get_generation(session: AsyncSession, org: str, generation_id: str) -> Generation | None:
+    """Load a generation with its predictions, tasks and artifacts, or None."""
+    stmt = select(Generation).where(Generation.id == generation_id, Generation.organization == org)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def get_generation_by_request_id(
+    session: AsyncSession, org: str, request_id: str
+) -> Generation | None:
+    """The generation an idempotency key already created, or None."""
+    stmt = select(Generation).where(
+        Generation.organization == org, Generation.request_id == request_id
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_generations(
+    session: AsyncSession,
+    org: str,
+    flt: GenerationFilter,
+    cursor: Cursor | None,
+    limit: int,
+) -> Sequence[Generation]:
+    """One page of the organization's generations, newest first."""
+    stmt = select(Generation).where(Generation.organization == org)
+    if flt.statuses:
+        stmt = stmt.where(Generation.status.in_(flt.statuses))
+    if flt.strategies:
+        stmt = stmt.where(Generation.strategy.in_(flt.strategies))
+    if flt.types:
+        stmt = stmt.where(Generation.type.in_(flt.types))
+    for key, value in sorted(flt.labels.items()):
+        stmt = stmt.where(
+            exists().where(
+                GenerationLabel.generation_id == Generation.id,
+                GenerationLabel.key == key,
+                GenerationLabel.value == value,
+            )
+        )
+    if flt.created_after is not None:
+        stmt = stmt.where(Generation.created_at >= flt.created_after)
+    if flt.created_before is not None:
+        stmt = stmt.where(Generation.created_at < flt.created_before)
+    if cursor is not None:
+        stmt = stmt.where(_before(Generation.created_at, Generation.id, cursor))
+    stmt = stmt.order_by(Generation.created_at.desc(), Generation.id.desc()).limit(limit)
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def non_terminal_generation_ids(session: AsyncSession) -> list[str]:
+    """Every generation that has not reached a terminal state, oldest first."""
+    terminal = [s.value for s in GENERATION_TERMINAL]
+    stmt = (
+        select(Generation.id)
+        .where(Generation.status.not_in(terminal))
+        .order_by(Generation.created_at, Generation.id)
+    )
+    return list((await session.execute(stmt)).scalars().all())
+
+
+async def events_after(
+    session: AsyncSession, generation_id: str, after: int, limit: int
+) -> list[EventRecord]:
+    """Stored events of a generation with sequence > ``after``, in order."""
+    stmt = (
+        select(GenerationEvent)
+        .where(GenerationEvent.generation_id == generation_id, GenerationEvent.sequence > after)
+        .order_by(GenerationEvent.sequence)
+        .limit(limit)
+    )
+    rows = (await session.execute(stmt)).scalars().all()
+    return [
+        EventRecord(r.generation_id, r.sequence, r.time, EventKind(r.kind), r.terminal, r.payload)
+        for r in rows
+    ]
+
+
+async def get_artifact(session: AsyncSession, sha256: str) -> Artifact | None:
+    """The artifact with this digest, or None."""
+    return await session.get(Artifact, sha256)
+
+
+async def get_entity(
+    session: AsyncSession, org: str, kind: CatalogKind, entity_id: str
+) -> CatalogEntity | None:
+    """A catalog entity of the organization, or None."""
+    stmt = select(CatalogEntity).where(
+        CatalogEntity.id == entity_id,
+        CatalogEntity.organization == org,
+        CatalogEntity.kind == kind.value,
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_entities(
+    session: AsyncSession, org: str, kind: CatalogKind, cursor: Cursor | None, limit: int
+) -> Sequence[CatalogEntity]:
+    """One page of catalog entities, newest first."""
+    stmt = select(CatalogEntity).where(
+        CatalogEntity.organization == org, CatalogEntity.kind == kind.value
+    )
+    if cursor is not None:
+        stmt = stmt.where(_before(CatalogEntity.created_at, CatalogEntity.id, cursor))
+    stmt = stmt.order_by(CatalogEntity.created_at.desc(), CatalogEntity.id.desc()).limit(limit)
+    return (await session.execute(stmt)).scalars().all()
+
+
+def _before(
+    created_at: InstrumentedAttribute[datetime], id_: InstrumentedAttribute[str], cursor: Cursor
+) -> ColumnElement[bool]:
+    """Rows after ``cursor`` in (created_at desc, id desc) order."""
+    return or_(
+        created_at < cursor.created_at,
+        and_(created_at == cursor.created_at, id_ < cursor.id),
+    )

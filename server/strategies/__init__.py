@@ -1,0 +1,1 @@
+"""Strategies: per-strategy validation, records and the compute tasks each creates."""

@@ -1,0 +1,66 @@
+"""The strategy handler interface and the registry that finds one by strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from server.domain.enums import Strategy, TaskType
+from server.domain.errors import UnimplementedError, Violations
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedTask:
+    """One prediction's first task, ready to be recorded."""
+
+    seed: int
+    task_type: TaskType
+    params: dict[str, Any]
+
+
+class StrategyHandler(Protocol):
+    """What a strategy knows: how to validate its input and which tasks to create."""
+
+    strategy: Strategy
+
+    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+        """Validate ``raw`` into the stored parameters, defaults filled, recording violations."""
+        ...
+
+    async def plan(
+        self, session: AsyncSession, org: str, params: dict[str, Any]
+    ) -> list[PlannedTask]:
+        """Load what the parameters reference and plan one task per prediction.
+
+        Raises:
+            NotFoundError: a referenced entity does not exist for ``org``.
+        """
+        ...
+
+
+class StrategyRegistry:
+    """The strategies this service can run, registered by name at start-up."""
+
+    def __init__(self, handlers: Iterable[StrategyHandler]) -> None:
+        self._handlers: dict[Strategy, StrategyHandler] = {}
+        for handler in handlers:
+            if handler.strategy in self._handlers:
+                raise ValueError(f"strategy {handler.strategy} is registered twice")
+            self._handlers[handler.strategy] = handler
+
+    def get(self, strategy: Strategy) -> StrategyHandler:
+        """The handler of ``strategy``.
+
+        Raises:
+            UnimplementedError: the strategy is in the contract but not available yet.
+        """
+        handler = self._handlers.get(strategy)
+        if handler is None:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            raise UnimplementedError(
+                f"strategy {strategy} is not available yet; available: {known}"
+            )
+        return handler

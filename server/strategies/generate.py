@@ -1,0 +1,172 @@
+"""GENERATE: a studio shot of a subject and/or product, in a style, from the catalog."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from server.domain.enums import CatalogKind, Strategy, TaskType
+from server.domain.errors import NotFoundError, Violations
+from server.store import repository
+from server.store.models import CatalogEntity
+from server.strategies.base import PlannedTask
+from server.strategies.common import (
+    MAX_SEED,
+    check_dimension,
+    check_id,
+    check_length,
+    check_range,
+    check_seed,
+)
+from server.strategies.inputs import GenerateInput
+
+DEFAULT_SIZE = 1024
+DEFAULT_STEPS = 30
+DEFAULT_LORA_WEIGHT = 0.8
+_ENTITIES = (
+    ("subject", CatalogKind.SUBJECT),
+    ("product", CatalogKind.PRODUCT),
+    ("style", CatalogKind.STYLE),
+)
+
+
+class GenerateStrategy:
+    """Validation and planning of GENERATE."""
+
+    strategy = Strategy.GENERATE
+
+    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+        """Check every GENERATE field and return the stored parameters."""
+        assert isinstance(raw, GenerateInput)
+        batch = raw.batch_size or 1
+        check_range(v, "params.batch_size", batch, 1, 16)
+        if not raw.subject_id and not raw.product_id:
+            v.add("params.subject_id", "subject_id or product_id is required")
+            v.add("params.product_id", "subject_id or product_id is required")
+        for name, _ in _ENTITIES:
+            entity_id = getattr(raw, f"{name}_id")
+            weight = getattr(raw, f"{name}_lora_weight")
+            if entity_id:
+                check_id(v, f"params.{name}_id", entity_id)
+            if weight is not None:
+                check_range(v, f"params.{name}_lora_weight", weight, 0, 2)
+                if not entity_id:
+                    v.add(f"params.{name}_lora_weight", f"is set but params.{name}_id is not")
+        shot = raw.shot_type_string.strip()
+        check_length(v, "params.shot_type_string", shot, 200, low=1)
+        check_length(v, "params.generated_prompt", raw.generated_prompt, 4000)
+        if raw.auto_generate_prompt and raw.generated_prompt:
+            for field in ("params.auto_generate_prompt", "params.generated_prompt"):
+                v.add(field, "auto_generate_prompt and generated_prompt contradict each other")
+        check_length(v, "params.negative_prompt", raw.negative_prompt, 2000)
+        width, height = raw.width or DEFAULT_SIZE, raw.height or DEFAULT_SIZE
+        check_dimension(v, "params.width", width)
+        check_dimension(v, "params.height", height)
+        check_seed(v, "params.seed", raw.seed)
+        steps = raw.steps or DEFAULT_STEPS
+        check_range(v, "params.steps", steps, 1, 150)
+        return {
+            "batch_size": batch,
+            "subject_id": raw.subject_id,
+            "product_id": raw.product_id,
+            "style_id": raw.style_id,
+            "shot_type_string": shot,
+            "generated_prompt": raw.generated_prompt,
+            "auto_generate_prompt": raw.auto_generate_prompt,
+            "width": width,
+            "height": height,
+            "seed": raw.seed,
+            "subject_lora_weight": raw.subject_lora_weight,
+            "product_lora_weight": raw.product_lora_weight,
+            "style_lora_weight": raw.style_lora_weight,
+            "negative_prompt": raw.negative_prompt,
+            "steps": steps,
+        }
+
+    async def plan(
+        self, session: AsyncSession, org: str, params: dict[str, Any]
+    ) -> list[PlannedTask]:
+        """Load the catalog entities, build the prompt, and plan one task per prediction."""
+        entities = await _load_entities(session, org, params)
+        references = {
+            name: _reference(entity, params[f"{name}_lora_weight"])
+            for name, entity in entities.items()
+        }
+        if params["seed"] is None:
+            params["seed"] = secrets.randbelow(MAX_SEED + 1)
+        base = {
+            "prompt": build_prompt(params, entities),
+            "negative_prompt": params["negative_prompt"],
+            "shot_type": params["shot_type_string"],
+            "width": params["width"],
+            "height": params["height"],
+            "steps": params["steps"],
+            **{name: references.get(name) for name, _ in _ENTITIES},
+        }
+        planned = []
+        for index in range(params["batch_size"]):
+            seed = (params["seed"] + index) % (MAX_SEED + 1)
+            planned.append(PlannedTask(seed, TaskType.GENERATION, {**base, "seed": seed}))
+        return planned
+
+
+async def _load_entities(
+    session: AsyncSession, org: str, params: dict[str, Any]
+) -> dict[str, CatalogEntity]:
+    found: dict[str, CatalogEntity] = {}
+    missing: list[str] = []
+    for name, kind in _ENTITIES:
+        entity_id = params[f"{name}_id"]
+        if not entity_id:
+            continue
+        entity = await repository.get_entity(session, org, kind, entity_id)
+        if entity is None:
+            missing.append(f"params.{name}_id")
+        else:
+            found[name] = entity
+    if missing:
+        raise NotFoundError(f"not found: {', '.join(missing)}", field=missing[0])
+    return found
+
+
+def _reference(entity: CatalogEntity, weight: float | None) -> dict[str, Any]:
+    if weight is None:
+        weight = entity.lora_default_weight
+    return {
+        "id": entity.id,
+        "name": entity.name,
+        "images": [f"artifact:{ref.artifact_sha256}" for ref in entity.reference_images],
+        "lora_uri": entity.lora_uri,
+        "weight": DEFAULT_LORA_WEIGHT if weight is None else weight,
+    }
+
+
+def build_prompt(params: dict[str, Any], entities: dict[str, CatalogEntity]) -> str:
+    """The prompt sent to compute.
+
+    ``generated_prompt`` wins when given. Otherwise a template names the entities; with
+    ``auto_generate_prompt`` it also weaves in their catalog descriptions (this service
+    has no language model, so "generate" means "compose from the catalog").
+    """
+    if params["generated_prompt"]:
+        return str(params["generated_prompt"])
+    detailed = bool(params["auto_generate_prompt"])
+
+    def describe(name: str) -> str:
+        entity = entities[name]
+        if detailed and entity.description:
+            return f"{entity.name} ({entity.description})"
+        return entity.name
+
+    parts = [f"{params['shot_type_string']} studio fashion photograph"]
+    if "subject" in entities:
+        parts.append(f"of {describe('subject')}")
+    if "product" in entities:
+        parts.append(("wearing " if "subject" in entities else "of ") + describe("product"))
+    if "style" in entities:
+        parts.append(f"in the style of {describe('style')}")
+    if detailed:
+        parts.append("soft key light, seamless backdrop, high detail, sharp focus")
+    return ", ".join([" ".join(parts[:3]), *parts[3:]])
