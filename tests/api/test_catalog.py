@@ -1,0 +1,121 @@
+"""CatalogService: create, get, list, delete, with real image bytes and precise errors."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable
+
+import grpc
+import pytest
+from conftest import png_bytes
+from helpers import CatalogStub, field_violations
+
+from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2 as pb
+
+
+async def test_create_get_list_delete_subject(catalog: CatalogStub) -> None:
+    data = png_bytes((10, 200, 10), size=(40, 60))
+    created = (
+        await catalog.CreateSubject(
+            pb.CreateSubjectRequest(
+                name=" Ana ",
+                description="model",
+                reference_images=[pb.ImageInput(data=data)],
+                lora=pb.Lora(uri="s3://loras/ana.safetensors", default_weight=1.2),
+            )
+        )
+    ).subject
+    assert created.name == "Ana"
+    ref = created.reference_images[0]
+    assert ref.sha256 == hashlib.sha256(data).hexdigest()
+    assert (ref.width, ref.height, ref.mime_type) == (40, 60, "image/png")
+    assert created.lora.default_weight == pytest.approx(1.2)
+
+    got = (await catalog.GetSubject(pb.GetSubjectRequest(subject_id=created.id))).subject
+    assert got == created
+
+    reused = await catalog.CreateSubject(
+        pb.CreateSubjectRequest(
+            name="Ana 2", reference_images=[pb.ImageInput(uri=f"artifact:{ref.sha256}")]
+        )
+    )
+    assert reused.subject.reference_images[0].sha256 == ref.sha256
+
+    listed = await catalog.ListSubjects(pb.ListSubjectsRequest(page_size=1))
+    assert [s.id for s in listed.subjects] == [reused.subject.id]
+    rest = await catalog.ListSubjects(pb.ListSubjectsRequest(page_token=listed.next_page_token))
+    assert [s.id for s in rest.subjects] == [created.id]
+    assert rest.next_page_token == ""
+
+    await catalog.DeleteSubject(pb.DeleteSubjectRequest(subject_id=created.id))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await catalog.GetSubject(pb.GetSubjectRequest(subject_id=created.id))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_kinds_are_separate(catalog: CatalogStub, product_id: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await catalog.GetStyle(pb.GetStyleRequest(style_id=product_id))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    products = await catalog.ListProducts(pb.ListProductsRequest())
+    assert [p.id for p in products.products] == [product_id]
+    assert list((await catalog.ListStyles(pb.ListStylesRequest())).styles) == []
+
+
+async def test_bad_create_names_every_field(catalog: CatalogStub) -> None:
+    request = pb.CreateStyleRequest(
+        name="",
+        description="x" * 2001,
+        reference_images=[
+            pb.ImageInput(data=b"not an image"),
+            pb.ImageInput(uri="https://example.invalid/a.png"),
+            pb.ImageInput(data=png_bytes((1, 2, 3))),
+        ],
+        lora=pb.Lora(default_weight=3),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await catalog.CreateStyle(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(caught.value)) == {
+        "name",
+        "description",
+        "reference_images[0].data",
+        "reference_images[1].uri",
+        "lora.default_weight",
+    }
+    assert list((await catalog.ListStyles(pb.ListStylesRequest())).styles) == []
+
+
+async def test_decompression_bomb_is_refused(catalog: CatalogStub) -> None:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, format="PNG")  # 100 MP, tiny file
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await catalog.CreateProduct(
+            pb.CreateProductRequest(
+                name="bomb", reference_images=[pb.ImageInput(data=buffer.getvalue())]
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pixels" in field_violations(caught.value)["reference_images[0].data"]
+
+
+async def test_unknown_ids(catalog: CatalogStub) -> None:
+    missing = str(uuid.uuid4())
+    calls: list[Awaitable[object]] = [
+        catalog.GetProduct(pb.GetProductRequest(product_id=missing)),
+        catalog.DeleteStyle(pb.DeleteStyleRequest(style_id=missing)),
+        catalog.CreateProduct(
+            pb.CreateProductRequest(
+                name="p", reference_images=[pb.ImageInput(uri=f"artifact:{'0' * 64}")]
+            )
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,64 @@
+"""Standard plumbing: health per service, reflection, request ids, graceful shutdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from conftest import make_settings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import GenerationStub
+
+from sartiq_grpc.sartiq.generation.v1 import service_pb2
+from server.app import App
+from server.compute.fake import FakeComputeBackend
+
+SERVICES = ("sartiq.generation.v1.GenerationService", "sartiq.catalog.v1.CatalogService")
+
+
+async def test_health_reports_each_service(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", *SERVICES):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names: set[str] = set()
+    async for response in call:
+        names = {s.name for s in response.list_services_response.service}
+        break
+    assert set(SERVICES) <= names
+    assert "grpc.health.v1.Health" in names
+
+
+async def test_request_id_is_echoed_and_generated(channel: grpc.aio.Channel) -> None:
+    stub = GenerationStub(channel)
+    call = stub.ListGenerations(
+        service_pb2.ListGenerationsRequest(), metadata=(("x-request-id", "abc-123"),)
+    )
+    await call
+    assert ("x-request-id", "abc-123") in list(await call.initial_metadata())
+    call = stub.ListGenerations(service_pb2.ListGenerationsRequest())
+    await call
+    generated = dict(await call.initial_metadata())["x-request-id"]
+    assert len(str(generated)) == 32
+
+
+async def test_shutdown_flips_health_to_not_serving(tmp_path: Path) -> None:
+    app = App(make_settings(tmp_path), compute=FakeComputeBackend())
+    await app.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICES[0]))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        await app.shutdown()
+        second = await watch.read()
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await app.shutdown()  # idempotent

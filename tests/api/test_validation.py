@@ -1,0 +1,148 @@
+"""Bad requests get precise errors naming every offending field, and change nothing."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from helpers import GenerationStub, error_info, field_violations
+
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2
+from server.compute.fake import FakeComputeBackend
+
+
+async def create_error(
+    stub: GenerationStub, req: service_pb2.CreateGenerationRequest
+) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateGeneration(req)
+    return caught.value
+
+
+async def assert_nothing_stored(stub: GenerationStub, compute: FakeComputeBackend) -> None:
+    listed = await stub.ListGenerations(service_pb2.ListGenerationsRequest())
+    assert list(listed.generations) == []
+    assert compute.submitted == []
+
+
+def gen(**params: object) -> service_pb2.CreateGenerationRequest:
+    return service_pb2.CreateGenerationRequest(params=resources_pb2.GenerateParams(**params))  # type: ignore[arg-type]
+
+
+async def test_missing_shot_type_and_entities(
+    stub: GenerationStub, fake_compute: FakeComputeBackend
+) -> None:
+    error = await create_error(stub, gen())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = field_violations(error)
+    assert set(fields) == {"params.shot_type_string", "params.subject_id", "params.product_id"}
+    assert error_info(error).reason == "INVALID_ARGUMENT"
+    await assert_nothing_stored(stub, fake_compute)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"width": 32, "height": 5000}, {"params.width", "params.height"}),
+        ({"width": 100}, {"params.width"}),
+        ({"batch_size": 17}, {"params.batch_size"}),
+        ({"batch_size": -1}, {"params.batch_size"}),
+        ({"steps": 151}, {"params.steps"}),
+        ({"seed": -5}, {"params.seed"}),
+        ({"style_lora_weight": 1.0}, {"params.style_lora_weight"}),
+        ({"product_lora_weight": 2.5}, {"params.product_lora_weight"}),
+        (
+            {"auto_generate_prompt": True, "generated_prompt": "x"},
+            {"params.auto_generate_prompt", "params.generated_prompt"},
+        ),
+        ({"generated_prompt": "x" * 4001}, {"params.generated_prompt"}),
+        ({"style_id": "not-a-uuid"}, {"params.style_id"}),
+    ],
+)
+async def test_out_of_range_fields_are_named(
+    stub: GenerationStub,
+    fake_compute: FakeComputeBackend,
+    params: dict[str, object],
+    expected: set[str],
+) -> None:
+    base: dict[str, object] = {"product_id": str(uuid.uuid4()), "shot_type_string": "front"}
+    error = await create_error(stub, gen(**{**base, **params}))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(error)) == expected
+    await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_option_violations_are_reported_with_param_violations(
+    stub: GenerationStub, fake_compute: FakeComputeBackend
+) -> None:
+    req = gen(shot_type_string="front")
+    req.request_id = "bad id with spaces"
+    req.labels["Bad Key"] = "v"
+    req.timeout.CopyFrom(duration_pb2.Duration(seconds=0))
+    req.orchestration.agentic.max_attempts = 3
+    error = await create_error(stub, req)
+    assert set(field_violations(error)) == {
+        "request_id",
+        "labels['Bad Key']",
+        "timeout",
+        "orchestration.agentic",
+        "params.subject_id",
+        "params.product_id",
+    }
+    await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_unknown_catalog_ids_are_not_found(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    missing = str(uuid.uuid4())
+    error = await create_error(
+        stub, gen(subject_id=missing, product_id=product_id, shot_type_string="front")
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "params.subject_id" in (error.details() or "")
+    assert error_info(error).metadata["field"] == "params.subject_id"
+    await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_product_id_of_a_subject_is_not_found(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, subject_id: str
+) -> None:
+    error = await create_error(stub, gen(product_id=subject_id, shot_type_string="front"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(error).metadata["field"] == "params.product_id"
+    await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_agentic_is_unimplemented_for_now(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    req = gen(product_id=product_id, shot_type_string="front")
+    req.orchestration.type = enums_pb2.GENERATION_TYPE_AGENTIC
+    error = await create_error(stub, req)
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_validate_only_creates_nothing(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    req = gen(product_id=product_id, shot_type_string="front", batch_size=2)
+    req.validate_only = True
+    response = await stub.CreateGeneration(req)
+    assert response.generation.id == ""
+    assert response.generation.status == enums_pb2.GENERATION_STATUS_PENDING
+    assert len(response.generation.predictions) == 2
+    await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_unknown_generation_is_not_found(stub: GenerationStub) -> None:
+    for call in (
+        stub.GetGeneration(service_pb2.GetGenerationRequest(generation_id="nope")),
+        stub.CancelGeneration(service_pb2.CancelGenerationRequest(generation_id="nope")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,115 @@
+"""The local backend: real work off the event loop, progress, idempotency, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from server.compute.base import ComputeError, OutputFile, TaskRequest, UnknownComputeTaskError
+from server.compute.local import LocalComputeBackend
+from server.compute.processors.tasks import default_registry
+from server.compute.registry import ProcessorContext, ProcessorError, ProcessorRegistry
+from server.domain.enums import TaskStatus, TaskType
+
+
+def _no_inputs(uri: str) -> bytes:
+    raise FileNotFoundError(uri)
+
+
+def _request(key: str, **params: Any) -> TaskRequest:
+    base = {
+        "width": 64,
+        "height": 96,
+        "seed": 1,
+        "steps": 4,
+        "prompt": "p",
+        "shot_type": "full-body",
+        "subject": None,
+        "product": None,
+        "style": None,
+    }
+    return TaskRequest(TaskType.GENERATION, {**base, **params}, key, "org")
+
+
+async def test_generation_runs_and_reports_progress() -> None:
+    backend = LocalComputeBackend(
+        default_registry(), resolve=_no_inputs, workers=1, max_input_pixels=10**7
+    )
+    try:
+        compute_id = await backend.submit(_request("k1"))
+        assert await backend.submit(_request("k1")) == compute_id  # idempotent
+        snaps = [snap async for snap in backend.watch(compute_id)]
+        assert snaps[-1].status is TaskStatus.COMPLETED
+        assert any(0 < s.progress < 1 for s in snaps[:-1])
+        image = Image.open(io.BytesIO(snaps[-1].outputs[0].data))
+        assert image.size == (64, 96)
+    finally:
+        await backend.aclose()
+
+
+async def test_missing_reference_fails_with_validation() -> None:
+    backend = LocalComputeBackend(
+        default_registry(), resolve=_no_inputs, workers=1, max_input_pixels=10**7
+    )
+    try:
+        product = {"name": "x", "images": ["artifact:" + "a" * 64], "weight": 1.0}
+        compute_id = await backend.submit(_request("k2", product=product))
+        snaps = [snap async for snap in backend.watch(compute_id)]
+        assert snaps[-1].status is TaskStatus.FAILED
+        assert snaps[-1].error_category == "validation"
+    finally:
+        await backend.aclose()
+
+
+async def test_unknown_ids_and_unsupported_types() -> None:
+    backend = LocalComputeBackend(
+        default_registry(), resolve=_no_inputs, workers=1, max_input_pixels=10**7
+    )
+    try:
+        with pytest.raises(UnknownComputeTaskError):
+            async for _ in backend.watch("nope"):
+                pass
+        with pytest.raises(ComputeError) as caught:
+            await backend.submit(TaskRequest(TaskType.VIDEO_GENERATION, {}, "k3", "org"))
+        assert caught.value.category == "unsupported"
+        assert "GENERATION" in caught.value.message
+    finally:
+        await backend.aclose()
+
+
+async def test_cancel_stops_a_running_processor() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+        started.set()
+        while not release.wait(0.01):
+            ctx.progress(0.5)  # raises once the task is cancelled
+        raise ProcessorError("internal", "not reached in this test")
+
+    backend = LocalComputeBackend(
+        ProcessorRegistry({TaskType.GENERATION: slow}),
+        resolve=_no_inputs,
+        workers=1,
+        max_input_pixels=10,
+    )
+    try:
+        compute_id = await backend.submit(_request("k4"))
+        await asyncio.to_thread(started.wait, 5)
+        assert await backend.cancel(compute_id)
+        snaps = [snap async for snap in backend.watch(compute_id)]
+        assert snaps[-1].status is TaskStatus.CANCELLED
+    finally:
+        release.set()
+        await backend.aclose()
+
+
+def test_registry_refuses_duplicates() -> None:
+    registry = default_registry()
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register(TaskType.GENERATION, lambda params, ctx: [])

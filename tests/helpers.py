@@ -1,0 +1,121 @@
+"""Test helpers: waiting on conditions with a deadline, and reading rich error details."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2_grpc
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2, service_pb2_grpc
+
+if TYPE_CHECKING:
+    # The async stub types exist only in the generated .pyi files.
+    from sartiq_grpc.sartiq.catalog.v1.catalog_pb2_grpc import (
+        CatalogServiceAsyncStub as CatalogStub,
+    )
+    from sartiq_grpc.sartiq.generation.v1.service_pb2_grpc import (
+        GenerationServiceAsyncStub as GenerationStub,
+    )
+else:
+    CatalogStub = catalog_pb2_grpc.CatalogServiceStub
+    GenerationStub = service_pb2_grpc.GenerationServiceStub
+
+__all__ = [
+    "TERMINAL",
+    "CatalogStub",
+    "GenerationStub",
+    "assert_eventually",
+    "create_generation",
+    "error_info",
+    "field_violations",
+    "generate_request",
+    "rich_status",
+    "wait_terminal",
+]
+
+TERMINAL = {
+    enums_pb2.GENERATION_STATUS_COMPLETED,
+    enums_pb2.GENERATION_STATUS_PARTIALLY_COMPLETED,
+    enums_pb2.GENERATION_STATUS_FAILED,
+    enums_pb2.GENERATION_STATUS_CANCELLED,
+}
+
+
+async def assert_eventually(
+    condition: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.01
+) -> None:
+    """Poll ``condition`` until it holds; fail when ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def wait_terminal(
+    stub: GenerationStub, generation_id: str, timeout: float = 30.0
+) -> resources_pb2.Generation:
+    """Poll GetGeneration until the generation is terminal, and return it."""
+    latest: list[resources_pb2.Generation] = []
+
+    async def done() -> bool:
+        response = await stub.GetGeneration(
+            service_pb2.GetGenerationRequest(generation_id=generation_id)
+        )
+        latest[:] = [response.generation]
+        return response.generation.status in TERMINAL
+
+    await assert_eventually(done, timeout)
+    return latest[0]
+
+
+def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    """The google.rpc.Status a failed call carried in its trailers."""
+    metadata: Any = error.trailing_metadata() or ()
+    for key, value in metadata:
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("no rich status in the trailers")
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The BadRequest field violations of an INVALID_ARGUMENT error, by field."""
+    for detail in rich_status(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            return {v.field: v.description for v in bad.field_violations}
+    raise AssertionError("no BadRequest detail")
+
+
+def error_info(error: grpc.aio.AioRpcError) -> Any:
+    """The ErrorInfo detail of a failed call."""
+    for detail in rich_status(error).details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo detail")
+
+
+def generate_request(product_id: str, batch: int = 1) -> service_pb2.CreateGenerationRequest:
+    """A small valid GENERATE request for one product."""
+    return service_pb2.CreateGenerationRequest(
+        params=resources_pb2.GenerateParams(
+            product_id=product_id,
+            shot_type_string="front",
+            batch_size=batch,
+            width=64,
+            height=64,
+        )
+    )
+
+
+async def create_generation(stub: GenerationStub, product_id: str, batch: int = 1) -> str:
+    """Create a small GENERATE generation and return its id."""
+    return (await stub.CreateGeneration(generate_request(product_id, batch))).generation.id

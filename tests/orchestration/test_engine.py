@@ -1,0 +1,184 @@
+"""The engine through the public API: failures, retries, deadlines, admission and recovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import make_settings, png_bytes
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from helpers import (
+    CatalogStub,
+    GenerationStub,
+    assert_eventually,
+    create_generation,
+    generate_request,
+    rich_status,
+    wait_terminal,
+)
+
+from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, service_pb2
+from server.app import App
+from server.compute.base import ComputeError
+from server.compute.fake import FakeComputeBackend
+from server.config import OrchestrationSettings, Settings
+
+
+async def test_compute_failure_fails_the_generation_with_its_category(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.fail_with = ("validation", "prompt rejected")
+    done = await wait_terminal(stub, await create_generation(stub, product_id))
+    assert done.status == enums_pb2.GENERATION_STATUS_FAILED
+    assert done.error.reason == "NO_PREDICTION_COMPLETED"
+    assert done.error.message == "prompt rejected"
+    task = done.predictions[0].tasks[0]
+    assert task.status == enums_pb2.TASK_STATUS_FAILED
+    assert (task.error.category, task.error.message) == ("validation", "prompt rejected")
+
+
+async def test_one_of_two_failing_is_partially_completed(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.hold = True
+    generation_id = await create_generation(stub, product_id, batch=2)
+
+    async def two() -> bool:
+        return len(fake_compute.tasks) == 2
+
+    await assert_eventually(two)
+    first, second = list(fake_compute.tasks)
+    fake_compute.complete(first)
+    fake_compute.fail(second, "internal", "gpu fell over")
+    done = await wait_terminal(stub, generation_id)
+    assert done.status == enums_pb2.GENERATION_STATUS_PARTIALLY_COMPLETED
+    assert done.prediction_counts.completed == 1
+    assert done.prediction_counts.error == 1
+
+
+async def test_transient_submit_errors_are_retried(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.submit_faults = [ComputeError("transient", "connection refused")] * 2
+    done = await wait_terminal(stub, await create_generation(stub, product_id))
+    assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
+    assert len(fake_compute.submitted) == 1
+
+
+async def test_permanent_submit_error_fails_at_once(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.submit_faults = [ComputeError("unsupported", "no such task type")]
+    done = await wait_terminal(stub, await create_generation(stub, product_id))
+    assert done.status == enums_pb2.GENERATION_STATUS_FAILED
+    assert done.predictions[0].tasks[0].error.category == "unsupported"
+    assert fake_compute.submitted == []
+
+
+async def test_deadline_fails_the_generation_and_releases_compute(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.hold = True
+    request = generate_request(product_id)
+    request.timeout.CopyFrom(duration_pb2.Duration(seconds=1))
+    created = (await stub.CreateGeneration(request)).generation
+    assert created.HasField("expire_time")
+    done = await wait_terminal(stub, created.id)
+    assert done.status == enums_pb2.GENERATION_STATUS_FAILED
+    assert done.error.reason == "DEADLINE_EXCEEDED"
+    assert done.predictions[0].status == enums_pb2.PREDICTION_STATUS_ERROR
+    assert fake_compute.cancelled == list(fake_compute.tasks)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    base = make_settings(tmp_path)
+    limits = OrchestrationSettings(max_queued_generations=1, retry_after_seconds=3.0)
+    return base.model_copy(update={"orchestration": limits})
+
+
+async def test_admission_limit_answers_resource_exhausted_with_retry_info(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.hold = True
+    await create_generation(stub, product_id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await create_generation(stub, product_id)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry = [
+        d for d in rich_status(caught.value).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+    ]
+    info = error_details_pb2.RetryInfo()
+    retry[0].Unpack(info)
+    assert info.retry_delay.seconds == 3
+
+
+async def _product(app_port: int) -> str:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app_port}") as channel:
+        catalog = CatalogStub(channel)
+        created = await catalog.CreateProduct(
+            catalog_pb2.CreateProductRequest(
+                name="shirt", reference_images=[catalog_pb2.ImageInput(data=png_bytes((0, 0, 200)))]
+            )
+        )
+    return created.product.id
+
+
+async def _start_and_stop_midway(
+    settings: Settings, compute: FakeComputeBackend
+) -> tuple[str, list[str]]:
+    compute.hold = True
+    async with (
+        App(settings, compute=compute) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = GenerationStub(channel)
+        product_id = await _product(app.port)
+        generation_id = await create_generation(stub, product_id, batch=2)
+
+        async def attached() -> bool:
+            got = await stub.GetGeneration(
+                service_pb2.GetGenerationRequest(generation_id=generation_id)
+            )
+            return all(p.tasks[0].compute_task_id for p in got.generation.predictions)
+
+        await assert_eventually(attached)
+        got = await stub.GetGeneration(
+            service_pb2.GetGenerationRequest(generation_id=generation_id)
+        )
+        task_ids = sorted(p.tasks[0].id for p in got.generation.predictions)
+    return generation_id, task_ids
+
+
+async def test_restart_reattaches_without_submitting_twice(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    compute = FakeComputeBackend()
+    generation_id, task_ids = await _start_and_stop_midway(settings, compute)
+    assert sorted(r.idempotency_key for r in compute.submitted) == task_ids
+    async with (
+        App(settings, compute=compute) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = GenerationStub(channel)
+        for compute_id in list(compute.tasks):
+            compute.complete(compute_id)
+        done = await wait_terminal(stub, generation_id)
+    assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
+    assert len(compute.submitted) == 2
+
+
+async def test_restart_resubmits_tasks_the_compute_server_lost(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    generation_id, task_ids = await _start_and_stop_midway(settings, FakeComputeBackend())
+    fresh = FakeComputeBackend()
+    async with (
+        App(settings, compute=fresh) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        done = await wait_terminal(GenerationStub(channel), generation_id)
+    assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
+    assert sorted(r.idempotency_key for r in fresh.submitted) == task_ids
+    assert done.prediction_counts.completed == 2
