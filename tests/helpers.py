@@ -8,10 +8,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from google.rpc import error_details_pb2, status_pb2
+from sqlalchemy.engine import Connection
 
 from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2_grpc
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2, service_pb2_grpc
+from server.store.models import Base
 
 if TYPE_CHECKING:
     # The async stub types exist only in the generated .pyi files.
@@ -35,6 +39,7 @@ __all__ = [
     "field_violations",
     "generate_request",
     "rich_status",
+    "schema_diff",
     "wait_terminal",
 ]
 
@@ -119,3 +124,9 @@ def generate_request(product_id: str, batch: int = 1) -> service_pb2.CreateGener
 async def create_generation(stub: GenerationStub, product_id: str, batch: int = 1) -> str:
     """Create a small GENERATE generation and return its id."""
     return (await stub.CreateGeneration(generate_request(product_id, batch))).generation.id
+
+
+def schema_diff(connection: Connection) -> list[Any]:
+    """Differences between the connected database's schema and the models."""
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, Base.metadata))

@@ -264,7 +264,9 @@ class BaseWorkflow:
 
 
 async def _load(uow: UnitOfWork, generation_id: str) -> Generation:
-    generation = await uow.session.get(Generation, generation_id)
+    # The row lock serialises writers of one generation on PostgreSQL, keeping event
+    # sequences gap-free; SQLite has a single writer already and ignores it.
+    generation = await uow.session.get(Generation, generation_id, with_for_update=True)
     if generation is None:
         raise LookupError(f"generation {generation_id} vanished")
     return generation

@@ -161,7 +161,9 @@ class GenerationService:
             NotFoundError: unknown id, or another organization's.
         """
         async with self._store.write() as uow:
-            generation = await repository.get_generation(uow.session, org, generation_id)
+            generation = await repository.get_generation(
+                uow.session, org, generation_id, for_update=True
+            )
             if generation is None:
                 raise NotFoundError(
                     f"generation {generation_id!r} not found", field="generation_id"

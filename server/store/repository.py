@@ -35,9 +35,16 @@ class GenerationFilter:
     created_before: datetime | None = None
 
 
-async def get_generation(session: AsyncSession, org: str, generation_id: str) -> Generation | None:
-    """Load a generation with its predictions, tasks and artifacts, or None."""
+async def get_generation(
+    session: AsyncSession, org: str, generation_id: str, *, for_update: bool = False
+) -> Generation | None:
+    """Load a generation with its predictions, tasks and artifacts, or None.
+
+    ``for_update`` locks the row for the rest of the transaction (PostgreSQL).
+    """
     stmt = select(Generation).where(Generation.id == generation_id, Generation.organization == org)
+    if for_update:
+        stmt = stmt.with_for_update(of=Generation)
     return (await session.execute(stmt)).scalar_one_or_none()
 
 

@@ -5,20 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
+from helpers import schema_diff
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
 from server.config import DatabaseSettings
 from server.store.db import create_engine
 from server.store.migrate import upgrade_to_head
-from server.store.models import Base
-
-
-def _diff(connection: Connection) -> list[Any]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
-    return list(compare_metadata(context, Base.metadata))
 
 
 def _pragmas(connection: Connection) -> tuple[Any, ...]:
@@ -34,7 +27,7 @@ async def test_migrated_schema_equals_models(tmp_path: Path) -> None:
         await upgrade_to_head(engine)
         await upgrade_to_head(engine)  # a second run is a no-op
         async with engine.connect() as conn:
-            assert await conn.run_sync(_diff) == []
+            assert await conn.run_sync(schema_diff) == []
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
             assert {"generations", "predictions", "tasks", "generation_events"} <= tables
             assert await conn.run_sync(_pragmas) == ("wal", 1, 1)

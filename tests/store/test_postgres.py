@@ -1,0 +1,77 @@
+"""The same schema and the same end-to-end path on PostgreSQL, when a server is configured.
+
+Set SARTIQ_TEST_POSTGRES_URL (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test);
+each test creates and drops its own database next to that one.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import make_settings, png_bytes
+from helpers import CatalogStub, GenerationStub, generate_request, schema_diff, wait_terminal
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2
+from server.app import App
+from server.compute.fake import FakeComputeBackend
+from server.config import DatabaseSettings
+from server.store.db import create_engine
+from server.store.migrate import upgrade_to_head
+
+URL = os.environ.get("SARTIQ_TEST_POSTGRES_URL", "")
+pytestmark = pytest.mark.skipif(
+    not URL, reason="SARTIQ_TEST_POSTGRES_URL is not set; PostgreSQL tests need a server"
+)
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    name = f"sartiq_test_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(URL).set(database=name).render_as_string(hide_password=False)
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        await admin.dispose()
+
+
+async def test_migrated_schema_equals_models_on_postgres(pg_url: str) -> None:
+    engine = create_engine(DatabaseSettings(url=pg_url))
+    try:
+        await upgrade_to_head(engine)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(schema_diff) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_generation_end_to_end_on_postgres(pg_url: str, tmp_path: Path) -> None:
+    base = make_settings(tmp_path)
+    settings = base.model_copy(update={"database": DatabaseSettings(url=pg_url)})
+    async with (
+        App(settings, compute=FakeComputeBackend()) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        catalog = CatalogStub(channel)
+        stub = GenerationStub(channel)
+        product = await catalog.CreateProduct(
+            catalog_pb2.CreateProductRequest(
+                name="coat", reference_images=[catalog_pb2.ImageInput(data=png_bytes((9, 9, 9)))]
+            )
+        )
+        created = await stub.CreateGeneration(generate_request(product.product.id, batch=3))
+        done = await wait_terminal(stub, created.generation.id)
+    assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
+    assert done.prediction_counts.completed == 3
