@@ -1,0 +1,60 @@
+# Everything a developer or CI needs, from a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+
+.PHONY: install run test lint fmt check protos protos-check breaking demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,postgres]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(BUF):
+	npm install --prefix .tools --no-save --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
+
+## run: install, migrate and serve on 127.0.0.1:50051 (SQLite under ./var, local CPU compute)
+run: install
+	mkdir -p var
+	$(BIN)/python -m server
+
+## test: lint, check the generated stubs for drift, run the whole suite
+test: lint protos-check
+	$(BIN)/python -m pytest
+
+## lint: ruff (format + rules), mypy strict, buf lint
+lint: install $(BUF)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BUF) lint
+
+fmt: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+check: test
+
+## protos: regenerate sartiq_grpc/ from protos/
+protos: install
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: install
+	$(BIN)/python scripts/gen_protos.py --check
+
+## breaking: compare the contract with main
+breaking: $(BUF)
+	$(BUF) breaking --against '.git#branch=main'
+
+## demo: two reference images for the README tour, in var/demo
+demo: install
+	$(BIN)/python scripts/demo_images.py var/demo
+
+clean:
+	rm -rf $(VENV) .tools var .pytest_cache .mypy_cache .ruff_cache
