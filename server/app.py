@@ -74,7 +74,9 @@ class App:
         self._db = create_engine(s.database)
         await upgrade_to_head(self._db)
         store = Store(
-            create_session_factory(self._db), EventBus(), single_writer=is_sqlite(s.database.url)
+            create_session_factory(self._db),
+            EventBus(s.server.watch_buffer),
+            single_writer=is_sqlite(s.database.url),
         )
         artifacts = FileArtifactStore(s.media.artifact_dir)
         self._compute = self._compute_override or _local_backend(s, artifacts)

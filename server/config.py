@@ -24,6 +24,11 @@ class ServerSettings(BaseModel):
     grace_period: float = Field(default=10.0, ge=0, description="seconds to drain on shutdown")
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     heartbeat_interval: float = Field(default=15.0, gt=0, description="seconds between pings")
+    watch_buffer: int = Field(
+        default=256,
+        ge=1,
+        description="live events buffered per watcher before it resumes from the store",
+    )
     default_organization: str = Field(
         default="default", description="tenant of every call until authentication lands"
     )

@@ -30,6 +30,7 @@ from server.store.uow import Store, UnitOfWork
 
 log = logging.getLogger(__name__)
 
+_CANCELLED = ("CANCELLED", "the generation was cancelled")
 SUBMIT_ATTEMPTS = 5
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 5.0
@@ -175,7 +176,12 @@ class BaseWorkflow:
     async def _settle(self, generation_id: str) -> None:
         async with self._store.write() as uow:
             generation = await _load(uow, generation_id)
-            if GenerationStatus(generation.status) in GENERATION_TERMINAL:
+            status = GenerationStatus(generation.status)
+            if status in GENERATION_TERMINAL:
+                return
+            if status is GenerationStatus.CANCELLING:
+                # Cancelled while the last results came in: the cancel wins.
+                uow.set_generation_status(generation, GenerationStatus.CANCELLED, error=_CANCELLED)
                 return
             done = [p for p in generation.predictions if p.status == PredictionStatus.COMPLETED]
             if len(done) == len(generation.predictions):
@@ -198,7 +204,7 @@ class BaseWorkflow:
             generation_id,
             prediction_status=PredictionStatus.CANCELLED,
             generation_status=GenerationStatus.CANCELLED,
-            error=("CANCELLED", "the generation was cancelled"),
+            error=_CANCELLED,
         )
 
     async def expire(self, generation_id: str) -> None:
@@ -240,8 +246,16 @@ class BaseWorkflow:
         released = {cid: await self._release(cid) for cid in live}
         async with self._store.write() as uow:
             generation = await _load(uow, generation_id)
-            if GenerationStatus(generation.status) in GENERATION_TERMINAL:
+            current = GenerationStatus(generation.status)
+            if current in GENERATION_TERMINAL:
                 return
+            if current is GenerationStatus.CANCELLING:
+                # A requested cancel is honoured whatever else ended the workflow.
+                prediction_status, generation_status, error = (
+                    PredictionStatus.CANCELLED,
+                    GenerationStatus.CANCELLED,
+                    _CANCELLED,
+                )
             for prediction in generation.predictions:
                 for task in prediction.tasks:
                     if task.status not in TASK_TERMINAL:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,7 @@ from server.store.models import utcnow
 from server.store.uow import Store
 
 REPLAY_BATCH = 500
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,7 @@ class Watcher:
                             if item.terminal:
                                 return
                 except LaggedError:
+                    log.debug("watcher of %s fell behind; resuming from the store", generation_id)
                     continue
         finally:
             subscription.close()

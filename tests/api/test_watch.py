@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import uuid
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import make_settings
-from helpers import GenerationStub, assert_eventually, create_generation, wait_terminal
+from conftest import make_settings, png_bytes
+from helpers import CatalogStub, GenerationStub, assert_eventually, create_generation, wait_terminal
 
+from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2
+from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import Settings
 
@@ -150,3 +153,32 @@ async def test_many_watchers_all_see_the_same_events(
 
 async def _count(fake: FakeComputeBackend, n: int) -> bool:
     return len(fake.tasks) >= n
+
+
+async def test_watchers_that_fall_behind_resume_from_the_store(
+    tmp_path: Path, fake_compute: FakeComputeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="server.orchestration.watch")
+    settings = make_settings(tmp_path, watch_buffer=1)
+    async with (
+        App(settings, compute=fake_compute) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = GenerationStub(channel)
+        catalog = CatalogStub(channel)
+        product = await catalog.CreateProduct(
+            catalog_pb2.CreateProductRequest(
+                name="p", reference_images=[catalog_pb2.ImageInput(data=png_bytes((1, 1, 1)))]
+            )
+        )
+        fake_compute.hold = True
+        generation_id = await create_generation(stub, product.product.id, batch=4)
+        watchers = [asyncio.create_task(collect(stub, generation_id)) for _ in range(5)]
+        await assert_eventually(lambda: _count(fake_compute, 4))
+        for compute_id in list(fake_compute.tasks):
+            fake_compute.complete(compute_id)
+        results = await asyncio.wait_for(asyncio.gather(*watchers), 10)
+    assert "fell behind" in caplog.text
+    for events in results:
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].terminal
