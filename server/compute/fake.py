@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from PIL import Image
 
 from server.compute.base import (
-    ComputeError,
     OutputFile,
     TaskRequest,
     TaskSnapshot,
@@ -51,7 +50,7 @@ class FakeComputeBackend:
         self.tasks: dict[str, FakeTask] = {}
         self.submitted: list[TaskRequest] = []
         self.cancelled: list[str] = []
-        self.submit_faults: list[ComputeError] = []
+        self.submit_faults: list[Exception] = []
         self.fail_with: tuple[str, str] | None = None
         self._by_key: dict[str, str] = {}
         self._ids = itertools.count(1)

@@ -182,3 +182,13 @@ async def test_restart_resubmits_tasks_the_compute_server_lost(tmp_path: Path) -
     assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
     assert sorted(r.idempotency_key for r in fresh.submitted) == task_ids
     assert done.prediction_counts.completed == 2
+
+
+async def test_unexpected_error_fails_the_generation_without_leaking_it(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.submit_faults = [RuntimeError("secret internal detail")]
+    done = await wait_terminal(stub, await create_generation(stub, product_id))
+    assert done.status == enums_pb2.GENERATION_STATUS_FAILED
+    assert done.error.reason == "INTERNAL"
+    assert "secret" not in done.error.message

@@ -1,0 +1,68 @@
+"""The README tour through the ``sartiq`` CLI, as a user runs it, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from server.app import App
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def sartiq(app: App, *args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sartiq_grpc.cli",
+        "--target",
+        f"127.0.0.1:{app.port}",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return out.decode().strip()
+
+
+async def test_tour(app: App, tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "scripts" / "demo_images.py"),
+        str(demo),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert await process.wait() == 0
+    subject = await sartiq(app, "subject", "Ana", "--image", str(demo / "model.png"))
+    product = await sartiq(app, "product", "Dress", "--image", str(demo / "dress.png"))
+    generation = await sartiq(
+        app,
+        "generate",
+        "--subject",
+        subject,
+        "--product",
+        product,
+        "--shot",
+        "full-body front",
+        "--batch",
+        "2",
+        "--width",
+        "128",
+        "--height",
+        "192",
+    )
+    events = (await sartiq(app, "watch", generation)).splitlines()
+    assert events[0].startswith("1 EVENT_KIND_GENERATION")
+    assert "GENERATION_STATUS_COMPLETED" in events[-1]
+    outputs = (await sartiq(app, "outputs", generation)).splitlines()
+    assert len(outputs) == 2
+    for path in outputs:
+        with Image.open(path) as image:
+            assert image.size == (128, 192)
+    assert generation in await sartiq(app, "list")
+    assert await sartiq(app, "health") == "SERVING"
