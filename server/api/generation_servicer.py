@@ -18,6 +18,19 @@ from server.orchestration.watch import Watcher
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def _not_available(strategy: Strategy) -> Any:
+    """A create method for ``strategy`` that answers UNIMPLEMENTED with a clear message."""
+
+    async def create(self: Any, request: Any, context: Context) -> Any:
+        raise UnimplementedError(
+            f"strategy {strategy.value} is part of the v1 contract but not available yet; "
+            "only GENERATE (CreateGeneration) runs today"
+        )
+
+    create.__doc__ = f"{strategy.value} is not available yet."
+    return unary(create)
+
+
 class GenerationServicer(service_pb2_grpc.GenerationServiceServicer):
     """The gRPC face of the generation service."""
 
@@ -43,47 +56,13 @@ class GenerationServicer(service_pb2_grpc.GenerationServiceServicer):
         )
         return service_pb2.CreateGenerationResponse(generation=convert.generation(generation))
 
-    @unary
-    async def CreateEditingGeneration(
-        self, request: service_pb2.CreateEditingGenerationRequest, context: Context
-    ) -> service_pb2.CreateEditingGenerationResponse:
-        """EDITING is not available yet."""
-        raise _unavailable(Strategy.EDITING)
-
-    @unary
-    async def CreateRefineGeneration(
-        self, request: service_pb2.CreateRefineGenerationRequest, context: Context
-    ) -> service_pb2.CreateRefineGenerationResponse:
-        """REFINE is not available yet."""
-        raise _unavailable(Strategy.REFINE)
-
-    @unary
-    async def CreateVideoGeneration(
-        self, request: service_pb2.CreateVideoGenerationRequest, context: Context
-    ) -> service_pb2.CreateVideoGenerationResponse:
-        """VIDEO is not available yet."""
-        raise _unavailable(Strategy.VIDEO)
-
-    @unary
-    async def CreateBackgroundFixingGeneration(
-        self, request: service_pb2.CreateBackgroundFixingGenerationRequest, context: Context
-    ) -> service_pb2.CreateBackgroundFixingGenerationResponse:
-        """BACKGROUND_FIXING is not available yet."""
-        raise _unavailable(Strategy.BACKGROUND_FIXING)
-
-    @unary
-    async def CreateImageAdjustingGeneration(
-        self, request: service_pb2.CreateImageAdjustingGenerationRequest, context: Context
-    ) -> service_pb2.CreateImageAdjustingGenerationResponse:
-        """IMAGE_ADJUSTING is not available yet."""
-        raise _unavailable(Strategy.IMAGE_ADJUSTING)
-
-    @unary
-    async def CreateFaceFixingGeneration(
-        self, request: service_pb2.CreateFaceFixingGenerationRequest, context: Context
-    ) -> service_pb2.CreateFaceFixingGenerationResponse:
-        """FACE_FIXING is not available yet."""
-        raise _unavailable(Strategy.FACE_FIXING)
+    # Strategies that are in the contract but not built yet answer UNIMPLEMENTED.
+    CreateEditingGeneration = _not_available(Strategy.EDITING)
+    CreateRefineGeneration = _not_available(Strategy.REFINE)
+    CreateVideoGeneration = _not_available(Strategy.VIDEO)
+    CreateBackgroundFixingGeneration = _not_available(Strategy.BACKGROUND_FIXING)
+    CreateImageAdjustingGeneration = _not_available(Strategy.IMAGE_ADJUSTING)
+    CreateFaceFixingGeneration = _not_available(Strategy.FACE_FIXING)
 
     @unary
     async def GetGeneration(
@@ -126,10 +105,3 @@ class GenerationServicer(service_pb2_grpc.GenerationServiceServicer):
             self._org(context), request.generation_id, request.after_sequence
         ):
             yield convert.watch_item(item)
-
-
-def _unavailable(strategy: Strategy) -> UnimplementedError:
-    return UnimplementedError(
-        f"strategy {strategy.value} is part of the v1 contract but not available yet; "
-        "only GENERATE (CreateGeneration) runs today"
-    )
