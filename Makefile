@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: install run test lint fmt check protos protos-check breaking demo clean
+.PHONY: install run test lint fmt check protos protos-check breaking bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ protos-check: install
 ## breaking: compare the contract with main
 breaking: $(BUF)
 	$(BUF) breaking --against '.git#branch=main'
+
+## bench: the DESIGN §10 harness (not part of `make test`)
+bench: install
+	$(BIN)/python -m benchmarks.harness
 
 ## demo: two reference images for the README tour, in var/demo
 demo: install

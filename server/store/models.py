@@ -179,7 +179,8 @@ class Prediction(Base):
     finished_at: Mapped[datetime | None]
     artifact: Mapped[Artifact | None] = relationship(lazy="selectin")
     tasks: Mapped[list[Task]] = relationship(lazy="selectin", order_by="Task.created_at")
-    shot: Mapped[OrchestratedShot | None] = relationship(lazy="selectin")
+    # AGENTIC only; not loaded until the AGENTIC workflow needs it.
+    shot: Mapped[OrchestratedShot | None] = relationship(lazy="raise")
 
 
 class Task(Base):

@@ -1,0 +1,1 @@
+"""The benchmark harness of DESIGN §10; run with ``make bench``."""

@@ -1,0 +1,78 @@
+"""Servers the harness measures, each run in its own process and printing its port.
+
+python -m benchmarks.servers echo
+python -m benchmarks.servers sartiq DIR
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.app import App
+from server.compute.fake import FakeComputeBackend
+from server.config import DatabaseSettings, MediaSettings, ServerSettings, Settings
+
+ECHO_SERVICE = "bench.Echo"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+async def _echo_unary(request: bytes, context: Any) -> bytes:
+    return request
+
+
+async def _echo_stream(request: bytes, context: Any) -> Any:
+    count = int.from_bytes(request[:4], "big")
+    for _ in range(count):
+        yield request
+
+
+async def _serve_echo(stop: asyncio.Event) -> None:
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        ECHO_SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(_echo_unary, _identity, _identity),
+            "Stream": grpc.unary_stream_rpc_method_handler(_echo_stream, _identity, _identity),
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await stop.wait()
+    await server.stop(0)
+
+
+async def _serve_sartiq(stop: asyncio.Event, root: Path) -> None:
+    settings = Settings(
+        server=ServerSettings(port=0, grace_period=0.5),
+        database=DatabaseSettings(url=f"sqlite+aiosqlite:///{root / 'bench.db'}"),
+        media=MediaSettings(artifact_dir=root / "artifacts"),
+    )
+    async with App(settings, compute=FakeComputeBackend()) as app:
+        print(app.port, flush=True)
+        await stop.wait()
+
+
+async def _main(argv: list[str]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if argv[0] == "echo":
+        await _serve_echo(stop)
+    else:
+        await _serve_sartiq(stop, Path(argv[1]))
+
+
+if __name__ == "__main__":
+    asyncio.run(_main(sys.argv[1:]))
