@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
 
 from server.app import App
 from server.config import Settings
@@ -25,12 +28,9 @@ def main() -> None:
     settings = Settings()
     configure(settings.log_level)
     settings.media.artifact_dir.mkdir(parents=True, exist_ok=True)
-    if settings.database.url.startswith("sqlite"):
-        path = settings.database.url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            from pathlib import Path
-
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    url = make_url(settings.database.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     asyncio.run(serve(settings))
 
 

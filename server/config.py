@@ -61,7 +61,6 @@ class ComputeSettings(BaseModel):
 
     backend: Literal["local"] = "local"
     local_workers: int = Field(default=2, ge=1, le=64)
-    poll_interval: float = Field(default=0.5, gt=0)
 
 
 class OrchestrationSettings(BaseModel):

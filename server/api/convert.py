@@ -19,7 +19,7 @@ from server.domain.enums import (
     TaskStatus,
     TaskType,
 )
-from server.domain.errors import Violations
+from server.domain.errors import FieldViolation, InvalidArgumentError, Violations
 from server.orchestration.watch import Heartbeat
 from server.store.events import EventRecord
 from server.store.models import Artifact, Generation, Prediction, Task
@@ -91,9 +91,15 @@ def create_options(request: Any) -> CreateOptions:
             evaluation_provider=config.evaluation_provider,
         )
     timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
+    kind = enum_from_proto(orchestration.type, GenerationType)
+    if kind is None and orchestration.type != enums_pb2.GENERATION_TYPE_UNSPECIFIED:
+        # A value from a newer contract than this server knows.
+        raise InvalidArgumentError(
+            [FieldViolation("orchestration.type", f"unknown value {orchestration.type}")]
+        )
     return CreateOptions(
         request_id=request.request_id,
-        type=enum_from_proto(orchestration.type, GenerationType),
+        type=kind,
         agentic=agentic,
         labels=dict(request.labels),
         timeout_s=timeout,

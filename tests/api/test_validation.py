@@ -146,3 +146,14 @@ async def test_unknown_generation_is_not_found(stub: GenerationStub) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_unknown_orchestration_type_is_invalid(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    req = gen(product_id=product_id, shot_type_string="front")
+    req.orchestration.type = 99  # type: ignore[assignment]
+    error = await create_error(stub, req)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(error)) == {"orchestration.type"}
+    await assert_nothing_stored(stub, fake_compute)
