@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,14 +60,6 @@ def check_length(v: Violations, field: str, value: str, high: int, *, low: int =
         v.add(field, f"must be at most {high} characters, got {len(value)}")
     elif len(value) < low:
         v.add(field, "is required" if low == 1 else f"must be at least {low} characters")
-
-
-def check_id(v: Violations, field: str, value: str) -> None:
-    """Record a violation unless ``value`` is a UUID."""
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        v.add(field, "must be a UUID")
 
 
 def check_dimension(v: Violations, field: str, value: int) -> None:

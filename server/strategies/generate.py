@@ -15,7 +15,6 @@ from server.strategies.base import PlannedTask
 from server.strategies.common import (
     MAX_SEED,
     check_dimension,
-    check_id,
     check_length,
     check_range,
     check_seed,
@@ -48,8 +47,6 @@ class GenerateStrategy:
         for name, _ in _ENTITIES:
             entity_id = getattr(raw, f"{name}_id")
             weight = getattr(raw, f"{name}_lora_weight")
-            if entity_id:
-                check_id(v, f"params.{name}_id", entity_id)
             if weight is not None:
                 check_range(v, f"params.{name}_lora_weight", weight, 0, 2)
                 if not entity_id:

@@ -58,7 +58,6 @@ async def test_missing_shot_type_and_entities(
             {"params.auto_generate_prompt", "params.generated_prompt"},
         ),
         ({"generated_prompt": "x" * 4001}, {"params.generated_prompt"}),
-        ({"style_id": "not-a-uuid"}, {"params.style_id"}),
     ],
 )
 async def test_out_of_range_fields_are_named(
@@ -104,6 +103,17 @@ async def test_unknown_catalog_ids_are_not_found(
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "params.subject_id" in (error.details() or "")
     assert error_info(error).metadata["field"] == "params.subject_id"
+    await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_malformed_id_is_not_found(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    error = await create_error(
+        stub, gen(product_id=product_id, style_id="not-an-id", shot_type_string="front")
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(error).metadata["field"] == "params.style_id"
     await assert_nothing_stored(stub, fake_compute)
 
 

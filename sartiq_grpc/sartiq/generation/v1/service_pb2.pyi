@@ -984,7 +984,8 @@ class WatchGenerationRequest(_message.Message):
     """Only events with `sequence` greater than this are sent. 0 replays the
     whole log; pass the last sequence received to resume, or
     `Generation.last_event_sequence` of a snapshot to get only later
-    changes. Must not be negative.
+    changes. Must be between 0 and the generation's last sequence
+    (INVALID_ARGUMENT otherwise).
     """
     def __init__(
         self,
