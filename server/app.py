@@ -59,6 +59,7 @@ class App:
         self._compute: ComputeBackend | None = None
         self._engine: Engine | None = None
         self._grpc: GrpcServer | None = None
+        self._bus: EventBus | None = None
         self._stopped = False
 
     @property
@@ -73,9 +74,10 @@ class App:
         s = self.settings
         self._db = create_engine(s.database)
         await upgrade_to_head(self._db)
+        self._bus = EventBus(s.server.watch_buffer)
         store = Store(
             create_session_factory(self._db),
-            EventBus(s.server.watch_buffer),
+            self._bus,
             single_writer=is_sqlite(s.database.url),
         )
         artifacts = FileArtifactStore(s.media.artifact_dir)
@@ -98,13 +100,19 @@ class App:
             await self._grpc.server.wait_for_termination()
 
     async def shutdown(self) -> None:
-        """Stop accepting calls, drain, stop the engine and compute, close the database.
+        """Stop accepting calls, end watch streams, drain, stop engine and compute, close the DB.
 
         Idempotent; parts never started are skipped.
         """
         if self._stopped:
             return
         self._stopped = True
+        if self._grpc is not None:
+            await self._grpc.mark_not_serving()
+        if self._bus is not None:
+            # Watch streams never end on their own: close them now with UNAVAILABLE so
+            # clients resume elsewhere instead of holding the drain for the whole grace.
+            self._bus.close()
         if self._grpc is not None:
             await self._grpc.stop(self.settings.server.grace_period)
         if self._engine is not None:

@@ -29,6 +29,7 @@ _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.UnimplementedError: grpc.StatusCode.UNIMPLEMENTED,
+    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -62,7 +63,7 @@ def status_for(error: errors.DomainError) -> tuple[grpc.StatusCode, status_pb2.S
             error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
         )
     )
-    if isinstance(error, errors.ResourceExhaustedError):
+    if isinstance(error, errors.ResourceExhaustedError | errors.UnavailableError):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))

@@ -38,9 +38,13 @@ class GrpcServer:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float) -> None:
-        """Flip health to NOT_SERVING, let calls drain for ``grace`` seconds, then stop."""
+    async def mark_not_serving(self) -> None:
+        """Report NOT_SERVING everywhere so balancers stop sending calls; idempotent."""
         await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, let calls drain for ``grace`` seconds, then stop."""
+        await self.mark_not_serving()
         await self.server.stop(grace)
 
 

@@ -89,6 +89,16 @@ class UnimplementedError(DomainError):
     reason = "NOT_IMPLEMENTED"
 
 
+class UnavailableError(DomainError):
+    """The server cannot serve this now (e.g. it is shutting down); retrying helps."""
+
+    reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class IllegalTransitionError(DomainError):
     """A forbidden state change was attempted: always a bug."""
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from server.domain.enums import GenerationStatus
-from server.domain.errors import NotFoundError, Violations
+from server.domain.errors import NotFoundError, UnavailableError, Violations
 from server.domain.states import GENERATION_TERMINAL
 from server.store import repository
-from server.store.events import EventRecord, LaggedError, Subscription
+from server.store.events import BusClosedError, EventRecord, LaggedError, Subscription
 from server.store.models import utcnow
 from server.store.uow import Store
 
@@ -41,6 +41,7 @@ class Watcher:
         Raises:
             NotFoundError: unknown id, or another organization's.
             InvalidArgumentError: the cursor is negative or beyond the last event.
+            UnavailableError: the server is shutting down; resume elsewhere from the cursor.
         """
         subscription = self._store.bus.subscribe(generation_id)
         try:
@@ -75,6 +76,11 @@ class Watcher:
                 except LaggedError:
                     log.debug("watcher of %s fell behind; resuming from the store", generation_id)
                     continue
+                except BusClosedError:
+                    raise UnavailableError(
+                        f"the server is shutting down; resume with after_sequence={last}",
+                        retry_after=1.0,
+                    ) from None
         finally:
             subscription.close()
 

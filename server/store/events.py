@@ -28,6 +28,10 @@ class LaggedError(Exception):
     """The subscriber fell too far behind; it must resume from the store."""
 
 
+class BusClosedError(Exception):
+    """The process is shutting down; the subscriber should reconnect elsewhere."""
+
+
 class Subscription:
     """A bounded buffer of live events for one watcher of one generation."""
 
@@ -38,6 +42,7 @@ class Subscription:
         self._maxsize = maxsize
         self._wakeup = asyncio.Event()
         self._lagged = False
+        self._closed = bus.closed
 
     def push(self, event: EventRecord) -> None:
         """Buffer ``event``; on overflow drop the buffer and flag the lag instead."""
@@ -53,14 +58,17 @@ class Subscription:
 
         Raises:
             LaggedError: events were dropped since the last call.
+            BusClosedError: the bus was closed for shutdown.
         """
-        while not self._items and not self._lagged:
+        while not self._items and not self._lagged and not self._closed:
             self._wakeup.clear()
             try:
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
             except TimeoutError:
                 return None
+        if self._closed:
+            raise BusClosedError
         if self._lagged:
             self._lagged = False
             raise LaggedError
@@ -69,6 +77,11 @@ class Subscription:
     def close(self) -> None:
         """Stop receiving events."""
         self._bus.unsubscribe(self)
+
+    def shut(self) -> None:
+        """End the subscription because the process is shutting down."""
+        self._closed = True
+        self._wakeup.set()
 
 
 class EventBus:
@@ -81,6 +94,14 @@ class EventBus:
     def __init__(self, buffer_size: int = 256) -> None:
         self._buffer_size = buffer_size
         self._subscribers: dict[str, set[Subscription]] = {}
+        self.closed = False
+
+    def close(self) -> None:
+        """Wake every subscriber with BusClosedError, now and for later subscriptions."""
+        self.closed = True
+        for subs in self._subscribers.values():
+            for sub in subs:
+                sub.shut()
 
     def subscribe(self, generation_id: str) -> Subscription:
         """Start buffering the live events of ``generation_id``."""

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
-from conftest import make_settings
+import pytest
+from conftest import make_settings, png_bytes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import GenerationStub
+from helpers import CatalogStub, GenerationStub, create_generation
 
+from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
 from sartiq_grpc.sartiq.generation.v1 import service_pb2
 from server.app import App
 from server.compute.fake import FakeComputeBackend
+from server.config import ServerSettings
 
 SERVICES = ("sartiq.generation.v1.GenerationService", "sartiq.catalog.v1.CatalogService")
 
@@ -62,3 +66,36 @@ async def test_shutdown_flips_health_to_not_serving(tmp_path: Path) -> None:
         second = await watch.read()
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await app.shutdown()  # idempotent
+
+
+async def test_shutdown_ends_watch_streams_with_unavailable(tmp_path: Path) -> None:
+    compute = FakeComputeBackend(hold=True)
+    settings = make_settings(tmp_path).model_copy(
+        update={"server": ServerSettings(port=0, grace_period=30.0)}
+    )
+    app = App(settings, compute=compute)
+    await app.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        catalog = CatalogStub(channel)
+        stub = GenerationStub(channel)
+        product = await catalog.CreateProduct(
+            catalog_pb2.CreateProductRequest(
+                name="p", reference_images=[catalog_pb2.ImageInput(data=png_bytes((5, 5, 5)))]
+            )
+        )
+        generation_id = await create_generation(stub, product.product.id)
+        call = stub.WatchGeneration(service_pb2.WatchGenerationRequest(generation_id=generation_id))
+        first = await call.read()
+        assert isinstance(first, service_pb2.WatchGenerationResponse)
+        assert first.event.sequence == 1
+        await app.shutdown()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _drain(call)
+        # Ended by the server's own shutdown path, not by the 30 s grace running out.
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "after_sequence=" in (caught.value.details() or "")
+
+
+async def _drain(call: Any) -> None:
+    while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        pass
