@@ -53,18 +53,28 @@ class BaseWorkflow:
         self._artifacts = artifacts
         self._slots = slots
         self._progress_interval = settings.progress_interval
+        # Generations whose last result already settled their final status in-line.
+        self._settled: set[str] = set()
 
-    async def run(self, generation_id: str) -> None:
-        """Run every unfinished prediction, then settle the generation's final status."""
-        async with self._store.write() as uow:
-            generation = await _load(uow, generation_id)
-            if generation.status == GenerationStatus.PENDING:
-                uow.set_generation_status(generation, GenerationStatus.PROCESSING)
-            live = [p for p in generation.predictions if p.status not in PREDICTION_TERMINAL]
-        async with asyncio.TaskGroup() as group:
-            for prediction in live:
-                group.create_task(self._run_prediction(generation_id, _current_task(prediction)))
-        await self._settle(generation_id)
+    async def run(self, generation: Generation) -> None:
+        """Run every unfinished prediction, then settle the generation's final status.
+
+        ``generation`` is a snapshot read by the engine; every change is made on a
+        fresh copy inside its own transaction. The generation stays PENDING while it
+        waits for compute slots; the first accepted submission moves it to PROCESSING
+        in the same transaction.
+        """
+        generation_id = generation.id
+        live = [p for p in generation.predictions if p.status not in PREDICTION_TERMINAL]
+        try:
+            async with asyncio.TaskGroup() as group:
+                for prediction in live:
+                    task = _current_task(prediction)
+                    group.create_task(self._run_prediction(generation_id, task))
+            if generation_id not in self._settled:
+                await self._settle(generation_id)  # e.g. resumed with every prediction done
+        finally:
+            self._settled.discard(generation_id)
 
     async def _run_prediction(self, generation_id: str, task: Task) -> None:
         async with self._slots:
@@ -103,6 +113,8 @@ class BaseWorkflow:
             generation = await _load(uow, generation_id)
             row, prediction = _find_task(generation, task.id)
             row.compute_task_id = compute_id
+            if generation.status == GenerationStatus.PENDING:
+                uow.set_generation_status(generation, GenerationStatus.PROCESSING)
             if row.status == TaskStatus.PENDING:
                 uow.set_task_status(generation, row, TaskStatus.RUNNING)
             else:
@@ -161,6 +173,7 @@ class BaseWorkflow:
             prediction.artifact_sha256 = artifact.sha256
             prediction.artifact = artifact
             uow.set_prediction_status(generation, prediction, PredictionStatus.COMPLETED)
+            self._settle_when_done(uow, generation)
 
     async def _task_failed(
         self, generation_id: str, task_id: str, category: str, message: str
@@ -172,31 +185,16 @@ class BaseWorkflow:
             uow.set_prediction_status(
                 generation, prediction, PredictionStatus.ERROR, error=("COMPUTE_FAILED", message)
             )
+            self._settle_when_done(uow, generation)
 
     async def _settle(self, generation_id: str) -> None:
         async with self._store.write() as uow:
-            generation = await _load(uow, generation_id)
-            status = GenerationStatus(generation.status)
-            if status in GENERATION_TERMINAL:
-                return
-            if status is GenerationStatus.CANCELLING:
-                # Cancelled while the last results came in: the cancel wins.
-                uow.set_generation_status(generation, GenerationStatus.CANCELLED, error=_CANCELLED)
-                return
-            done = [p for p in generation.predictions if p.status == PredictionStatus.COMPLETED]
-            if len(done) == len(generation.predictions):
-                uow.set_generation_status(generation, GenerationStatus.COMPLETED)
-            elif done:
-                uow.set_generation_status(generation, GenerationStatus.PARTIALLY_COMPLETED)
-            else:
-                first = next(
-                    (p.error_message for p in generation.predictions if p.error_message), None
-                )
-                uow.set_generation_status(
-                    generation,
-                    GenerationStatus.FAILED,
-                    error=("NO_PREDICTION_COMPLETED", first or "no prediction completed"),
-                )
+            self._settle_when_done(uow, await _load(uow, generation_id))
+
+    def _settle_when_done(self, uow: UnitOfWork, generation: Generation) -> None:
+        _settle_when_done(uow, generation)
+        if GenerationStatus(generation.status) in GENERATION_TERMINAL:
+            self._settled.add(generation.id)
 
     async def finish_cancel(self, generation_id: str) -> None:
         """Release compute, then close everything unfinished as CANCELLED."""
@@ -284,6 +282,31 @@ async def _load(uow: UnitOfWork, generation_id: str) -> Generation:
     if generation is None:
         raise LookupError(f"generation {generation_id} vanished")
     return generation
+
+
+def _settle_when_done(uow: UnitOfWork, generation: Generation) -> None:
+    """Give the generation its final status once every prediction is terminal."""
+    status = GenerationStatus(generation.status)
+    if status in GENERATION_TERMINAL:
+        return
+    if any(p.status not in PREDICTION_TERMINAL for p in generation.predictions):
+        return
+    if status is GenerationStatus.CANCELLING:
+        # Cancelled while the last results came in: the cancel wins.
+        uow.set_generation_status(generation, GenerationStatus.CANCELLED, error=_CANCELLED)
+        return
+    done = [p for p in generation.predictions if p.status == PredictionStatus.COMPLETED]
+    if len(done) == len(generation.predictions):
+        uow.set_generation_status(generation, GenerationStatus.COMPLETED)
+    elif done:
+        uow.set_generation_status(generation, GenerationStatus.PARTIALLY_COMPLETED)
+    else:
+        first = next((p.error_message for p in generation.predictions if p.error_message), None)
+        uow.set_generation_status(
+            generation,
+            GenerationStatus.FAILED,
+            error=("NO_PREDICTION_COMPLETED", first or "no prediction completed"),
+        )
 
 
 def _current_task(prediction: Prediction) -> Task:

@@ -113,7 +113,7 @@ class Engine:
         remaining = _seconds_left(generation.expire_at)
         try:
             async with asyncio.timeout(remaining):
-                await self._workflow.run(generation_id)
+                await self._workflow.run(generation)
         except TimeoutError:
             await self._workflow.expire(generation_id)
 

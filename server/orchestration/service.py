@@ -10,8 +10,6 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
-
 from server.config import OrchestrationSettings
 from server.domain.enums import GenerationStatus, GenerationType, PredictionStatus, Strategy
 from server.domain.errors import (
@@ -95,7 +93,7 @@ class GenerationService:
                             f"request_id {options.request_id!r} was used for a different request"
                         )
                     return existing
-            await self._admit(uow.session)
+            self._admit()
             planned = await handler.plan(uow.session, org, params)
             generation = _build(
                 org,
@@ -112,12 +110,10 @@ class GenerationService:
         self._engine.submit(generation.id)
         return generation
 
-    async def _admit(self, session: Any) -> None:
-        live = [s.value for s in GenerationStatus if s not in GENERATION_TERMINAL]
-        count = await session.scalar(
-            select(func.count()).select_from(Generation).where(Generation.status.in_(live))
-        )
-        if count >= self._settings.max_queued_generations:
+    def _admit(self) -> None:
+        # Every live generation has a workflow in this process's engine, so its count
+        # is the queue length without a query.
+        if self._engine.in_flight >= self._settings.max_queued_generations:
             raise ResourceExhaustedError(
                 "too many generations are in progress; retry later",
                 retry_after=self._settings.retry_after_seconds,

@@ -109,7 +109,7 @@ class CatalogReferenceImage(Base):
     )
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
-    artifact: Mapped[Artifact] = relationship(lazy="selectin")
+    artifact: Mapped[Artifact] = relationship(lazy="joined")
 
 
 class Generation(Base):
@@ -138,8 +138,9 @@ class Generation(Base):
     finished_at: Mapped[datetime | None]
     expire_at: Mapped[datetime | None]
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Loaded only where a response needs them (repository.WITH_LABELS).
     labels: Mapped[list[GenerationLabel]] = relationship(
-        cascade="all, delete-orphan", lazy="selectin", order_by="GenerationLabel.key"
+        cascade="all, delete-orphan", lazy="raise", order_by="GenerationLabel.key"
     )
     predictions: Mapped[list[Prediction]] = relationship(
         cascade="all, delete-orphan", lazy="selectin", order_by="Prediction.index"
@@ -177,7 +178,7 @@ class Prediction(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    artifact: Mapped[Artifact | None] = relationship(lazy="selectin")
+    artifact: Mapped[Artifact | None] = relationship(lazy="joined")
     tasks: Mapped[list[Task]] = relationship(lazy="selectin", order_by="Task.created_at")
     # AGENTIC only; not loaded until the AGENTIC workflow needs it.
     shot: Mapped[OrchestratedShot | None] = relationship(lazy="raise")
@@ -269,11 +270,13 @@ class GenerationEvent(Base):
     """Append-only log of a generation's state changes, gap-free per generation."""
 
     __tablename__ = "generation_events"
-    __table_args__ = (UniqueConstraint("generation_id", "sequence"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
-    sequence: Mapped[int] = mapped_column(Integer)
+    # (generation, sequence) is the key: no surrogate id, so a transaction's events
+    # go to the database as one batched insert.
+    generation_id: Mapped[str] = mapped_column(
+        ForeignKey("generations.id", ondelete="CASCADE"), primary_key=True
+    )
+    sequence: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     time: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))
     terminal: Mapped[bool] = mapped_column(Boolean, default=False)

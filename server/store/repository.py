@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import InstrumentedAttribute, selectinload
 
 from server.domain.enums import CatalogKind, EventKind
 from server.domain.paging import Cursor
@@ -21,6 +21,8 @@ from server.store.models import (
     GenerationEvent,
     GenerationLabel,
 )
+
+WITH_LABELS = selectinload(Generation.labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +44,11 @@ async def get_generation(
 
     ``for_update`` locks the row for the rest of the transaction (PostgreSQL).
     """
-    stmt = select(Generation).where(Generation.id == generation_id, Generation.organization == org)
+    stmt = (
+        select(Generation)
+        .where(Generation.id == generation_id, Generation.organization == org)
+        .options(WITH_LABELS)
+    )
     if for_update:
         stmt = stmt.with_for_update(of=Generation)
     return (await session.execute(stmt)).scalar_one_or_none()
@@ -52,8 +58,10 @@ async def get_generation_by_request_id(
     session: AsyncSession, org: str, request_id: str
 ) -> Generation | None:
     """The generation an idempotency key already created, or None."""
-    stmt = select(Generation).where(
-        Generation.organization == org, Generation.request_id == request_id
+    stmt = (
+        select(Generation)
+        .where(Generation.organization == org, Generation.request_id == request_id)
+        .options(WITH_LABELS)
     )
     return (await session.execute(stmt)).scalar_one_or_none()
 
@@ -66,7 +74,7 @@ async def list_generations(
     limit: int,
 ) -> Sequence[Generation]:
     """One page of the organization's generations, newest first."""
-    stmt = select(Generation).where(Generation.organization == org)
+    stmt = select(Generation).where(Generation.organization == org).options(WITH_LABELS)
     if flt.statuses:
         stmt = stmt.where(Generation.status.in_(flt.statuses))
     if flt.strategies:

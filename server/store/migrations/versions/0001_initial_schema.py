@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-27 10:46:57.614471
+Create Date: 2026-11-27
 """
 
 from collections.abc import Sequence
@@ -97,9 +97,8 @@ def upgrade() -> None:
     )
     op.create_table(
         "generation_events",
-        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("generation_id", sa.String(length=36), nullable=False),
-        sa.Column("sequence", sa.Integer(), nullable=False),
+        sa.Column("sequence", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("time", sa.DateTime(), nullable=False),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("terminal", sa.Boolean(), nullable=False),
@@ -110,10 +109,7 @@ def upgrade() -> None:
             name=op.f("fk_generation_events_generation_id_generations"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_generation_events")),
-        sa.UniqueConstraint(
-            "generation_id", "sequence", name=op.f("uq_generation_events_generation_id_sequence")
-        ),
+        sa.PrimaryKeyConstraint("generation_id", "sequence", name=op.f("pk_generation_events")),
     )
     op.create_table(
         "generation_labels",
