@@ -25,6 +25,7 @@ from server.domain.enums import (
 )
 from server.domain.states import GENERATION_TERMINAL, PREDICTION_TERMINAL, TASK_TERMINAL
 from server.media.artifacts import FileArtifactStore
+from server.store import repository
 from server.store.models import Artifact, Generation, Prediction, Task
 from server.store.uow import Store, UnitOfWork
 
@@ -276,9 +277,7 @@ class BaseWorkflow:
 
 
 async def _load(uow: UnitOfWork, generation_id: str) -> Generation:
-    # The row lock serialises writers of one generation on PostgreSQL, keeping event
-    # sequences gap-free; SQLite has a single writer already and ignores it.
-    generation = await uow.session.get(Generation, generation_id, with_for_update=True)
+    generation = await repository.lock_generation(uow.session, generation_id)
     if generation is None:
         raise LookupError(f"generation {generation_id} vanished")
     return generation

@@ -142,8 +142,9 @@ class Generation(Base):
     labels: Mapped[list[GenerationLabel]] = relationship(
         cascade="all, delete-orphan", lazy="raise", order_by="GenerationLabel.key"
     )
+    # Joined eagerly (with their tasks and artifacts): a generation is one SELECT.
     predictions: Mapped[list[Prediction]] = relationship(
-        cascade="all, delete-orphan", lazy="selectin", order_by="Prediction.index"
+        cascade="all, delete-orphan", lazy="joined", order_by="Prediction.index"
     )
 
 
@@ -179,7 +180,7 @@ class Prediction(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     artifact: Mapped[Artifact | None] = relationship(lazy="joined")
-    tasks: Mapped[list[Task]] = relationship(lazy="selectin", order_by="Task.created_at")
+    tasks: Mapped[list[Task]] = relationship(lazy="joined", order_by="Task.created_at")
     # AGENTIC only; not loaded until the AGENTIC workflow needs it.
     shot: Mapped[OrchestratedShot | None] = relationship(lazy="raise")
 

@@ -51,7 +51,17 @@ async def get_generation(
     )
     if for_update:
         stmt = stmt.with_for_update(of=Generation)
-    return (await session.execute(stmt)).scalar_one_or_none()
+    return (await session.execute(stmt)).unique().scalar_one_or_none()
+
+
+async def lock_generation(session: AsyncSession, generation_id: str) -> Generation | None:
+    """Load a generation for an internal change, locking its row until the transaction ends.
+
+    The lock serialises writers of one generation on PostgreSQL, keeping event
+    sequences gap-free; SQLite has a single writer already and ignores it.
+    """
+    stmt = select(Generation).where(Generation.id == generation_id).with_for_update(of=Generation)
+    return (await session.execute(stmt)).unique().scalar_one_or_none()
 
 
 async def get_generation_by_request_id(
@@ -63,7 +73,7 @@ async def get_generation_by_request_id(
         .where(Generation.organization == org, Generation.request_id == request_id)
         .options(WITH_LABELS)
     )
-    return (await session.execute(stmt)).scalar_one_or_none()
+    return (await session.execute(stmt)).unique().scalar_one_or_none()
 
 
 async def list_generations(
@@ -96,7 +106,7 @@ async def list_generations(
     if cursor is not None:
         stmt = stmt.where(_before(Generation.created_at, Generation.id, cursor))
     stmt = stmt.order_by(Generation.created_at.desc(), Generation.id.desc()).limit(limit)
-    return (await session.execute(stmt)).scalars().all()
+    return (await session.execute(stmt)).unique().scalars().all()
 
 
 async def non_terminal_generation_ids(session: AsyncSession) -> list[str]:
@@ -141,7 +151,7 @@ async def get_entity(
         CatalogEntity.organization == org,
         CatalogEntity.kind == kind.value,
     )
-    return (await session.execute(stmt)).scalar_one_or_none()
+    return (await session.execute(stmt)).unique().scalar_one_or_none()
 
 
 async def list_entities(
@@ -154,7 +164,7 @@ async def list_entities(
     if cursor is not None:
         stmt = stmt.where(_before(CatalogEntity.created_at, CatalogEntity.id, cursor))
     stmt = stmt.order_by(CatalogEntity.created_at.desc(), CatalogEntity.id.desc()).limit(limit)
-    return (await session.execute(stmt)).scalars().all()
+    return (await session.execute(stmt)).unique().scalars().all()
 
 
 def _before(
