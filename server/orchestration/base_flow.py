@@ -71,48 +71,49 @@ class BaseWorkflow:
             async with asyncio.TaskGroup() as group:
                 for prediction in live:
                     task = _current_task(prediction)
-                    group.create_task(self._run_prediction(generation_id, task))
+                    request = TaskRequest(
+                        task_type=TaskType(task.task_type),
+                        params=task.params,
+                        idempotency_key=task.id,  # a resubmission never starts a second task
+                        organization=generation.organization,
+                    )
+                    group.create_task(self._run_prediction(generation_id, task, request))
             if generation_id not in self._settled:
                 await self._settle(generation_id)  # e.g. resumed with every prediction done
         finally:
             self._settled.discard(generation_id)
 
-    async def _run_prediction(self, generation_id: str, task: Task) -> None:
+    async def _run_prediction(self, generation_id: str, task: Task, request: TaskRequest) -> None:
         async with self._slots:
+            # A task that reached compute before a restart is re-attached, not resubmitted.
             compute_id = task.compute_task_id
-            if compute_id is None or task.status == TaskStatus.PENDING:
-                compute_id = await self._submit(generation_id, task)
+            if compute_id is None:
+                compute_id = await self._submit(generation_id, task.id, request)
                 if compute_id is None:
                     return
             try:
                 await self._follow(generation_id, task.id, compute_id)
             except UnknownComputeTaskError:
                 log.info("compute lost task %s; submitting it again", task.id)
-                compute_id = await self._submit(generation_id, task)
+                compute_id = await self._submit(generation_id, task.id, request)
                 if compute_id is not None:
                     await self._follow(generation_id, task.id, compute_id)
 
-    async def _submit(self, generation_id: str, task: Task) -> str | None:
+    async def _submit(self, generation_id: str, task_id: str, request: TaskRequest) -> str | None:
         """Submit with capped, jittered backoff on transient errors; None if it failed."""
-        request = TaskRequest(
-            task_type=TaskType(task.task_type),
-            params=task.params,
-            idempotency_key=task.id,
-            organization="",
-        )
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             try:
                 compute_id = await self._compute.submit(request)
                 break
             except ComputeError as exc:
                 if not exc.transient or attempt == SUBMIT_ATTEMPTS:
-                    await self._task_failed(generation_id, task.id, exc.category, exc.message)
+                    await self._task_failed(generation_id, task_id, exc.category, exc.message)
                     return None
                 delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # backoff, not a wait
         async with self._store.write() as uow:
             generation = await _load(uow, generation_id)
-            row, prediction = _find_task(generation, task.id)
+            row, prediction = _find_task(generation, task_id)
             row.compute_task_id = compute_id
             if generation.status == GenerationStatus.PENDING:
                 uow.set_generation_status(generation, GenerationStatus.PROCESSING)
@@ -242,7 +243,8 @@ class BaseWorkflow:
                 for t in p.tasks
                 if t.status not in TASK_TERMINAL and t.compute_task_id
             ]
-        released = {cid: await self._release(cid) for cid in live}
+        notes = await asyncio.gather(*(self._release(cid) for cid in live))
+        released = dict(zip(live, notes, strict=True))
         async with self._store.write() as uow:
             generation = await _load(uow, generation_id)
             current = GenerationStatus(generation.status)

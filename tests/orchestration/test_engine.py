@@ -158,6 +158,7 @@ async def test_restart_reattaches_without_submitting_twice(tmp_path: Path) -> No
     compute = FakeComputeBackend()
     generation_id, task_ids = await _start_and_stop_midway(settings, compute)
     assert sorted(r.idempotency_key for r in compute.submitted) == task_ids
+    assert {r.organization for r in compute.submitted} == {"default"}
     async with (
         App(settings, compute=compute) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
