@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import io
 import math
@@ -11,19 +10,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter
 
+from server.compute.processors.imaging import (
+    F32,
+    LUMA,
+    blur,
+    decode,
+    placeholder,
+    segment,
+    smoothstep,
+    to_f32,
+    to_u8,
+)
 from server.compute.registry import ProcessorError
 
-F32 = npt.NDArray[np.float32]
 ProgressFn = Callable[[float], None]
 _Box = tuple[slice, slice]
 _Entity = tuple[str, Image.Image, float]  # role, cutout, LoRA weight
 
 _MAX_SIDE = 8192
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 # (framing, role, paired) -> cx, base (bottom edge), height, max width, blur, opacity, contact;
 # x and max width are fractions of the frame width, the rest fractions of its height.
 _LAYOUT: dict[tuple[str, str, bool], tuple[float, float, float, float, float, float, bool]] = {
@@ -39,20 +45,6 @@ _LAYOUT: dict[tuple[str, str, bool], tuple[float, float, float, float, float, fl
     ("close", "subject", True): (0.26, 1.85, 1.90, 3.00, 0.012, 0.45, False),
     ("close", "product", False): (0.50, 0.94, 0.88, 0.92, 0.0, 1.0, False),
     ("close", "product", True): (0.54, 0.94, 0.88, 0.88, 0.0, 1.0, False),
-}
-# Placeholder shapes "colour kind x y x y ...;" in percent of the canvas; kind P polygon,
-# M polygon plus its mirror image, E ellipse bounding box.
-_FIGURE = (
-    "legs P 29 50 71 50 68 95 53 95 50 60 47 95 32 95; shoe E 28 93 48 99; shoe E 52 93 72 99;"
-    "skin M 21 22 29 23 23 47 13 46; skin E 10 45 24 50; skin E 76 45 90 50; hair E 36 0 64 9;"
-    "skin E 39 1 61 13.5; skin P 45 11 55 11 55 17 45 17; main M 50 15.5 36 15.5 21 19.5 26 53;"
-    "main P 26 53 74 53 50 15.5; main M 21 19 35 20.5 30 33 15 31.5"
-)
-_GARMENT = "main M 50 8 35 0 5 14 15 36 24 31 24 100 50 100; trim E 40 -2 60 9"
-_FIXED: dict[str, list[tuple[int, int, int]]] = {
-    "skin": [(234, 200, 170), (205, 160, 120), (160, 110, 75), (110, 75, 50), (240, 215, 190)],
-    "hair": [(60, 45, 35), (25, 22, 20), (140, 100, 60), (200, 170, 110)],
-    "shoe": [(35, 32, 30), (90, 60, 40), (220, 220, 215)],
 }
 
 
@@ -155,7 +147,7 @@ def render_generation(
     _compose(canvas, placed, look)
     image = _refine(_grade(canvas, look), spec.steps, progress)
     grain = rng.standard_normal((spec.height, spec.width, 1), dtype=np.float32) * look.grain
-    out = Image.fromarray(_to_u8(_to_f32(image) + grain))
+    out = Image.fromarray(to_u8(to_f32(image) + grain))
     buf = io.BytesIO()
     out.save(buf, format="PNG", compress_level=4)
     progress(1.0)
@@ -183,151 +175,26 @@ def _parse_shot(shot_type: str) -> _Shot:
     return _Shot(framing, "back" in words, squeeze, 0.035 if three_quarter else 0.0, horizon)
 
 
-def _decode(data: bytes, max_pixels: int, side: int) -> Image.Image:
-    """Decode to RGBA within side x side; side 0 only checks the header."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:
-                raise ProcessorError("validation", f"reference image {img.size} is too large")
-            if side <= 0:
-                return img
-            img.draft(None, (side, side))
-            img.load()
-            out = ImageOps.exif_transpose(img).convert("RGBA")
-    except (*_BAD_IMAGE, Image.DecompressionBombWarning) as exc:
-        raise ProcessorError("validation", f"undecodable reference image: {exc}") from exc
-    out.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return out
-
-
 def _load_entities(spec: GenerationInput, work: int, max_pixels: int) -> list[_Entity]:
     entities: list[_Entity] = []
     for role, ref in (("subject", spec.subject), ("product", spec.product)):
         if ref is None:
             continue
         for extra in ref.images[1:]:
-            _decode(extra, max_pixels, 0)
+            decode(extra, max_pixels, 0)
         if ref.images:
-            cutout = _segment(_decode(ref.images[0], max_pixels, work))
+            cutout = segment(decode(ref.images[0], max_pixels, work))
         else:
-            cutout = _segment(_placeholder(role, ref.name, work))
+            cutout = segment(placeholder(role, ref.name, work))
         entities.append((role, cutout, float(np.clip(ref.weight, 0.0, 2.0))))
     if not entities:
-        entities.append(("subject", _segment(_placeholder("subject", spec.prompt, work)), 1.0))
+        entities.append(("subject", segment(placeholder("subject", spec.prompt, work)), 1.0))
     return entities
-
-
-def _smoothstep(lo: float, hi: float, x: F32) -> F32:
-    t: F32 = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
-    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
-
-
-def _to_f32(img: Image.Image) -> F32:
-    return np.asarray(img, dtype=np.float32) / np.float32(255.0)
-
-
-def _to_u8(arr: F32) -> npt.NDArray[np.uint8]:
-    scaled: F32 = np.clip(arr * 255.0 + 0.5, 0.0, 255.0)
-    return scaled.astype(np.uint8)
-
-
-def _blur(arr: F32, radius: float) -> F32:
-    return _to_f32(Image.fromarray(_to_u8(arr)).filter(ImageFilter.GaussianBlur(radius)))
-
-
-def _segment(img: Image.Image) -> Image.Image:
-    """Cut the foreground out: keep real alpha, else key out a plain border colour."""
-    arr = _to_f32(img)
-    h, w = arr.shape[:2]
-    if float(arr[..., 3].min()) < 0.9:
-        mask = arr[..., 3]
-    else:
-        feather = 0.5 + 0.0015 * max(h, w)
-        hard = _mask_from_border(arr[..., :3])
-        arr[..., :3] = _bleed(arr, hard > 0.98, 2 * feather + 2)
-        mask = _blur(hard, feather)
-    ys, xs = np.nonzero(mask > 0.04)
-    if ys.size == 0:
-        mask = _card_mask(h, w)
-        ys, xs = np.nonzero(mask > 0.04)
-    arr[..., 3] = mask
-    out = Image.fromarray(_to_u8(arr))
-    return out.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
-
-
-def _bleed(arr: F32, solid: npt.NDArray[np.bool_], radius: float) -> F32:
-    """Push solid foreground colours outwards so feathered edges carry no backdrop fringe."""
-    rgba = arr.copy()
-    rgba[..., 3] = solid
-    img = Image.fromarray(_to_u8(rgba)).convert("RGBa").filter(ImageFilter.GaussianBlur(radius))
-    return np.where(solid[..., None], arr[..., :3], _to_f32(img.convert("RGBA"))[..., :3])
-
-
-def _mask_from_border(rgb: F32) -> F32:
-    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-    bg = np.median(border, axis=0).astype(np.float32)
-    bdist = np.linalg.norm(border - bg, axis=1)
-    if float(np.mean(bdist < 0.1)) < 0.7:
-        return _card_mask(rgb.shape[0], rgb.shape[1])
-    lo = max(0.08, 1.5 * float(np.percentile(bdist, 95)))
-    dist = np.sqrt(np.sum((rgb - bg) ** 2, axis=-1)).astype(np.float32)
-    reach = _reachable(dist < lo + 0.06)
-    return np.where(reach, _smoothstep(lo, lo + 0.12, dist), np.float32(1.0)).astype(np.float32)
-
-
-def _reachable(bg: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """Background pixels joined to an image edge by a straight background run."""
-    acc = np.logical_and.accumulate
-    left, top = acc(bg, axis=1), acc(bg, axis=0)
-    right = acc(bg[:, ::-1], axis=1)[:, ::-1]
-    bottom = acc(bg[::-1], axis=0)[::-1]
-    return np.asarray(left | right | top | bottom, dtype=np.bool_)
-
-
-def _card_mask(h: int, w: int) -> F32:
-    f = int(0.04 * min(h, w))
-    mask = np.zeros((h, w), dtype=np.float32)
-    mask[f : h - f, f : w - f] = 1.0
-    return _blur(mask, f / 2)
-
-
-def _name_rgb(name: str, key: str) -> tuple[int, int, int]:
-    d = hashlib.sha256(f"{key}:{name}".encode()).digest()
-    if key in _FIXED:
-        return _FIXED[key][d[0] % len(_FIXED[key])]
-    sat, val = {"main": (0.35, 0.45), "legs": (0.2, 0.2), "trim": (0.5, 0.3)}.get(key, (0.1, 0.1))
-    rgb = colorsys.hsv_to_rgb(d[0] / 255, sat + d[1] / 255 * 0.3, val + d[2] / 255 * 0.3)
-    return (int(rgb[0] * 255), int(rgb[1] * 255), int(rgb[2] * 255))
-
-
-def _placeholder(role: str, name: str, work: int) -> Image.Image:
-    """Draw a shaded figure or garment silhouette coloured from a hash of the name."""
-    h = max(32, min(work, 1024))
-    w, ss = max(16, int(h * (0.42 if role == "subject" else 0.9))), 2
-    colours = {k: _name_rgb(name, k) for k in ("main", "legs", "trim", "skin", "hair", "shoe")}
-    canvas = Image.new("RGBA", (w * ss, h * ss), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for shape in (_FIGURE if role == "subject" else _GARMENT).split(";"):
-        key, kind, *nums = shape.split()
-        pct = [float(n) / 100 for n in nums]
-        pts = [(pct[i] * w * ss, pct[i + 1] * h * ss) for i in range(0, len(pct), 2)]
-        fill = (*colours[key], 255)
-        if kind == "E":
-            draw.ellipse([pts[0], pts[1]], fill=fill)
-            continue
-        draw.polygon(pts, fill=fill)
-        if kind == "M":
-            draw.polygon([(w * ss - x, y) for x, y in pts], fill=fill)
-    arr = _to_f32(canvas.resize((w, h), Image.Resampling.BOX))
-    xs, ys = np.linspace(-1.0, 1.0, w), np.linspace(0.0, 1.0, h)
-    shade = (0.78 + 0.22 * np.cos(xs * 1.3))[None, :] * (1.06 - 0.12 * ys)[:, None]
-    arr[..., :3] *= shade[..., None].astype(np.float32)
-    return Image.fromarray(_to_u8(arr))
 
 
 def _style_colours(style: ReferenceSet, max_pixels: int) -> tuple[F32, F32, F32]:
     """Mean, dominant and most saturated colour of the style references."""
-    thumbs = [_decode(b, max_pixels, 64).convert("RGB") for b in style.images]
+    thumbs = [decode(b, max_pixels, 64).convert("RGB") for b in style.images]
     pixels = np.concatenate([np.asarray(t).reshape(-1, 3) for t in thumbs])
     strip = Image.fromarray(np.ascontiguousarray(pixels.reshape(1, -1, 3)))
     quant = strip.quantize(colors=4, method=Image.Quantize.MEDIANCUT)
@@ -351,7 +218,7 @@ def _look(style: ReferenceSet | None, rng: np.random.Generator, max_pixels: int)
         k = 0.35 + 0.35 * min(style.weight, 1.0) + 0.15 * max(style.weight - 1.0, 0.0)
         wall = wall + k * ((0.55 * dominant + 0.45 * 0.95) - wall)
         floor = floor + k * ((0.75 * dominant + 0.25 * 0.8) - floor)
-        tint = np.clip(mean / max(float(mean @ _LUMA), 0.05), 0.7, 1.3).astype(np.float32)
+        tint = np.clip(mean / max(float(mean @ LUMA), 0.05), 0.7, 1.3).astype(np.float32)
         grade = 0.1 + 0.12 * min(style.weight, 2.0)
     wall, floor = wall * hue, floor * hue
     grain = 0.012 + 0.004 * u[4]
@@ -362,7 +229,7 @@ def _backdrop(w: int, h: int, look: _Look, hz: float) -> F32:
     """Seamless sweep (wall to floor) lit by a soft spotlight, with a lighting vignette."""
     ys = ((np.arange(h) + 0.5) / h).astype(np.float32)
     xs = ((np.arange(w) + 0.5) / w).astype(np.float32)
-    t = _smoothstep(hz - 0.22, hz + 0.10, ys)[:, None, None]
+    t = smoothstep(hz - 0.22, hz + 0.10, ys)[:, None, None]
     wall = look.wall * (0.86 + 0.14 * np.minimum(ys / hz, 1.0))[:, None, None]
     floor = look.floor * (1.0 - 0.12 * np.clip((ys - hz) / (1.0 - hz), 0.0, 1.0))[:, None, None]
     sweep = wall + t * (floor - wall)
@@ -380,7 +247,7 @@ def _express(rgba: F32, weight: float, opacity: float) -> F32:
     """LoRA weight on premultiplied RGBA: below 1 fade/desaturate, above 1 boost colour."""
     base, over = min(weight, 1.0), max(weight - 1.0, 0.0)
     alpha = rgba[..., 3:4]
-    luma = (rgba[..., :3] @ _LUMA)[..., None]
+    luma = (rgba[..., :3] @ LUMA)[..., None]
     rgb = luma + (rgba[..., :3] - luma) * (0.25 + 0.75 * base + 0.35 * over)
     rgb = (rgb - 0.5 * alpha) * (1.0 + 0.15 * over) + 0.5 * alpha
     fade = (0.3 + 0.7 * base) * opacity
@@ -394,7 +261,7 @@ def _prepare(
 ) -> _Placed:
     """Scale, mirror/skew and weight one cutout and position it for the shot type."""
     role, cutout, weight = ent
-    cx, base, height, max_w, blur, opacity, contact = _LAYOUT[(shot.framing, role, paired)]
+    cx, base, height, max_w, softness, opacity, contact = _LAYOUT[(shot.framing, role, paired)]
     w, h = spec.width, spec.height
     scale = 0.85 + 0.15 * min(weight, 1.0) + 0.08 * max(weight - 1.0, 0.0)
     squeeze = shot.squeeze if role == "subject" else 1.0
@@ -408,9 +275,9 @@ def _prepare(
         extra = int(shot.shear * size[1])
         data = (1.0, shot.shear, -float(extra), 0.0, 1.0, 0.0)
         img = img.transform((size[0] + extra, size[1]), Image.Transform.AFFINE, data)
-    if blur:
-        img = img.filter(ImageFilter.GaussianBlur(blur * h))
-    rgba = _express(_to_f32(img), weight, opacity)  # stays premultiplied
+    if softness:
+        img = img.filter(ImageFilter.GaussianBlur(softness * h))
+    rgba = _express(to_f32(img), weight, opacity)  # stays premultiplied
     px = cx * w + look.jitter[0] * 0.03 * w
     py = base * h + look.jitter[1] * 0.015 * h
     return _Placed(rgba, round(px - rgba.shape[1] / 2), round(py - rgba.shape[0]), contact)
@@ -442,8 +309,8 @@ def _shadow_map(h: int, w: int, placed: list[_Placed], light_x: float) -> F32:
             cx, ry = p.x0 + pw / 2 + dx * 0.5, max(1.0, 0.022 * h)
             draw.ellipse([cx - 0.42 * pw, foot - ry, cx + 0.42 * pw, foot + ry], fill=255)
     soft = max(0.5, 0.012 * min(w, h))
-    floor = _to_f32(contact.filter(ImageFilter.GaussianBlur(soft)))
-    return np.clip(0.32 * _blur(drop, 1.6 * soft) + 0.5 * floor, 0.0, 0.8).astype(np.float32)
+    floor = to_f32(contact.filter(ImageFilter.GaussianBlur(soft)))
+    return np.clip(0.32 * blur(drop, 1.6 * soft) + 0.5 * floor, 0.0, 0.8).astype(np.float32)
 
 
 def _compose(canvas: F32, placed: list[_Placed], look: _Look) -> None:
@@ -459,14 +326,14 @@ def _compose(canvas: F32, placed: list[_Placed], look: _Look) -> None:
 
 def _grade(canvas: F32, look: _Look) -> F32:
     """Tint towards the style's mean colour and push shadows towards its accent colour."""
-    shadows = (1.0 - (canvas @ _LUMA)[..., None]) ** 2
+    shadows = (1.0 - (canvas @ LUMA)[..., None]) ** 2
     toned = (canvas * look.tint - canvas) + 0.5 * shadows * (look.accent - canvas)
     return np.clip(canvas + look.grade * toned, 0.0, 1.0).astype(np.float32)
 
 
 def _refine(canvas: F32, steps: int, progress: ProgressFn) -> Image.Image:
     """Run min(steps, 10) light sharpening passes whose total strength is step independent."""
-    img = Image.fromarray(_to_u8(canvas))
+    img = Image.fromarray(to_u8(canvas))
     passes = max(1, min(int(steps), 10))
     a = 0.1 / passes
     kernel = ImageFilter.Kernel((3, 3), [0, -a, 0, -a, 1 + 4 * a, -a, 0, -a, 0], scale=1)
