@@ -36,7 +36,7 @@ def _request(key: str, **params: Any) -> TaskRequest:
     return TaskRequest(TaskType.GENERATION, {**base, **params}, key, "org")
 
 
-async def test_generation_runs_and_reports_progress() -> None:
+async def test_generation_runs_off_the_loop_and_is_idempotent() -> None:
     backend = LocalComputeBackend(
         default_registry(), resolve=_no_inputs, workers=1, max_input_pixels=10**7
     )
@@ -45,10 +45,37 @@ async def test_generation_runs_and_reports_progress() -> None:
         assert await backend.submit(_request("k1")) == compute_id  # idempotent
         snaps = [snap async for snap in backend.watch(compute_id)]
         assert snaps[-1].status is TaskStatus.COMPLETED
-        assert any(0 < s.progress < 1 for s in snaps[:-1])
         image = Image.open(io.BytesIO(snaps[-1].outputs[0].data))
         assert image.size == (64, 96)
     finally:
+        await backend.aclose()
+
+
+async def test_progress_is_reported_while_the_processor_runs() -> None:
+    release = threading.Event()
+
+    def stepped(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+        ctx.progress(0.5)
+        release.wait(10)
+        return [OutputFile(b"png", "image/png", 1, 1, seed=0)]
+
+    backend = LocalComputeBackend(
+        ProcessorRegistry({TaskType.GENERATION: stepped}),
+        resolve=_no_inputs,
+        workers=1,
+        max_input_pixels=10,
+    )
+    try:
+        compute_id = await backend.submit(_request("k5"))
+        seen = []
+        async for snap in backend.watch(compute_id):
+            seen.append((snap.status, snap.progress))
+            if snap.progress == 0.5:
+                release.set()
+        assert (TaskStatus.RUNNING, 0.5) in seen
+        assert seen[-1] == (TaskStatus.COMPLETED, 1.0)
+    finally:
+        release.set()
         await backend.aclose()
 
 
