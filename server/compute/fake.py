@@ -6,6 +6,7 @@ released, fail them, or make ``submit`` raise, to drive the engine through every
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import itertools
@@ -52,6 +53,8 @@ class FakeComputeBackend:
         self.cancelled: list[str] = []
         self.submit_faults: list[Exception] = []
         self.fail_with: tuple[str, str] | None = None
+        # When set and not yet released, cancel() waits for it (a slow compute server).
+        self.cancel_gate: asyncio.Event | None = None
         self._by_key: dict[str, str] = {}
         self._ids = itertools.count(1)
 
@@ -102,6 +105,8 @@ class FakeComputeBackend:
 
     async def cancel(self, compute_id: str) -> bool:
         """Cancel a task that is not terminal yet."""
+        if self.cancel_gate is not None:
+            await self.cancel_gate.wait()
         self.cancelled.append(compute_id)
         task = self.tasks.get(compute_id)
         if task is not None and task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):

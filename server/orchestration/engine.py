@@ -69,15 +69,20 @@ class Engine:
         self._running[generation_id] = task
         task.add_done_callback(lambda _t: self._running.pop(generation_id, None))
 
-    async def request_cancel(self, generation: Generation) -> None:
-        """Stop a live generation's workflow so it records the cancellation."""
-        self._cancel_requested.add(generation.id)
-        task = self._running.get(generation.id)
-        if task is not None:
-            task.cancel()
-        else:
-            await self._workflow.finish_cancel(generation.id)
-            self._cancel_requested.discard(generation.id)
+    def request_cancel(self, generation_id: str) -> None:
+        """Have the engine record a cancellation the store already marked CANCELLING.
+
+        A live workflow is stopped and records it; otherwise a workflow is started for
+        it, so the work never depends on the caller's RPC staying connected.
+        """
+        task = self._running.get(generation_id)
+        if task is None:
+            self.submit(generation_id)  # _run finishes a CANCELLING generation
+            return
+        self._cancel_requested.add(generation_id)
+        if not task.cancel():
+            # Already finished: its last transaction saw CANCELLING and settled it.
+            self._cancel_requested.discard(generation_id)
 
     async def shutdown(self) -> None:
         """Stop every workflow, leaving its state for the next start to resume; idempotent."""
@@ -95,7 +100,9 @@ class Engine:
         except asyncio.CancelledError:
             if generation_id not in self._cancel_requested:
                 raise  # shutdown: leave the generation for the next start
-            await asyncio.shield(self._workflow.finish_cancel(generation_id))
+            # Not shielded: if shutdown interrupts this, the generation stays CANCELLING
+            # and the next start finishes it.
+            await self._workflow.finish_cancel(generation_id)
         except Exception:
             log.exception("workflow of generation %s failed", generation_id)
             await self._workflow.fail(generation_id, "INTERNAL", "the workflow failed unexpectedly")

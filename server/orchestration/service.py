@@ -168,7 +168,7 @@ class GenerationService:
             if status in GENERATION_TERMINAL or status is GenerationStatus.CANCELLING:
                 return generation
             uow.set_generation_status(generation, GenerationStatus.CANCELLING)
-        await self._engine.request_cancel(generation)
+        self._engine.request_cancel(generation.id)
         return await self.get(org, generation_id)
 
 

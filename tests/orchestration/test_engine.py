@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -193,3 +194,36 @@ async def test_unexpected_error_fails_the_generation_without_leaking_it(
     assert done.status == enums_pb2.GENERATION_STATUS_FAILED
     assert done.error.reason == "INTERNAL"
     assert "secret" not in done.error.message
+
+
+async def test_cancel_interrupted_by_shutdown_is_finished_by_the_next_start(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path)
+    compute = FakeComputeBackend()
+    generation_id, _ = await _start_and_stop_midway(settings, compute)
+    compute.cancel_gate = asyncio.Event()  # the compute server is slow to release
+    async with (
+        App(settings, compute=compute) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = GenerationStub(channel)
+        response = await stub.CancelGeneration(
+            service_pb2.CancelGenerationRequest(generation_id=generation_id)
+        )
+        assert response.generation.status == enums_pb2.GENERATION_STATUS_CANCELLING
+    # Shut down while the release was pending: the next start still sees CANCELLING
+    # and finishes the cancellation once compute answers.
+    async with (
+        App(settings, compute=compute) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = GenerationStub(channel)
+        got = await stub.GetGeneration(
+            service_pb2.GetGenerationRequest(generation_id=generation_id)
+        )
+        assert got.generation.status == enums_pb2.GENERATION_STATUS_CANCELLING
+        compute.cancel_gate.set()
+        done = await wait_terminal(stub, generation_id)
+    assert done.status == enums_pb2.GENERATION_STATUS_CANCELLED
+    assert sorted(compute.cancelled) == sorted(compute.tasks)
