@@ -7,11 +7,12 @@ import contextlib
 import logging
 import threading
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from server.compute.base import TaskRequest, TaskSnapshot, UnknownComputeTaskError
+from server.compute.base import OutputFile, TaskRequest, TaskSnapshot, UnknownComputeTaskError
 from server.compute.cell import TaskCell
 from server.compute.registry import ProcessorContext, ProcessorError, ProcessorRegistry
 from server.domain.enums import TaskStatus
@@ -41,6 +42,7 @@ class LocalComputeBackend:
         resolve: Callable[[str], bytes],
         workers: int,
         max_input_pixels: int,
+        retain_finished: int = 64,
     ) -> None:
         self._processors = processors
         self._resolve = resolve
@@ -49,6 +51,9 @@ class LocalComputeBackend:
         self._tasks: dict[str, _LocalTask] = {}
         self._by_key: dict[str, str] = {}
         self._runners: set[asyncio.Task[None]] = set()
+        # Finished tasks (and their output bytes) are kept for late readers, up to a bound.
+        self._finished: deque[str] = deque()
+        self._retain_finished = retain_finished
         self._closed = False
 
     async def submit(self, request: TaskRequest) -> str:
@@ -112,16 +117,20 @@ class LocalComputeBackend:
     async def _run(self, task: _LocalTask) -> None:
         loop = asyncio.get_running_loop()
         processor = self._processors.get(task.request.task_type)
+        report = self._progress_from_thread(loop, task)
         context = ProcessorContext(
-            resolve=self._resolve,
-            progress=self._progress_from_thread(loop, task),
-            max_input_pixels=self._max_input_pixels,
+            resolve=self._resolve, progress=report, max_input_pixels=self._max_input_pixels
         )
-        task.update(status=TaskStatus.RUNNING)
+
+        def work() -> list[OutputFile]:
+            # In the worker thread: PENDING until a worker actually picks the task up.
+            if task.cancel_flag.is_set():
+                raise _CancelledError
+            loop.call_soon_threadsafe(lambda: task.update(status=TaskStatus.RUNNING))
+            return processor(task.request.params, context)
+
         try:
-            outputs = await loop.run_in_executor(
-                self._executor, processor, task.request.params, context
-            )
+            outputs = await loop.run_in_executor(self._executor, work)
         except _CancelledError:
             task.update(status=TaskStatus.CANCELLED)
         except ProcessorError as exc:
@@ -136,3 +145,11 @@ class LocalComputeBackend:
                 task.update(status=TaskStatus.CANCELLED)
             else:
                 task.update(status=TaskStatus.COMPLETED, progress=1.0, outputs=tuple(outputs))
+        self._retire(task)
+
+    def _retire(self, task: _LocalTask) -> None:
+        """Remember a finished task, forgetting the oldest beyond the retention bound."""
+        self._finished.append(task.id)
+        while len(self._finished) > self._retain_finished:
+            old = self._tasks.pop(self._finished.popleft())
+            self._by_key.pop(old.request.idempotency_key, None)

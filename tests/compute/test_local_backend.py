@@ -140,3 +140,59 @@ def test_registry_refuses_duplicates() -> None:
     registry = default_registry()
     with pytest.raises(ValueError, match="registered already"):
         registry.register(TaskType.GENERATION, lambda params, ctx: [])
+
+
+def _quick(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+    return [OutputFile(b"png", "image/png", 1, 1, seed=0)]
+
+
+async def test_finished_tasks_are_retained_up_to_a_bound() -> None:
+    backend = LocalComputeBackend(
+        ProcessorRegistry({TaskType.GENERATION: _quick}),
+        resolve=_no_inputs,
+        workers=1,
+        max_input_pixels=10,
+        retain_finished=2,
+    )
+    try:
+        ids = [await backend.submit(_request(f"r{i}")) for i in range(3)]
+        for compute_id in ids[1:]:
+            assert [s async for s in backend.watch(compute_id)][-1].status is TaskStatus.COMPLETED
+        with pytest.raises(UnknownComputeTaskError):
+            async for _ in backend.watch(ids[0]):
+                pass
+    finally:
+        await backend.aclose()
+
+
+async def test_a_queued_task_is_pending_and_cancels_without_running() -> None:
+    started = threading.Event()
+    release = threading.Event()
+    runs: list[str] = []
+
+    def blocking(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+        runs.append(params["prompt"])
+        started.set()
+        release.wait(10)
+        return []
+
+    backend = LocalComputeBackend(
+        ProcessorRegistry({TaskType.GENERATION: blocking}),
+        resolve=_no_inputs,
+        workers=1,
+        max_input_pixels=10,
+    )
+    try:
+        await backend.submit(_request("q1", prompt="first"))
+        await asyncio.to_thread(started.wait, 5)
+        queued = await backend.submit(_request("q2", prompt="second"))
+        first_snapshot = await anext(aiter(backend.watch(queued)))
+        assert first_snapshot.status is TaskStatus.PENDING
+        cancelling = asyncio.create_task(backend.cancel(queued))
+        release.set()
+        assert await cancelling
+        assert [s async for s in backend.watch(queued)][-1].status is TaskStatus.CANCELLED
+        assert runs == ["first"]
+    finally:
+        release.set()
+        await backend.aclose()
