@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,19 @@ async def test_shutdown_ends_watch_streams_with_unavailable(tmp_path: Path) -> N
 async def _drain(call: Any) -> None:
     while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
         pass
+
+
+async def test_each_call_is_logged_with_its_outcome(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sartiq.access")
+    stub = GenerationStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.GetGeneration(
+            service_pb2.GetGenerationRequest(generation_id="missing"),
+            metadata=(("x-request-id", "trace-1"),),
+        )
+    record = next(r for r in caplog.records if getattr(r, "request_id", "") == "trace-1")
+    assert record.__dict__["rpc_method"].endswith("/GetGeneration")
+    assert record.__dict__["code"] == "NOT_FOUND"
+    assert record.__dict__["duration_ms"] >= 0
