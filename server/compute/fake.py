@@ -11,7 +11,7 @@ import hashlib
 import io
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -38,7 +38,7 @@ def tiny_png(key: str, width: int = 8, height: int = 8) -> OutputFile:
 class FakeTask(TaskCell):
     """A fake task and the request that created it."""
 
-    request: TaskRequest | None = None
+    request: TaskRequest = field(kw_only=True)
 
 
 class FakeComputeBackend:
@@ -81,7 +81,6 @@ class FakeComputeBackend:
     def complete(self, compute_id: str) -> None:
         """Finish a task successfully with a small PNG of the asked size."""
         task = self.tasks[compute_id]
-        assert task.request is not None
         params = task.request.params
         output = tiny_png(task.id, int(params.get("width", 8)), int(params.get("height", 8)))
         task.update(status=TaskStatus.COMPLETED, progress=1.0, outputs=(output,))

@@ -38,7 +38,8 @@ class GenerateStrategy:
 
     def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
         """Check every GENERATE field and return the stored parameters."""
-        assert isinstance(raw, GenerateInput)
+        if not isinstance(raw, GenerateInput):
+            raise TypeError(f"GENERATE takes a GenerateInput, got {type(raw).__name__}")
         batch = raw.batch_size or 1
         check_range(v, "params.batch_size", batch, 1, 16)
         if not raw.subject_id and not raw.product_id:
