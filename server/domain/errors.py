@@ -52,7 +52,7 @@ class InvalidArgumentError(DomainError):
 
 
 class NotFoundError(DomainError):
-    """The resource does not exist or belongs to another tenant."""
+    """The resource does not exist or belongs to another tenant; ``field`` names the id(s)."""
 
     reason = "NOT_FOUND"
 

@@ -128,7 +128,7 @@ class GenerationService:
         async with self._store.read() as session:
             generation = await repository.get_generation(session, org, generation_id)
         if generation is None:
-            raise NotFoundError(f"generation {generation_id!r} not found", field="generation_id")
+            raise generation_not_found(generation_id)
         return generation
 
     async def list(self, org: str, flt: GenerationFilter, page_size: int, page_token: str) -> Page:
@@ -161,15 +161,18 @@ class GenerationService:
                 uow.session, org, generation_id, for_update=True
             )
             if generation is None:
-                raise NotFoundError(
-                    f"generation {generation_id!r} not found", field="generation_id"
-                )
+                raise generation_not_found(generation_id)
             status = GenerationStatus(generation.status)
             if status in GENERATION_TERMINAL or status is GenerationStatus.CANCELLING:
                 return generation
             uow.set_generation_status(generation, GenerationStatus.CANCELLING)
         self._engine.request_cancel(generation.id)
         return await self.get(org, generation_id)
+
+
+def generation_not_found(generation_id: str) -> NotFoundError:
+    """The error for an unknown (or another tenant's) generation id."""
+    return NotFoundError(f"generation {generation_id!r} not found", field="generation_id")
 
 
 def _build(

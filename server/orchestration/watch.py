@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from server.domain.enums import GenerationStatus
-from server.domain.errors import NotFoundError, UnavailableError, Violations
+from server.domain.errors import UnavailableError, Violations
 from server.domain.states import GENERATION_TERMINAL
+from server.orchestration.service import generation_not_found
 from server.store import repository
 from server.store.events import BusClosedError, EventRecord, LaggedError, Subscription
 from server.store.models import utcnow
@@ -48,9 +49,7 @@ class Watcher:
             async with self._store.read() as session:
                 generation = await repository.get_generation(session, org, generation_id)
             if generation is None:
-                raise NotFoundError(
-                    f"generation {generation_id!r} not found", field="generation_id"
-                )
+                raise generation_not_found(generation_id)
             v = Violations()
             if not 0 <= after_sequence <= generation.event_seq:
                 v.add("after_sequence", f"must be between 0 and {generation.event_seq}")

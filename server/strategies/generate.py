@@ -125,7 +125,7 @@ async def _load_entities(
         else:
             found[name] = entity
     if missing:
-        raise NotFoundError(f"not found: {', '.join(missing)}", field=missing[0])
+        raise NotFoundError(f"not found: {', '.join(missing)}", field=", ".join(missing))
     return found
 
 

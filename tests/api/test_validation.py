@@ -167,3 +167,17 @@ async def test_unknown_orchestration_type_is_invalid(
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(field_violations(error)) == {"orchestration.type"}
     await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_every_unknown_catalog_id_is_named(
+    stub: GenerationStub, fake_compute: FakeComputeBackend
+) -> None:
+    error = await create_error(
+        stub,
+        gen(subject_id="gone-1", product_id="gone-2", style_id="gone-3", shot_type_string="x"),
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(error).metadata["field"] == (
+        "params.subject_id, params.product_id, params.style_id"
+    )
+    await assert_nothing_stored(stub, fake_compute)
