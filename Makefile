@@ -55,6 +55,7 @@ breaking: $(BUF)
 ## bench: the DESIGN §10 harness (not part of `make test`)
 bench: install
 	$(BIN)/python -m benchmarks.harness
+	$(BIN)/python -m benchmarks.streams
 
 ## demo: two reference images for the README tour, in var/demo
 demo: install

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import io
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
-from PIL import Image
 
+from benchmarks.common import png, server_process
 from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.generation.v1 import resources_pb2, service_pb2
 
@@ -45,20 +42,6 @@ class Result:
         return self.calls / self.seconds
 
 
-@contextlib.asynccontextmanager
-async def _server(*args: str) -> AsyncIterator[str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.servers", *args, stdout=asyncio.subprocess.PIPE
-    )
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), 60)
-    try:
-        yield f"127.0.0.1:{int(line)}"
-    finally:
-        process.terminate()
-        await process.wait()
-
-
 async def _load(name: str, call: Call, concurrency: int, seconds: float) -> Result:
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -80,23 +63,17 @@ async def _load(name: str, call: Call, concurrency: int, seconds: float) -> Resu
 
 
 async def _echo(concurrency: list[int], seconds: float) -> list[Result]:
-    async with _server("echo") as target, grpc.aio.insecure_channel(target) as channel:
+    async with server_process("echo") as echo, grpc.aio.insecure_channel(echo.target) as channel:
         unary = channel.unary_unary("/bench.Echo/Unary", None, None)
         payload = b"x" * 64
         return [await _load("echo unary", lambda: unary(payload), n, seconds) for n in concurrency]
 
 
-def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 30, 40)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 async def _sartiq(figure: str, concurrency: int, seconds: float) -> Result:
     """One figure at one load level, on a fresh server so no backlog carries over."""
     with tempfile.TemporaryDirectory() as tmp:
-        async with _server("sartiq", tmp) as target, SartiqClient(target) as client:
-            product = await client.create_entity("product", "bench", images=[_png()])
+        async with server_process("sartiq", tmp) as server, SartiqClient(server.target) as client:
+            product = await client.create_entity("product", "bench", images=[png()])
             request = service_pb2.CreateGenerationRequest(
                 params=resources_pb2.GenerateParams(
                     product_id=product.id, shot_type_string="front", width=64, height=64

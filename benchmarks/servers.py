@@ -52,13 +52,13 @@ async def _serve_echo(stop: asyncio.Event) -> None:
     await server.stop(0)
 
 
-async def _serve_sartiq(stop: asyncio.Event, root: Path) -> None:
+async def _serve_sartiq(stop: asyncio.Event, root: Path, *, hold: bool) -> None:
     settings = Settings(
         server=ServerSettings(port=0, grace_period=0.5),
         database=DatabaseSettings(url=f"sqlite+aiosqlite:///{root / 'bench.db'}"),
         media=MediaSettings(artifact_dir=root / "artifacts"),
     )
-    async with App(settings, compute=FakeComputeBackend()) as app:
+    async with App(settings, compute=FakeComputeBackend(hold=hold)) as app:
         print(app.port, flush=True)
         await stop.wait()
 
@@ -71,7 +71,7 @@ async def _main(argv: list[str]) -> None:
     if argv[0] == "echo":
         await _serve_echo(stop)
     else:
-        await _serve_sartiq(stop, Path(argv[1]))
+        await _serve_sartiq(stop, Path(argv[1]), hold=argv[2:] == ["hold"])
 
 
 if __name__ == "__main__":
