@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from server.config import MediaSettings
 from server.domain.enums import CatalogKind
 from server.domain.errors import NotFoundError, Violations
-from server.domain.paging import Cursor, check_page_size, decode_token, encode_token, query_key
+from server.domain.paging import Cursor, paginate, query_key
 from server.media.artifacts import FileArtifactStore
 from server.media.images import InvalidImageError, probe_image
 from server.store import repository
@@ -179,18 +179,19 @@ class CatalogService:
         self, org: str, kind: CatalogKind, page_size: int, page_token: str
     ) -> tuple[Sequence[CatalogEntity], str]:
         """One page of entities, newest first, and the next page's token."""
-        v = Violations()
-        check_page_size(v, page_size, MAX_PAGE_SIZE)
-        key = query_key("catalog", kind.value)
-        cursor = decode_token(page_token, key, v)
-        v.raise_if_any()
-        limit = page_size or DEFAULT_PAGE_SIZE
-        async with self._store.read() as session:
-            rows = await repository.list_entities(session, org, kind, cursor, limit + 1)
-        items = rows[:limit]
-        if len(rows) <= limit:
-            return items, ""
-        return items, encode_token(Cursor(items[-1].created_at, items[-1].id), key)
+
+        async def fetch(cursor: Cursor | None, limit: int) -> Sequence[CatalogEntity]:
+            async with self._store.read() as session:
+                return await repository.list_entities(session, org, kind, cursor, limit)
+
+        return await paginate(
+            fetch,
+            page_size=page_size,
+            page_token=page_token,
+            key=query_key("catalog", kind.value),
+            default_size=DEFAULT_PAGE_SIZE,
+            max_size=MAX_PAGE_SIZE,
+        )
 
     async def delete(self, org: str, kind: CatalogKind, entity_id: str) -> None:
         """Remove an entity; generations created from it keep what they copied.

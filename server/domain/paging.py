@@ -6,8 +6,10 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol, TypeVar
 
 from server.domain.errors import Violations
 
@@ -52,3 +54,46 @@ def check_page_size(v: Violations, page_size: int, maximum: int) -> None:
     """Record a ``page_size`` violation unless it lies in 0..maximum."""
     if not 0 <= page_size <= maximum:
         v.add("page_size", f"must be between 0 and {maximum}, got {page_size}")
+
+
+class Pageable(Protocol):
+    """What a listed row needs for the (created_at desc, id desc) order."""
+
+    @property
+    def created_at(self) -> datetime:
+        """When the row was created."""
+        ...
+
+    @property
+    def id(self) -> str:
+        """The row's id, the tie-breaker."""
+        ...
+
+
+T = TypeVar("T", bound=Pageable)
+
+
+async def paginate(
+    fetch: Callable[[Cursor | None, int], Awaitable[Sequence[T]]],
+    *,
+    page_size: int,
+    page_token: str,
+    key: str,
+    default_size: int,
+    max_size: int,
+) -> tuple[Sequence[T], str]:
+    """One page from ``fetch(cursor, limit)`` and the token of the next ("" on the last).
+
+    Raises:
+        InvalidArgumentError: a bad page size, or a token this query did not issue.
+    """
+    v = Violations()
+    check_page_size(v, page_size, max_size)
+    cursor = decode_token(page_token, key, v)
+    v.raise_if_any()
+    limit = page_size or default_size
+    rows = await fetch(cursor, limit + 1)  # one extra row tells whether a next page exists
+    items = rows[:limit]
+    if len(rows) <= limit:
+        return items, ""
+    return items, encode_token(Cursor(items[-1].created_at, items[-1].id), key)

@@ -19,7 +19,7 @@ from server.domain.errors import (
     UnimplementedError,
     Violations,
 )
-from server.domain.paging import Cursor, check_page_size, decode_token, encode_token, query_key
+from server.domain.paging import Cursor, paginate, query_key
 from server.domain.states import GENERATION_TERMINAL
 from server.orchestration.engine import Engine
 from server.store import repository
@@ -137,18 +137,20 @@ class GenerationService:
         Raises:
             InvalidArgumentError: bad page size, or a token from another filter.
         """
-        v = Violations()
-        check_page_size(v, page_size, MAX_PAGE_SIZE)
-        cursor = decode_token(page_token, _filter_key(flt), v)
-        v.raise_if_any()
-        limit = page_size or DEFAULT_PAGE_SIZE
-        async with self._store.read() as session:
-            rows = await repository.list_generations(session, org, flt, cursor, limit + 1)
-        items = rows[:limit]
-        if len(rows) <= limit:
-            return Page(items, "")
-        last = items[-1]
-        return Page(items, encode_token(Cursor(last.created_at, last.id), _filter_key(flt)))
+
+        async def fetch(cursor: Cursor | None, limit: int) -> Sequence[Generation]:
+            async with self._store.read() as session:
+                return await repository.list_generations(session, org, flt, cursor, limit)
+
+        items, token = await paginate(
+            fetch,
+            page_size=page_size,
+            page_token=page_token,
+            key=_filter_key(flt),
+            default_size=DEFAULT_PAGE_SIZE,
+            max_size=MAX_PAGE_SIZE,
+        )
+        return Page(items, token)
 
     async def cancel(self, org: str, generation_id: str) -> Generation:
         """Ask a generation to stop; a terminal one is returned unchanged.
