@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from helpers import CatalogStub, GenerationStub
-from PIL import Image, ImageDraw
+from helpers import CatalogStub, GenerationStub, create_product, png_bytes
 
 from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
 from server.app import App
@@ -32,18 +30,6 @@ def make_settings(tmp_path: Path, **server: Any) -> Settings:
         media=MediaSettings(artifact_dir=tmp_path / "artifacts"),
         orchestration=OrchestrationSettings(progress_interval=0.0),
     )
-
-
-def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (96, 128)) -> bytes:
-    """A real PNG: a coloured figure on a white background."""
-    image = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    w, h = size
-    draw.ellipse((w * 0.3, h * 0.05, w * 0.7, h * 0.3), fill=colour)
-    draw.rectangle((w * 0.25, h * 0.3, w * 0.75, h * 0.95), fill=colour)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -80,14 +66,7 @@ def catalog(channel: grpc.aio.Channel) -> CatalogStub:
 
 @pytest.fixture
 async def product_id(catalog: CatalogStub) -> str:
-    response = await catalog.CreateProduct(
-        catalog_pb2.CreateProductRequest(
-            name="Red dress",
-            description="a red silk dress",
-            reference_images=[catalog_pb2.ImageInput(data=png_bytes((200, 20, 30)))],
-        )
-    )
-    return response.product.id
+    return await create_product(catalog, "Red dress", description="a red silk dress")
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -11,9 +12,10 @@ import grpc
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from google.rpc import error_details_pb2, status_pb2
+from PIL import Image, ImageDraw
 from sqlalchemy.engine import Connection
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2_grpc
+from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2, service_pb2_grpc
 from server.store.models import Base
 
@@ -35,9 +37,11 @@ __all__ = [
     "GenerationStub",
     "assert_eventually",
     "create_generation",
+    "create_product",
     "error_info",
     "field_violations",
     "generate_request",
+    "png_bytes",
     "rich_status",
     "schema_diff",
     "wait_terminal",
@@ -130,3 +134,33 @@ def schema_diff(connection: Connection) -> list[Any]:
     """Differences between the connected database's schema and the models."""
     context = MigrationContext.configure(connection, opts={"compare_type": True})
     return list(compare_metadata(context, Base.metadata))
+
+
+def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (96, 128)) -> bytes:
+    """A real PNG: a coloured figure on a white background."""
+    image = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    draw.ellipse((w * 0.3, h * 0.05, w * 0.7, h * 0.3), fill=colour)
+    draw.rectangle((w * 0.25, h * 0.3, w * 0.75, h * 0.95), fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def create_product(
+    catalog: CatalogStub,
+    name: str = "product",
+    *,
+    description: str = "",
+    colour: tuple[int, int, int] = (200, 20, 30),
+) -> str:
+    """Create a product with one real reference image and return its id."""
+    response = await catalog.CreateProduct(
+        catalog_pb2.CreateProductRequest(
+            name=name,
+            description=description,
+            reference_images=[catalog_pb2.ImageInput(data=png_bytes(colour))],
+        )
+    )
+    return response.product.id

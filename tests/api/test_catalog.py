@@ -8,8 +8,7 @@ from collections.abc import Awaitable
 
 import grpc
 import pytest
-from conftest import png_bytes
-from helpers import CatalogStub, field_violations
+from helpers import CatalogStub, field_violations, png_bytes
 
 from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2 as pb
 

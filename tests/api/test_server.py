@@ -8,12 +8,11 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import make_settings, png_bytes
+from conftest import make_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import CatalogStub, GenerationStub, create_generation
+from helpers import CatalogStub, GenerationStub, create_generation, create_product
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
 from sartiq_grpc.sartiq.generation.v1 import service_pb2
 from server.app import App
 from server.compute.fake import FakeComputeBackend
@@ -79,12 +78,8 @@ async def test_shutdown_ends_watch_streams_with_unavailable(tmp_path: Path) -> N
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         catalog = CatalogStub(channel)
         stub = GenerationStub(channel)
-        product = await catalog.CreateProduct(
-            catalog_pb2.CreateProductRequest(
-                name="p", reference_images=[catalog_pb2.ImageInput(data=png_bytes((5, 5, 5)))]
-            )
-        )
-        generation_id = await create_generation(stub, product.product.id)
+        product_id = await create_product(catalog, "p", colour=(5, 5, 5))
+        generation_id = await create_generation(stub, product_id)
         call = stub.WatchGeneration(service_pb2.WatchGenerationRequest(generation_id=generation_id))
         first = await call.read()
         assert isinstance(first, service_pb2.WatchGenerationResponse)

@@ -10,10 +10,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import make_settings, png_bytes
-from helpers import CatalogStub, GenerationStub, assert_eventually, create_generation, wait_terminal
+from conftest import make_settings
+from helpers import (
+    CatalogStub,
+    GenerationStub,
+    assert_eventually,
+    create_generation,
+    create_product,
+    wait_terminal,
+)
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2
 from server.app import App
 from server.compute.fake import FakeComputeBackend
@@ -166,13 +172,9 @@ async def test_watchers_that_fall_behind_resume_from_the_store(
     ):
         stub = GenerationStub(channel)
         catalog = CatalogStub(channel)
-        product = await catalog.CreateProduct(
-            catalog_pb2.CreateProductRequest(
-                name="p", reference_images=[catalog_pb2.ImageInput(data=png_bytes((1, 1, 1)))]
-            )
-        )
+        product_id = await create_product(catalog, "p", colour=(1, 1, 1))
         fake_compute.hold = True
-        generation_id = await create_generation(stub, product.product.id, batch=4)
+        generation_id = await create_generation(stub, product_id, batch=4)
         watchers = [asyncio.create_task(collect(stub, generation_id)) for _ in range(5)]
         await assert_eventually(lambda: _count(fake_compute, 4))
         for compute_id in list(fake_compute.tasks):

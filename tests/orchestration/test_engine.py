@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import make_settings, png_bytes
+from conftest import make_settings
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from helpers import (
@@ -15,12 +15,12 @@ from helpers import (
     GenerationStub,
     assert_eventually,
     create_generation,
+    create_product,
     generate_request,
     rich_status,
     wait_terminal,
 )
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, service_pb2
 from server.app import App
 from server.compute.base import ComputeError
@@ -117,17 +117,6 @@ async def test_admission_limit_answers_resource_exhausted_with_retry_info(
     assert info.retry_delay.seconds == 3
 
 
-async def _product(app_port: int) -> str:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app_port}") as channel:
-        catalog = CatalogStub(channel)
-        created = await catalog.CreateProduct(
-            catalog_pb2.CreateProductRequest(
-                name="shirt", reference_images=[catalog_pb2.ImageInput(data=png_bytes((0, 0, 200)))]
-            )
-        )
-    return created.product.id
-
-
 async def _start_and_stop_midway(
     settings: Settings, compute: FakeComputeBackend
 ) -> tuple[str, list[str]]:
@@ -137,7 +126,7 @@ async def _start_and_stop_midway(
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
     ):
         stub = GenerationStub(channel)
-        product_id = await _product(app.port)
+        product_id = await create_product(CatalogStub(channel), colour=(0, 0, 200))
         generation_id = await create_generation(stub, product_id, batch=2)
 
         async def attached() -> bool:

@@ -13,13 +13,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import make_settings, png_bytes
-from helpers import CatalogStub, GenerationStub, generate_request, schema_diff, wait_terminal
+from conftest import make_settings
+from helpers import (
+    CatalogStub,
+    GenerationStub,
+    create_product,
+    generate_request,
+    schema_diff,
+    wait_terminal,
+)
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, service_pb2
 from server.app import App
 from server.compute.fake import FakeComputeBackend
@@ -66,12 +72,8 @@ async def test_generation_end_to_end_on_postgres(pg_url: str, tmp_path: Path) ->
     ):
         catalog = CatalogStub(channel)
         stub = GenerationStub(channel)
-        product = await catalog.CreateProduct(
-            catalog_pb2.CreateProductRequest(
-                name="coat", reference_images=[catalog_pb2.ImageInput(data=png_bytes((9, 9, 9)))]
-            )
-        )
-        created = await stub.CreateGeneration(generate_request(product.product.id, batch=8))
+        product_id = await create_product(catalog, "coat", colour=(9, 9, 9))
+        created = await stub.CreateGeneration(generate_request(product_id, batch=8))
         done = await wait_terminal(stub, created.generation.id)
         call = stub.WatchGeneration(
             service_pb2.WatchGenerationRequest(generation_id=created.generation.id)
