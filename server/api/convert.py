@@ -24,7 +24,7 @@ from server.orchestration.watch import Heartbeat
 from server.store.events import EventRecord
 from server.store.models import Artifact, Generation, Prediction, Task
 from server.store.repository import GenerationFilter
-from server.store.uow import prediction_counts, task_error
+from server.store.uow import error_dict, prediction_counts, task_error
 from server.strategies.inputs import AgenticInput, CreateOptions, GenerateInput
 
 E = TypeVar("E", bound=StrEnum)
@@ -172,9 +172,7 @@ def generation_filter(message: service_pb2.GenerationFilter) -> GenerationFilter
 
 def error(reason: str | None, message: str | None) -> resources_pb2.Error | None:
     """An Error message, or None when there is no error."""
-    if reason is None and message is None:
-        return None
-    return resources_pb2.Error(reason=reason or "", message=message or "")
+    return _payload_error(error_dict(reason, message))
 
 
 def artifact(row: Artifact | None) -> resources_pb2.Artifact | None:
