@@ -16,7 +16,7 @@ from server.store.events import BusClosedError, EventRecord, LaggedError, Subscr
 from server.store.models import utcnow
 from server.store.uow import Store
 
-REPLAY_BATCH = 500
+REPLAY_BATCH = 100
 log = logging.getLogger(__name__)
 
 
@@ -46,17 +46,17 @@ class Watcher:
         """
         subscription = self._store.bus.subscribe(generation_id)
         try:
+            # Only the position: a long-lived stream must not pin the generation's tree.
             async with self._store.read() as session:
-                generation = await repository.get_generation(session, org, generation_id)
-            if generation is None:
+                position = await repository.generation_position(session, org, generation_id)
+            if position is None:
                 raise generation_not_found(generation_id)
+            status, last_sequence = position
             v = Violations()
-            if not 0 <= after_sequence <= generation.event_seq:
-                v.add("after_sequence", f"must be between 0 and {generation.event_seq}")
+            if not 0 <= after_sequence <= last_sequence:
+                v.add("after_sequence", f"must be between 0 and {last_sequence}")
             v.raise_if_any()
-            if GenerationStatus(generation.status) in GENERATION_TERMINAL and (
-                after_sequence == generation.event_seq
-            ):
+            if GenerationStatus(status) in GENERATION_TERMINAL and after_sequence == last_sequence:
                 return
             last = after_sequence
             while True:

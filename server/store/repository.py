@@ -54,6 +54,17 @@ async def get_generation(
     return (await session.execute(stmt)).unique().scalar_one_or_none()
 
 
+async def generation_position(
+    session: AsyncSession, org: str, generation_id: str
+) -> tuple[str, int] | None:
+    """The generation's status and last event sequence, without loading its tree."""
+    stmt = select(Generation.status, Generation.event_seq).where(
+        Generation.id == generation_id, Generation.organization == org
+    )
+    row = (await session.execute(stmt)).one_or_none()
+    return None if row is None else (row.status, row.event_seq)
+
+
 async def lock_generation(session: AsyncSession, generation_id: str) -> Generation | None:
     """Load a generation for an internal change, locking its row until the transaction ends.
 
