@@ -11,7 +11,13 @@ import pytest
 from conftest import make_settings
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import CatalogStub, GenerationStub, create_generation, create_product
+from helpers import (
+    CatalogStub,
+    GenerationStub,
+    assert_eventually,
+    create_generation,
+    create_product,
+)
 
 from sartiq_grpc.sartiq.generation.v1 import service_pb2
 from server.app import App
@@ -107,7 +113,17 @@ async def test_each_call_is_logged_with_its_outcome(
             service_pb2.GetGenerationRequest(generation_id="missing"),
             metadata=(("x-request-id", "trace-1"),),
         )
-    record = next(r for r in caplog.records if getattr(r, "request_id", "") == "trace-1")
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "request_id", "") == "trace-1"]
+
+    async def seen() -> bool:
+        # The server logs as its handler exits, which may be just after the client
+        # has the status.
+        return bool(logged())
+
+    await assert_eventually(seen)
+    record = logged()[0]
     assert record.__dict__["rpc_method"].endswith("/GetGeneration")
     assert record.__dict__["code"] == "NOT_FOUND"
     assert record.__dict__["duration_ms"] >= 0
