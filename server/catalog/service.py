@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 import uuid
@@ -13,7 +14,7 @@ from server.config import MediaSettings
 from server.domain.enums import CatalogKind
 from server.domain.errors import NotFoundError, Violations
 from server.domain.paging import Cursor, paginate, query_key
-from server.media.artifacts import FileArtifactStore
+from server.media.artifacts import FileArtifactStore, StoredBlob
 from server.media.images import InvalidImageError, probe_image
 from server.store import repository
 from server.store.models import Artifact, CatalogEntity, CatalogReferenceImage, utcnow
@@ -141,20 +142,9 @@ class CatalogService:
                 reference_images=[],
             )
             for position, image in enumerate(images):
-                artifact = await uow.session.get(Artifact, image.sha256)
-                if artifact is None:
-                    blob = blobs[image.sha256]
-                    artifact = Artifact(
-                        sha256=image.sha256,
-                        mime_type=image.mime_type,
-                        size_bytes=blob.size_bytes,
-                        width=image.width,
-                        height=image.height,
-                        uri=blob.uri,
-                        recipe=None,
-                        created_at=utcnow(),
-                    )
-                    uow.session.add(artifact)
+                artifact = await repository.ensure_artifact(
+                    uow.session, image.sha256, functools.partial(_new_artifact, image, blobs)
+                )
                 row.reference_images.append(
                     CatalogReferenceImage(
                         position=position, artifact_sha256=artifact.sha256, artifact=artifact
@@ -208,6 +198,21 @@ class CatalogService:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _new_artifact(image: _Image, blobs: dict[str, StoredBlob]) -> Artifact:
+    # Only inline images can be missing from the store: references were checked.
+    blob = blobs[image.sha256]
+    return Artifact(
+        sha256=image.sha256,
+        mime_type=image.mime_type,
+        size_bytes=blob.size_bytes,
+        width=image.width,
+        height=image.height,
+        uri=blob.uri,
+        recipe=None,
+        created_at=utcnow(),
+    )
 
 
 def _not_found(kind: CatalogKind, entity_id: str) -> NotFoundError:

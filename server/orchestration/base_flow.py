@@ -158,9 +158,10 @@ class BaseWorkflow:
         async with self._store.write() as uow:
             generation = await _load(uow, generation_id)
             row, prediction = _find_task(generation, task_id)
-            artifact = await uow.session.get(Artifact, blob.sha256)
-            if artifact is None:
-                artifact = Artifact(
+            artifact = await repository.ensure_artifact(
+                uow.session,
+                blob.sha256,
+                lambda: Artifact(
                     sha256=blob.sha256,
                     mime_type=output.mime_type,
                     size_bytes=blob.size_bytes,
@@ -169,8 +170,8 @@ class BaseWorkflow:
                     duration_s=output.duration_s,
                     uri=blob.uri,
                     recipe=_recipe(row, getattr(self._compute, "name", "unknown")),
-                )
-                uow.session.add(artifact)
+                ),
+            )
             uow.set_task_status(generation, row, TaskStatus.COMPLETED)
             prediction.artifact_sha256 = artifact.sha256
             prediction.artifact = artifact

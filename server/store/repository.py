@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -146,6 +146,20 @@ async def events_after(
         EventRecord(r.generation_id, r.sequence, r.time, EventKind(r.kind), r.terminal, r.payload)
         for r in rows
     ]
+
+
+async def ensure_artifact(
+    session: AsyncSession, sha256: str, make: Callable[[], Artifact]
+) -> Artifact:
+    """The stored artifact with this digest, adding the one ``make`` builds if there is none.
+
+    Content addressing: the first record of a digest (and its recipe) is the one kept.
+    """
+    artifact = await session.get(Artifact, sha256)
+    if artifact is None:
+        artifact = make()
+        session.add(artifact)
+    return artifact
 
 
 async def get_artifact(session: AsyncSession, sha256: str) -> Artifact | None:

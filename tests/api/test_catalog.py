@@ -118,3 +118,16 @@ async def test_unknown_ids(catalog: CatalogStub) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_same_image_twice_is_stored_once(catalog: CatalogStub) -> None:
+    data = png_bytes((7, 70, 140))
+    first = await catalog.CreateProduct(
+        pb.CreateProductRequest(name="a", reference_images=[pb.ImageInput(data=data)])
+    )
+    second = await catalog.CreateStyle(
+        pb.CreateStyleRequest(name="b", reference_images=[pb.ImageInput(data=data)] * 2)
+    )
+    shas = {ref.sha256 for ref in second.style.reference_images}
+    assert shas == {first.product.reference_images[0].sha256}
+    assert len(second.style.reference_images) == 2
