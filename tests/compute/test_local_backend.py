@@ -13,12 +13,29 @@ from PIL import Image
 from server.compute.base import ComputeError, OutputFile, TaskRequest, UnknownComputeTaskError
 from server.compute.local import LocalComputeBackend
 from server.compute.processors.tasks import default_registry
-from server.compute.registry import ProcessorContext, ProcessorError, ProcessorRegistry
+from server.compute.registry import (
+    Processor,
+    ProcessorContext,
+    ProcessorError,
+    ProcessorRegistry,
+)
 from server.domain.enums import TaskStatus, TaskType
 
 
 def _no_inputs(uri: str) -> bytes:
     raise FileNotFoundError(uri)
+
+
+def _backend_with(processor: Processor | None = None, **options: Any) -> LocalComputeBackend:
+    """A one-worker backend running ``processor`` (the real ones when None)."""
+    registry = (
+        default_registry()
+        if processor is None
+        else ProcessorRegistry({TaskType.GENERATION: processor})
+    )
+    return LocalComputeBackend(
+        registry, resolve=_no_inputs, workers=1, max_input_pixels=10**7, **options
+    )
 
 
 def _request(key: str, **params: Any) -> TaskRequest:
@@ -37,9 +54,7 @@ def _request(key: str, **params: Any) -> TaskRequest:
 
 
 async def test_generation_runs_off_the_loop_and_is_idempotent() -> None:
-    backend = LocalComputeBackend(
-        default_registry(), resolve=_no_inputs, workers=1, max_input_pixels=10**7
-    )
+    backend = _backend_with()
     try:
         compute_id = await backend.submit(_request("k1"))
         assert await backend.submit(_request("k1")) == compute_id  # idempotent
@@ -59,12 +74,7 @@ async def test_progress_is_reported_while_the_processor_runs() -> None:
         release.wait(10)
         return [OutputFile(b"png", "image/png", 1, 1, seed=0)]
 
-    backend = LocalComputeBackend(
-        ProcessorRegistry({TaskType.GENERATION: stepped}),
-        resolve=_no_inputs,
-        workers=1,
-        max_input_pixels=10,
-    )
+    backend = _backend_with(stepped)
     try:
         compute_id = await backend.submit(_request("k5"))
         seen = []
@@ -80,9 +90,7 @@ async def test_progress_is_reported_while_the_processor_runs() -> None:
 
 
 async def test_missing_reference_fails_with_validation() -> None:
-    backend = LocalComputeBackend(
-        default_registry(), resolve=_no_inputs, workers=1, max_input_pixels=10**7
-    )
+    backend = _backend_with()
     try:
         product = {"name": "x", "images": ["artifact:" + "a" * 64], "weight": 1.0}
         compute_id = await backend.submit(_request("k2", product=product))
@@ -94,9 +102,7 @@ async def test_missing_reference_fails_with_validation() -> None:
 
 
 async def test_unknown_ids_and_unsupported_types() -> None:
-    backend = LocalComputeBackend(
-        default_registry(), resolve=_no_inputs, workers=1, max_input_pixels=10**7
-    )
+    backend = _backend_with()
     try:
         with pytest.raises(UnknownComputeTaskError):
             async for _ in backend.watch("nope"):
@@ -119,12 +125,7 @@ async def test_cancel_stops_a_running_processor() -> None:
             ctx.progress(0.5)  # raises once the task is cancelled
         raise ProcessorError("internal", "not reached in this test")
 
-    backend = LocalComputeBackend(
-        ProcessorRegistry({TaskType.GENERATION: slow}),
-        resolve=_no_inputs,
-        workers=1,
-        max_input_pixels=10,
-    )
+    backend = _backend_with(slow)
     try:
         compute_id = await backend.submit(_request("k4"))
         await asyncio.to_thread(started.wait, 5)
@@ -147,13 +148,7 @@ def _quick(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
 
 
 async def test_finished_tasks_are_retained_up_to_a_bound() -> None:
-    backend = LocalComputeBackend(
-        ProcessorRegistry({TaskType.GENERATION: _quick}),
-        resolve=_no_inputs,
-        workers=1,
-        max_input_pixels=10,
-        retain_finished=2,
-    )
+    backend = _backend_with(_quick, retain_finished=2)
     try:
         ids = [await backend.submit(_request(f"r{i}")) for i in range(3)]
         for compute_id in ids[1:]:
@@ -176,12 +171,7 @@ async def test_a_queued_task_is_pending_and_cancels_without_running() -> None:
         release.wait(10)
         return []
 
-    backend = LocalComputeBackend(
-        ProcessorRegistry({TaskType.GENERATION: blocking}),
-        resolve=_no_inputs,
-        workers=1,
-        max_input_pixels=10,
-    )
+    backend = _backend_with(blocking)
     try:
         await backend.submit(_request("q1", prompt="first"))
         await asyncio.to_thread(started.wait, 5)
