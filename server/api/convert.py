@@ -24,7 +24,7 @@ from server.orchestration.watch import Heartbeat
 from server.store.events import EventRecord
 from server.store.models import Artifact, Generation, Prediction, Task
 from server.store.repository import GenerationFilter
-from server.store.uow import error_dict, prediction_counts, task_error
+from server.store.uow import artifact_fields, error_dict, prediction_counts, task_error
 from server.strategies.inputs import AgenticInput, CreateOptions, GenerateInput
 
 E = TypeVar("E", bound=StrEnum)
@@ -179,14 +179,7 @@ def artifact(row: Artifact | None) -> resources_pb2.Artifact | None:
     """The Artifact resource."""
     if row is None:
         return None
-    result = resources_pb2.Artifact(
-        sha256=row.sha256,
-        mime_type=row.mime_type,
-        size_bytes=row.size_bytes,
-        width=row.width,
-        height=row.height,
-        uri=row.uri,
-    )
+    result = resources_pb2.Artifact(**artifact_fields(row))
     if row.duration_s is not None:
         result.duration.FromMilliseconds(int(row.duration_s * 1000))
     if row.recipe:

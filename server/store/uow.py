@@ -30,9 +30,12 @@ def error_dict(reason: str | None, message: str | None) -> dict[str, str] | None
 
 
 def artifact_dict(artifact: Artifact | None) -> dict[str, Any] | None:
-    """The payload form of an artifact."""
-    if artifact is None:
-        return None
+    """The payload form of an artifact, or None."""
+    return None if artifact is None else artifact_fields(artifact)
+
+
+def artifact_fields(artifact: Artifact) -> dict[str, Any]:
+    """An artifact's identity and shape, named as in the Artifact message."""
     return {
         "sha256": artifact.sha256,
         "mime_type": artifact.mime_type,
