@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2, service_pb2_grpc
+from server.compute.fake import FakeComputeBackend
 from server.store.models import Base
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ __all__ = [
     "png_bytes",
     "rich_status",
     "schema_diff",
+    "wait_submitted",
     "wait_terminal",
 ]
 
@@ -164,3 +166,12 @@ async def create_product(
         )
     )
     return response.product.id
+
+
+async def wait_submitted(fake: FakeComputeBackend, count: int) -> None:
+    """Wait until the fake compute backend has accepted ``count`` tasks."""
+
+    async def enough() -> bool:
+        return len(fake.tasks) >= count
+
+    await assert_eventually(enough)

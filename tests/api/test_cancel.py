@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from helpers import GenerationStub, assert_eventually, create_generation, wait_terminal
+from helpers import (
+    GenerationStub,
+    create_generation,
+    wait_submitted,
+    wait_terminal,
+)
 
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2
 from server.compute.fake import FakeComputeBackend
@@ -20,11 +25,7 @@ async def test_cancel_running_generation_releases_compute(
 ) -> None:
     fake_compute.hold = True
     generation_id = await create_generation(stub, product_id, batch=2)
-
-    async def both_submitted() -> bool:
-        return len(fake_compute.tasks) == 2
-
-    await assert_eventually(both_submitted)
+    await wait_submitted(fake_compute, 2)
     await cancel(stub, generation_id)
     done = await wait_terminal(stub, generation_id)
 

@@ -17,6 +17,7 @@ from helpers import (
     assert_eventually,
     create_generation,
     create_product,
+    wait_submitted,
     wait_terminal,
 )
 
@@ -72,7 +73,7 @@ async def test_live_watch_sees_progress_and_ends_after_terminal(
 
     task = asyncio.create_task(reader())
     try:
-        await assert_eventually(lambda: _has_compute_task(fake_compute))
+        await wait_submitted(fake_compute, 1)
         compute_id = next(iter(fake_compute.tasks))
         for value in (0.25, 0.5, 0.75):
             fake_compute.progress(compute_id, value)
@@ -89,10 +90,6 @@ async def test_live_watch_sees_progress_and_ends_after_terminal(
 
 async def _saw_progress(seen: list[resources_pb2.GenerationEvent], value: float) -> bool:
     return any(e.task.progress == value for e in seen)
-
-
-async def _has_compute_task(fake: FakeComputeBackend) -> bool:
-    return bool(fake.tasks)
 
 
 async def test_resume_after_cursor_has_no_gap_or_duplicate(
@@ -145,20 +142,10 @@ async def test_idle_stream_gets_heartbeats(
 async def test_many_watchers_all_see_the_same_events(
     stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
 ) -> None:
-    fake_compute.hold = True
-    generation_id = await create_generation(stub, product_id, batch=2)
-    watchers = [asyncio.create_task(collect(stub, generation_id)) for _ in range(20)]
-    await assert_eventually(lambda: _count(fake_compute, 2))
-    for compute_id in list(fake_compute.tasks):
-        fake_compute.complete(compute_id)
-    results = await asyncio.wait_for(asyncio.gather(*watchers), 10)
+    results = await _complete_under_watchers(stub, fake_compute, product_id, 2, watchers=20)
     sequences = [[e.sequence for e in r] for r in results]
     assert all(s == sequences[0] for s in sequences)
     assert sequences[0] == list(range(1, len(sequences[0]) + 1))
-
-
-async def _count(fake: FakeComputeBackend, n: int) -> bool:
-    return len(fake.tasks) >= n
 
 
 async def test_watchers_that_fall_behind_resume_from_the_store(
@@ -173,14 +160,21 @@ async def test_watchers_that_fall_behind_resume_from_the_store(
         stub = GenerationStub(channel)
         catalog = CatalogStub(channel)
         product_id = await create_product(catalog, "p", colour=(1, 1, 1))
-        fake_compute.hold = True
-        generation_id = await create_generation(stub, product_id, batch=4)
-        watchers = [asyncio.create_task(collect(stub, generation_id)) for _ in range(5)]
-        await assert_eventually(lambda: _count(fake_compute, 4))
-        for compute_id in list(fake_compute.tasks):
-            fake_compute.complete(compute_id)
-        results = await asyncio.wait_for(asyncio.gather(*watchers), 10)
+        results = await _complete_under_watchers(stub, fake_compute, product_id, 4, watchers=5)
     assert "fell behind" in caplog.text
     for events in results:
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
         assert events[-1].terminal
+
+
+async def _complete_under_watchers(
+    stub: GenerationStub, fake: FakeComputeBackend, product_id: str, batch: int, *, watchers: int
+) -> list[list[resources_pb2.GenerationEvent]]:
+    """Hold a generation's tasks, attach ``watchers`` streams, then complete every task."""
+    fake.hold = True
+    generation_id = await create_generation(stub, product_id, batch=batch)
+    calls = [asyncio.create_task(collect(stub, generation_id)) for _ in range(watchers)]
+    await wait_submitted(fake, batch)
+    for compute_id in list(fake.tasks):
+        fake.complete(compute_id)
+    return list(await asyncio.wait_for(asyncio.gather(*calls), 10))

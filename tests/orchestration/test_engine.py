@@ -18,6 +18,7 @@ from helpers import (
     create_product,
     generate_request,
     rich_status,
+    wait_submitted,
     wait_terminal,
 )
 
@@ -46,11 +47,7 @@ async def test_one_of_two_failing_is_partially_completed(
 ) -> None:
     fake_compute.hold = True
     generation_id = await create_generation(stub, product_id, batch=2)
-
-    async def two() -> bool:
-        return len(fake_compute.tasks) == 2
-
-    await assert_eventually(two)
+    await wait_submitted(fake_compute, 2)
     first, second = list(fake_compute.tasks)
     fake_compute.complete(first)
     fake_compute.fail(second, "internal", "gpu fell over")
