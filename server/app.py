@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+from pathlib import Path
 from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -42,6 +44,13 @@ def _local_backend(settings: Settings, artifacts: FileArtifactStore) -> LocalCom
         workers=settings.compute.local_workers,
         max_input_pixels=settings.media.max_input_pixels,
     )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class App:
@@ -92,6 +101,8 @@ class App:
         await self._grpc.server.start()
         await self._engine.start()
         await self._grpc.mark_serving()
+        if s.server.port_file is not None:
+            _write_atomically(s.server.port_file, f"{self._grpc.port}\n")
         log.info("serving on %s:%d", s.server.host, self._grpc.port)
 
     async def wait(self) -> None:

@@ -23,7 +23,12 @@ class ServerSettings(BaseModel):
     port: int = Field(default=50051, ge=0, le=65535)
     grace_period: float = Field(default=10.0, ge=0, description="seconds to drain on shutdown")
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
-    heartbeat_interval: float = Field(default=15.0, gt=0, description="seconds between pings")
+    heartbeat_interval: float = Field(
+        default=15.0, gt=0, description="seconds between Watch heartbeats on an idle stream"
+    )
+    keepalive_interval: float = Field(
+        default=30.0, ge=1, description="seconds between HTTP/2 keepalive pings to clients"
+    )
     watch_buffer: int = Field(
         default=256,
         ge=1,
@@ -31,6 +36,10 @@ class ServerSettings(BaseModel):
     )
     default_organization: str = Field(
         default="default", description="tenant of every call until authentication lands"
+    )
+    port_file: Path | None = Field(
+        default=None,
+        description="where to write the bound port once serving (for port 0 and supervisors)",
     )
 
 

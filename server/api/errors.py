@@ -6,9 +6,10 @@ log under the call's request id, which the client also receives as the correlati
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -109,6 +110,8 @@ def unary(
     async def wrapper(self: Servicer, request: Req, context: Context) -> Resp:
         try:
             return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise  # the method ended the call itself; aborting again would fail
         except Exception as exc:
             await _abort(context, exc)
 
@@ -116,15 +119,19 @@ def unary(
 
 
 def streaming(
-    method: Callable[[Servicer, Req, Context], AsyncIterator[Resp]],
-) -> Callable[[Servicer, Req, Context], AsyncIterator[Resp]]:
+    method: Callable[[Servicer, Req, Context], AsyncGenerator[Resp, None]],
+) -> Callable[[Servicer, Req, Context], AsyncGenerator[Resp, None]]:
     """Map every exception a server-streaming method raises to a proper status."""
 
     @functools.wraps(method)
-    async def wrapper(self: Servicer, request: Req, context: Context) -> AsyncIterator[Resp]:
+    async def wrapper(self: Servicer, request: Req, context: Context) -> AsyncGenerator[Resp, None]:
         try:
-            async for item in method(self, request, context):
-                yield item
+            # Closed here, not by the garbage collector, once the stream ends for any reason.
+            async with contextlib.aclosing(method(self, request, context)) as items:
+                async for item in items:
+                    yield item
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:
             await _abort(context, exc)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -99,9 +100,11 @@ class GenerationServicer(service_pb2_grpc.GenerationServiceServicer):
     @streaming
     async def WatchGeneration(
         self, request: service_pb2.WatchGenerationRequest, context: Context
-    ) -> AsyncIterator[service_pb2.WatchGenerationResponse]:
+    ) -> AsyncGenerator[service_pb2.WatchGenerationResponse, None]:
         """Stream a generation's events from a cursor until its terminal event."""
-        async for item in self._watcher.watch(
+        items = self._watcher.watch(
             self._org(context), request.generation_id, request.after_sequence
-        ):
-            yield convert.watch_item(item)
+        )
+        async with contextlib.aclosing(items):
+            async for item in items:
+                yield convert.watch_item(item)

@@ -1,13 +1,21 @@
-"""Server interceptors: a request id for every call, and one structured log line per call."""
+"""Server interceptors: a request id for every call, and one structured log line per call.
+
+A servicer context is only valid while its call is live. After a client cancels, grpc
+tears the call down, and some context methods (``peer()``, ``auth_context()``) then
+dereference freed memory and kill the process. So everything a log line needs is read
+before the handler runs, and a stream's generator is closed by the handler itself (never
+left to the garbage collector, which would run its cleanup after the call is gone).
+"""
 
 from __future__ import annotations
 
-import inspect
+import asyncio
+import contextlib
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -17,25 +25,31 @@ from server.api.context import reset_request_id, set_request_id
 log = logging.getLogger("sartiq.access")
 
 REQUEST_ID_HEADER = "x-request-id"
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+Behavior = Callable[[Any, Context], Any]
 
 
 def _request_id(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and _VALID_ID.match(value):
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _VALID_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex
 
 
 class _CallLog:
-    """Times one call and logs its outcome with the request id bound."""
+    """Times one call and logs its outcome with the request id bound.
+
+    Reads the context only while the call is live: on entry, and on exit unless the
+    call was cancelled (a cancelled call's context may already be torn down).
+    """
 
     def __init__(self, method: str, context: Context) -> None:
         self.method = method
         self.context = context
         self.request_id = _request_id(context)
+        self.peer = context.peer()
         self.start = time.perf_counter()
 
     async def __aenter__(self) -> _CallLog:
@@ -44,25 +58,39 @@ class _CallLog:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        code = self.context.code() or grpc.StatusCode.OK
-        if exc_type is not None and code == grpc.StatusCode.OK:
-            code = grpc.StatusCode.CANCELLED if exc_type.__name__ == "CancelledError" else code
         log.info(
             "rpc",
             extra={
                 "rpc_method": self.method,
-                "code": getattr(code, "name", str(code)),
+                "code": self._code(exc_type).name,
                 "duration_ms": round((time.perf_counter() - self.start) * 1000, 3),
                 "request_id": self.request_id,
-                "peer": self.context.peer(),
+                "peer": self.peer,
             },
         )
         reset_request_id(self.token)
 
+    def _code(self, exc_type: type[BaseException] | None) -> grpc.StatusCode:
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError | GeneratorExit):
+            return grpc.StatusCode.CANCELLED  # the context must not be touched now
+        code = self.context.code()
+        if isinstance(code, grpc.StatusCode):
+            return code
+        if exc_type is None or issubclass(exc_type, grpc.aio.AbortError):
+            return grpc.StatusCode.OK
+        return grpc.StatusCode.UNKNOWN  # what grpc answers for an unhandled exception
 
-def _wrap_unary(
-    method: str, behavior: Callable[[Any, Context], Awaitable[Any]]
-) -> Callable[[Any, Context], Awaitable[Any]]:
+
+async def _write_all(items: AsyncGenerator[Any, None], context: Context) -> None:
+    """Send every item of a response stream, closing the stream whatever happens."""
+    async with contextlib.aclosing(items):
+        async for item in items:
+            await context.write(item)
+
+
+def _wrap_unary_response(method: str, behavior: Behavior) -> Behavior:
+    """Log a handler that returns one response (unary-unary, stream-unary)."""
+
     async def wrapped(request: Any, context: Context) -> Any:
         async with _CallLog(method, context):
             return await behavior(request, context)
@@ -70,13 +98,16 @@ def _wrap_unary(
     return wrapped
 
 
-def _wrap_stream(
-    method: str, behavior: Callable[[Any, Context], AsyncIterator[Any]]
-) -> Callable[[Any, Context], AsyncIterator[Any]]:
-    async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
+def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
+    """Log a handler that streams responses, as a coroutine that writes them itself."""
+
+    async def wrapped(request: Any, context: Context) -> None:
         async with _CallLog(method, context):
-            async for item in behavior(request, context):
-                yield item
+            result = behavior(request, context)
+            if isinstance(result, AsyncGenerator):
+                await _write_all(result, context)
+            else:  # a handler that writes through the context (the health Watch)
+                await result
 
     return wrapped
 
@@ -89,24 +120,23 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        """Wrap unary-unary and unary-stream handlers; others pass through."""
+        """Wrap every kind of handler; unknown methods pass through."""
         handler: Any = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            wrapped = _wrap_unary_response(method, handler.unary_unary)
+            return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
         if handler.unary_stream is not None:
-            stream = handler.unary_stream
-            # Some handlers (the health Watch) write through the context instead of yielding.
-            wrap = _wrap_stream if inspect.isasyncgenfunction(stream) else _wrap_unary
-            return grpc.unary_stream_rpc_method_handler(
-                wrap(method, stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+            wrapped = _wrap_stream_response(method, handler.unary_stream)
+            return grpc.unary_stream_rpc_method_handler(wrapped, **codec)
+        if handler.stream_unary is not None:
+            wrapped = _wrap_unary_response(method, handler.stream_unary)
+            return grpc.stream_unary_rpc_method_handler(wrapped, **codec)
+        wrapped = _wrap_stream_response(method, handler.stream_stream)
+        return grpc.stream_stream_rpc_method_handler(wrapped, **codec)

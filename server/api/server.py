@@ -58,7 +58,7 @@ def build_server(
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.keepalive_time_ms", int(settings.heartbeat_interval * 1000)),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_interval * 1000)),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
     server = grpc.aio.server(interceptors=[RequestIdInterceptor()], options=options)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,7 +37,7 @@ class Watcher:
 
     async def watch(
         self, org: str, generation_id: str, after_sequence: int
-    ) -> AsyncIterator[EventRecord | Heartbeat]:
+    ) -> AsyncGenerator[EventRecord | Heartbeat, None]:
         """Yield events with sequence > ``after_sequence``; end after the terminal one.
 
         Raises:
@@ -60,18 +61,20 @@ class Watcher:
                 return
             last = after_sequence
             while True:
-                async for event in self._replay(generation_id, last):
-                    yield event
-                    last = event.sequence
-                    if event.terminal:
-                        return
+                async with contextlib.aclosing(self._replay(generation_id, last)) as replay:
+                    async for event in replay:
+                        yield event
+                        last = event.sequence
+                        if event.terminal:
+                            return
                 try:
-                    async for item in self._tail(subscription, last):
-                        yield item
-                        if isinstance(item, EventRecord):
-                            last = item.sequence
-                            if item.terminal:
-                                return
+                    async with contextlib.aclosing(self._tail(subscription, last)) as tail:
+                        async for item in tail:
+                            yield item
+                            if isinstance(item, EventRecord):
+                                last = item.sequence
+                                if item.terminal:
+                                    return
                 except LaggedError:
                     log.debug("watcher of %s fell behind; resuming from the store", generation_id)
                     continue
@@ -83,7 +86,7 @@ class Watcher:
         finally:
             subscription.close()
 
-    async def _replay(self, generation_id: str, after: int) -> AsyncIterator[EventRecord]:
+    async def _replay(self, generation_id: str, after: int) -> AsyncGenerator[EventRecord, None]:
         while True:
             async with self._store.read() as session:
                 batch = await repository.events_after(session, generation_id, after, REPLAY_BATCH)
@@ -95,7 +98,7 @@ class Watcher:
 
     async def _tail(
         self, subscription: Subscription, last: int
-    ) -> AsyncIterator[EventRecord | Heartbeat]:
+    ) -> AsyncGenerator[EventRecord | Heartbeat, None]:
         while True:
             event = await subscription.next(self._heartbeat_interval)
             if event is None:
