@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import sys
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
 from server.app import App
 from server.config import Settings
+from server.domain.errors import StartupError
 from server.logs import configure
 
 
@@ -31,7 +34,12 @@ def main() -> None:
     url = make_url(settings.database.url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        logging.getLogger("server").error("cannot start: %s", exc)
+        print(f"sartiq-server: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -81,8 +81,8 @@ class App:
     async def start(self) -> None:
         """Migrate the database, build everything, resume unfinished work, and serve."""
         s = self.settings
+        await upgrade_to_head(s.database)
         self._db = create_engine(s.database)
-        await upgrade_to_head(self._db)
         self._bus = EventBus(s.server.watch_buffer)
         store = Store(
             create_session_factory(self._db),

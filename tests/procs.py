@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -31,6 +32,27 @@ def server_env(workdir: Path, **settings: str) -> dict[str, str]:
     )
     env.update({f"SARTIQ_{name.upper()}": value for name, value in settings.items()})
     return env
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A process that ran to its end."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_process(
+    argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Finished:
+    """Run a command to its end without blocking the event loop."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    code = process.returncode if process.returncode is not None else -1
+    return Finished(code, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 class ServerProcess:

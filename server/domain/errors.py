@@ -8,6 +8,8 @@ DomainError
 ├── ResourceExhaustedError    admission limits hit; carries a retry delay
 ├── UnimplementedError        a feature that is not available yet
 └── IllegalTransitionError    a bug: a state machine was asked for a forbidden move
+
+StartupError                  the service cannot start; the message tells the operator why
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ class IllegalTransitionError(DomainError):
     """A forbidden state change was attempted: always a bug."""
 
     reason = "ILLEGAL_TRANSITION"
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (bad database, port in use, ...); the message says why."""
 
 
 class Violations:

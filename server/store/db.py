@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
@@ -16,27 +17,43 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
-def create_engine(settings: DatabaseSettings) -> AsyncEngine:
-    """Build the process's engine, with SQLite pragmas set on every new connection.
+def create_engine(
+    settings: DatabaseSettings, *, foreign_keys: bool = True, **options: Any
+) -> AsyncEngine:
+    """Build an engine, with SQLite set up on every new connection.
+
+    SQLite connections run in WAL mode with ``synchronous=NORMAL``, a busy timeout and
+    foreign keys on (unless ``foreign_keys`` is false, for migrations). The driver's own
+    transaction handling is switched off and ``BEGIN`` is emitted here instead: the
+    stock driver never begins a transaction before DDL, so a migration would commit
+    table by table (the SQLAlchemy recipe for pysqlite/aiosqlite).
 
     Args:
         settings: where the database is and how to talk to it.
+        foreign_keys: enforce foreign keys on SQLite connections.
+        options: passed to ``create_async_engine``.
 
     Returns:
         The async engine; the caller owns it and must ``dispose()`` it.
     """
-    engine = create_async_engine(settings.url, echo=settings.echo)
+    engine = create_async_engine(settings.url, echo=settings.echo, **options)
     if is_sqlite(settings.url):
-        busy = settings.busy_timeout_ms
+        busy = int(settings.busy_timeout_ms)
+        keys = "ON" if foreign_keys else "OFF"
 
         @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        def _setup(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # autocommit at the driver; we say BEGIN
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute(f"PRAGMA busy_timeout={int(busy)}")
-            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={busy}")
+            cursor.execute(f"PRAGMA foreign_keys={keys}")
             cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN")
 
     return engine
 

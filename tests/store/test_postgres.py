@@ -54,9 +54,10 @@ async def pg_url() -> AsyncIterator[str]:
 
 
 async def test_migrated_schema_equals_models_on_postgres(pg_url: str) -> None:
-    engine = create_engine(DatabaseSettings(url=pg_url))
+    settings = DatabaseSettings(url=pg_url)
+    engine = create_engine(settings)
     try:
-        await upgrade_to_head(engine)
+        await upgrade_to_head(settings)
         async with engine.connect() as conn:
             assert await conn.run_sync(schema_diff) == []
     finally:

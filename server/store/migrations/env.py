@@ -14,6 +14,9 @@ def _run(connection: Connection) -> None:
         target_metadata=Base.metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # Every dialect we run on can roll DDL back (SQLite once BEGIN is ours, see
+        # server.store.db), so all pending migrations commit together or not at all.
+        transactional_ddl=True,
     )
     with context.begin_transaction():
         context.run_migrations()
