@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -90,6 +91,11 @@ class App:
             single_writer=is_sqlite(s.database.url),
         )
         artifacts = FileArtifactStore(s.media.artifact_dir)
+        swept = await asyncio.to_thread(
+            artifacts.sweep_temporary, max_age=s.media.stale_temp_after
+        )
+        if swept:
+            log.info("removed %d stale temporary artifact files", swept)
         self._compute = self._compute_override or _local_backend(s, artifacts)
         self._engine = Engine(store, self._compute, artifacts, settings=s.orchestration)
         generations = GenerationService(

@@ -61,6 +61,11 @@ class MediaSettings(BaseModel):
     artifact_dir: Path = Path("./var/artifacts")
     max_input_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_input_pixels: int = Field(default=40_000_000, ge=1)
+    stale_temp_after: float = Field(
+        default=3600.0,
+        ge=0,
+        description="seconds after which a temporary artifact file of another host is stale",
+    )
 
 
 class ComputeSettings(BaseModel):

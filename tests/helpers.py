@@ -47,6 +47,7 @@ __all__ = [
     "schema_diff",
     "wait_submitted",
     "wait_terminal",
+    "watch_all",
 ]
 
 TERMINAL = {
@@ -175,3 +176,13 @@ async def wait_submitted(fake: FakeComputeBackend, count: int) -> None:
         return len(fake.tasks) >= count
 
     await assert_eventually(enough)
+
+
+async def watch_all(
+    stub: GenerationStub, generation_id: str, after: int = 0
+) -> list[resources_pb2.GenerationEvent]:
+    """Every event of a generation after ``after``, to the stream's end."""
+    call = stub.WatchGeneration(
+        service_pb2.WatchGenerationRequest(generation_id=generation_id, after_sequence=after)
+    )
+    return [item.event async for item in call if item.HasField("event")]

@@ -203,6 +203,7 @@ def task(row: Task) -> resources_pb2.Task:
         status=enum_to_proto(row.status, TaskStatus),
         progress=row.progress,
         attempt=row.attempt,
+        previous_compute_task_ids=row.previous_compute_task_ids,
         compute_task_id=row.compute_task_id or "",
         parameters=struct(row.params),
         error=_payload_error(task_error(row)),
@@ -310,6 +311,8 @@ def event(record: EventRecord) -> resources_pb2.GenerationEvent:
                 compute_task_id=payload["compute_task_id"],
                 attempt=payload["attempt"],
                 error=err,
+                previous_compute_task_ids=payload.get("previous_compute_task_ids", []),
+                note=payload.get("note", ""),
             )
         )
     return result

@@ -49,6 +49,7 @@ class FakeComputeBackend:
     def __init__(self, *, hold: bool = False) -> None:
         self.hold = hold
         self.tasks: dict[str, FakeTask] = {}
+        self.submit_calls: list[TaskRequest] = []
         self.submitted: list[TaskRequest] = []
         self.cancelled: list[str] = []
         self.submit_faults: list[Exception] = []
@@ -59,7 +60,12 @@ class FakeComputeBackend:
         self._ids = itertools.count(1)
 
     async def submit(self, request: TaskRequest) -> str:
-        """Accept a task, or raise the next scripted submit fault."""
+        """Accept a task, or raise the next scripted submit fault.
+
+        Every call is recorded in ``submit_calls`` first, faults and repeated keys
+        included; ``submitted`` holds the tasks actually created.
+        """
+        self.submit_calls.append(request)
         if self.submit_faults:
             raise self.submit_faults.pop(0)
         if request.idempotency_key in self._by_key:

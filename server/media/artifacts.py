@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,41 @@ _EXTENSIONS = {
     "image/webp": ".webp",
     "video/mp4": ".mp4",
 }
+
+
+_TEMP = ".tmp-"
+
+
+def _temp_prefix() -> str:
+    """Temporary files name their writer: ``.tmp-<host>-<pid>-``."""
+    return f"{_TEMP}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _writer_is_alive(name: str) -> bool:
+    """Whether the writer a temporary file names may still be writing it."""
+    try:
+        host, pid, _ = name.removeprefix(_TEMP).rsplit("-", 2)
+        pid_number = int(pid)
+    except ValueError:
+        return False  # not ours, or from a release that did not name the writer
+    if host != socket.gethostname():
+        return True  # another host's process: only its age can tell
+    if pid_number == os.getpid():
+        return True
+    try:
+        os.kill(pid_number, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +87,7 @@ class FileArtifactStore:
         path = self.path_for(sha256, mime_type)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix())
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
@@ -61,6 +98,22 @@ class FileArtifactStore:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         return StoredBlob(sha256, len(data), path.as_uri(), path)
+
+    def sweep_temporary(self, *, max_age: float) -> int:
+        """Remove temporary files that no write will ever finish; returns how many.
+
+        A temporary file is stale when the process that wrote it, on this host, is gone
+        (it was killed between writing and renaming), or when it is older than
+        ``max_age`` seconds (its writer may be another host sharing the directory).
+        """
+        removed = 0
+        now = time.time()
+        for tmp in self._root.glob(f"*/{_TEMP}*"):
+            if _writer_is_alive(tmp.name) and now - _mtime(tmp) < max_age:
+                continue
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     async def put(self, data: bytes, mime_type: str) -> StoredBlob:
         """Write ``data`` off the event loop."""

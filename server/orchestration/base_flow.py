@@ -94,10 +94,28 @@ class BaseWorkflow:
             try:
                 await self._follow(generation_id, task.id, compute_id)
             except UnknownComputeTaskError:
-                log.info("compute lost task %s; submitting it again", task.id)
+                # Compute no longer knows the task (the local backend's tasks die with the
+                # process; a remote one may have restarted): run it again as a new attempt.
+                log.info("compute lost task %s (%s); submitting it again", task.id, compute_id)
+                await self._record_lost(generation_id, task.id, compute_id)
                 compute_id = await self._submit(generation_id, task.id, request)
                 if compute_id is not None:
                     await self._follow(generation_id, task.id, compute_id)
+
+    async def _record_lost(self, generation_id: str, task_id: str, compute_id: str) -> None:
+        """Start the task's next attempt, keeping the lost compute id on the record."""
+        async with self._store.write() as uow:
+            generation = await _load(uow, generation_id)
+            row, _ = _find_task(generation, task_id)
+            row.previous_compute_task_ids = [*row.previous_compute_task_ids, compute_id]
+            row.compute_task_id = None
+            row.attempt += 1
+            row.progress = 0.0
+            note = (
+                f"compute backend {self._compute.name!r} no longer knows task {compute_id} "
+                f"(its work was lost, e.g. it restarted); submitting attempt {row.attempt}"
+            )
+            uow.task_event(generation, row, EventKind.TASK, note=note)
 
     async def _submit(self, generation_id: str, task_id: str, request: TaskRequest) -> str | None:
         """Submit with capped, jittered backoff on transient errors; None if it failed."""

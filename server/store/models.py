@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -197,8 +198,14 @@ class Task(Base):
     task_type: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
+    # Submissions to compute so far: a task compute lost (e.g. the local backend died
+    # with the process) is submitted again as the next attempt.
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     compute_task_id: Mapped[str | None] = mapped_column(String(128))
+    # Compute ids of the earlier attempts, oldest first.
+    previous_compute_task_ids: Mapped[list[str]] = mapped_column(
+        JSON, default=list, server_default=text("'[]'")
+    )
     params: Mapped[dict[str, Any]]
     error_category: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)

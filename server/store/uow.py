@@ -174,8 +174,13 @@ class UnitOfWork:
             task.error_category, task.error_message = error
         self.task_event(generation, task, EventKind.TASK)
 
-    def task_event(self, generation: Generation, task: Task, kind: EventKind) -> None:
-        """Record the task's current state (a status change or progress)."""
+    def task_event(
+        self, generation: Generation, task: Task, kind: EventKind, *, note: str = ""
+    ) -> None:
+        """Record the task's current state (a status change, progress, or a resubmission).
+
+        ``note`` says why, when the status alone does not.
+        """
         payload = {
             "task_id": task.id,
             "prediction_id": task.prediction_id,
@@ -183,8 +188,11 @@ class UnitOfWork:
             "progress": task.progress,
             "compute_task_id": task.compute_task_id or "",
             "attempt": task.attempt,
+            "previous_compute_task_ids": list(task.previous_compute_task_ids),
             "error": task_error(task),
         }
+        if note:
+            payload["note"] = note
         self.emit(generation, kind, payload, terminal=False)
 
 

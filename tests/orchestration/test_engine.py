@@ -20,6 +20,7 @@ from helpers import (
     rich_status,
     wait_submitted,
     wait_terminal,
+    watch_all,
 )
 
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, service_pb2
@@ -155,21 +156,39 @@ async def test_restart_reattaches_without_submitting_twice(tmp_path: Path) -> No
             compute.complete(compute_id)
         done = await wait_terminal(stub, generation_id)
     assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
-    assert len(compute.submitted) == 2
+    # Re-attached by the stored compute ids: not one submit call after the restart.
+    assert len(compute.submit_calls) == 2
+    assert all(p.tasks[0].attempt == 1 for p in done.predictions)
 
 
 async def test_restart_resubmits_tasks_the_compute_server_lost(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    generation_id, task_ids = await _start_and_stop_midway(settings, FakeComputeBackend())
-    fresh = FakeComputeBackend()
+    first = FakeComputeBackend()
+    generation_id, task_ids = await _start_and_stop_midway(settings, first)
+    lost = {task.request.idempotency_key: compute_id for compute_id, task in first.tasks.items()}
+    fresh = FakeComputeBackend()  # knows none of them, as a restarted local backend
     async with (
         App(settings, compute=fresh) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
     ):
-        done = await wait_terminal(GenerationStub(channel), generation_id)
+        stub = GenerationStub(channel)
+        done = await wait_terminal(stub, generation_id)
+        events = await watch_all(stub, generation_id)
     assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
-    assert sorted(r.idempotency_key for r in fresh.submitted) == task_ids
+    assert sorted(r.idempotency_key for r in fresh.submit_calls) == task_ids
     assert done.prediction_counts.completed == 2
+    # The record says the work ran twice: a second attempt, both compute ids kept.
+    for prediction in done.predictions:
+        task = prediction.tasks[0]
+        assert task.attempt == 2
+        assert list(task.previous_compute_task_ids) == [lost[task.id]]
+        assert task.compute_task_id in fresh.tasks
+    notes = [e.task for e in events if e.task.note]
+    assert sorted(n.task_id for n in notes) == task_ids
+    for note in notes:
+        assert note.attempt == 2
+        assert "no longer knows task" in note.note
+        assert list(note.previous_compute_task_ids) == [lost[note.task_id]]
 
 
 async def test_unexpected_error_fails_the_generation_without_leaking_it(

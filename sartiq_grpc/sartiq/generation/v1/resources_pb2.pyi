@@ -791,6 +791,7 @@ class Task(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     FINISH_TIME_FIELD_NUMBER: _builtins.int
+    PREVIOUS_COMPUTE_TASK_IDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned id (UUID)."""
     prediction_id: _builtins.str
@@ -802,7 +803,12 @@ class Task(_message.Message):
     progress: _builtins.float
     """Progress reported by the compute server, 0-1."""
     attempt: _builtins.int
-    """The AGENTIC attempt this task belongs to, 1-based; always 1 under BASE."""
+    """How many times this task has been submitted to compute, 1-based. It
+    grows when compute lost the task and it was run again: the local
+    backend's work dies with the server process, so after a restart its
+    unfinished tasks run again as a new attempt; a remote compute server that
+    still knows the task is re-attached instead and the attempt stays.
+    """
     compute_task_id: _builtins.str
     """The compute server's id for this task; empty until it was submitted."""
     @_builtins.property
@@ -827,6 +833,12 @@ class Task(_message.Message):
     def finish_time(self) -> _timestamp_pb2.Timestamp:
         """When it reached a terminal status; unset before."""
 
+    @_builtins.property
+    def previous_compute_task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Compute ids of this task's earlier attempts, oldest first (`attempt - 1`
+        of them); `compute_task_id` is the current attempt's.
+        """
+
     def __init__(
         self,
         *,
@@ -842,10 +854,11 @@ class Task(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         finish_time: _timestamp_pb2.Timestamp | None = ...,
+        previous_compute_task_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "parameters", b"parameters", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compute_task_id", b"compute_task_id", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "parameters", b"parameters", "prediction_id", b"prediction_id", "progress", b"progress", "start_time", b"start_time", "status", b"status", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compute_task_id", b"compute_task_id", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "parameters", b"parameters", "prediction_id", b"prediction_id", "previous_compute_task_ids", b"previous_compute_task_ids", "progress", b"progress", "start_time", b"start_time", "status", b"status", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1428,6 +1441,8 @@ class TaskChanged(_message.Message):
     COMPUTE_TASK_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PREVIOUS_COMPUTE_TASK_IDS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Id of the task."""
     prediction_id: _builtins.str
@@ -1439,10 +1454,21 @@ class TaskChanged(_message.Message):
     compute_task_id: _builtins.str
     """The compute server's id; empty until submitted."""
     attempt: _builtins.int
-    """The AGENTIC attempt it belongs to, 1-based; 1 under BASE."""
+    """How many times the task has been submitted to compute; see
+    `Task.attempt`.
+    """
+    note: _builtins.str
+    """Why the change happened when the status alone does not say, e.g. that
+    compute lost the task and a new attempt is being submitted. For humans;
+    empty otherwise.
+    """
     @_builtins.property
     def error(self) -> Global___Error:
         """Set when the status is FAILED or CANCELLED."""
+
+    @_builtins.property
+    def previous_compute_task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Compute ids of the task's earlier attempts, oldest first."""
 
     def __init__(
         self,
@@ -1454,10 +1480,12 @@ class TaskChanged(_message.Message):
         compute_task_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         error: Global___Error | None = ...,
+        previous_compute_task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compute_task_id", b"compute_task_id", "error", b"error", "prediction_id", b"prediction_id", "progress", b"progress", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "compute_task_id", b"compute_task_id", "error", b"error", "note", b"note", "prediction_id", b"prediction_id", "previous_compute_task_ids", b"previous_compute_task_ids", "progress", b"progress", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
