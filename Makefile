@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 
-.PHONY: install run test lint fmt check protos protos-check breaking bench demo clean
+.PHONY: install run test lint fmt check protos protos-check breaking bench chaos demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ breaking: $(BUF)
 bench: install
 	$(BIN)/python -m benchmarks.harness
 	$(BIN)/python -m benchmarks.streams
+
+## chaos: the long chaos run (kill -9 under load, killed first starts); SEED=n repeats one
+SEED ?= $(shell date +%s)
+chaos: install
+	$(BIN)/python tests/chaos_harness.py --long --seed $(SEED)
 
 ## demo: two reference images for the README tour, in var/demo
 demo: install

@@ -91,9 +91,7 @@ class App:
             single_writer=is_sqlite(s.database.url),
         )
         artifacts = FileArtifactStore(s.media.artifact_dir)
-        swept = await asyncio.to_thread(
-            artifacts.sweep_temporary, max_age=s.media.stale_temp_after
-        )
+        swept = await asyncio.to_thread(artifacts.sweep_temporary, max_age=s.media.stale_temp_after)
         if swept:
             log.info("removed %d stale temporary artifact files", swept)
         self._compute = self._compute_override or _local_backend(s, artifacts)
