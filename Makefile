@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
+NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
 
 .PHONY: install run test lint fmt check protos protos-check breaking bench chaos demo clean
 
@@ -16,6 +17,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The Node.js example client, run by the suite against a real server.
+$(NODE_EXAMPLE): examples/node/package.json examples/node/package-lock.json
+	npm ci --prefix examples/node --no-audit --no-fund --silent
+
 $(BUF):
 	npm install --prefix .tools --no-save --no-audit --no-fund --silent @bufbuild/buf@$(BUF_VERSION)
 
@@ -24,8 +29,8 @@ run: install
 	mkdir -p var
 	$(BIN)/python -m server
 
-## test: lint, check the generated stubs for drift, run the whole suite
-test: lint protos-check
+## test: lint, check the generated stubs for drift, run the whole suite (Node example included)
+test: lint protos-check $(NODE_EXAMPLE)
 	$(BIN)/python -m pytest
 
 ## lint: ruff (format + rules), mypy strict, buf lint
@@ -67,4 +72,4 @@ demo: install
 	$(BIN)/python scripts/demo_images.py var/demo
 
 clean:
-	rm -rf $(VENV) .tools var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools examples/node/node_modules var .pytest_cache .mypy_cache .ruff_cache

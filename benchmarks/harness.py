@@ -20,7 +20,7 @@ import grpc
 
 from benchmarks.common import png, server_process
 from sartiq_grpc.client import SartiqClient
-from sartiq_grpc.sartiq.generation.v1 import resources_pb2, service_pb2
+from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2, resources_pb2
 
 Call = Callable[[], Awaitable[object]]
 
@@ -74,17 +74,17 @@ async def _sartiq(figure: str, concurrency: int, seconds: float) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
         async with server_process("sartiq", tmp) as server, SartiqClient(server.target) as client:
             product = await client.create_entity("product", "bench", images=[png()])
-            request = service_pb2.CreateGenerationRequest(
+            request = generation_service_pb2.CreateGenerateGenerationRequest(
                 params=resources_pb2.GenerateParams(
                     product_id=product.id, shot_type_string="front", width=64, height=64
                 )
             )
 
             async def create() -> object:
-                return await client.generations.CreateGeneration(request)
+                return await client.generations.CreateGenerateGeneration(request)
 
             async def end_to_end() -> object:
-                generation = (await client.generations.CreateGeneration(request)).generation
+                generation = (await client.generations.CreateGenerateGeneration(request)).generation
                 async for _ in client.watch(generation.id):
                     pass
                 return generation

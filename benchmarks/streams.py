@@ -25,7 +25,7 @@ import grpc
 
 from benchmarks.common import png, server_process
 from sartiq_grpc.client import SartiqClient
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2, service_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2
 
 _LIVE = [enums_pb2.GENERATION_STATUS_PENDING, enums_pb2.GENERATION_STATUS_PROCESSING]
 
@@ -40,7 +40,7 @@ async def _read_to_end(call: Any, since: float, latencies: list[float]) -> int:
     while (item := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
         if not item.HasField("event"):
             continue
-        made = item.event.time.ToDatetime(tzinfo=UTC).timestamp()
+        made = item.event.event_time.ToDatetime(tzinfo=UTC).timestamp()
         if made >= since:
             count += 1
             latencies.append(time.time() - made)
@@ -74,7 +74,7 @@ async def fan_out(watchers: int) -> dict[str, float]:
             generation = await client.generate(
                 product_id=product.id, shot_type_string="front", batch_size=16, width=64, height=64
             )
-            request = service_pb2.WatchGenerationRequest(generation_id=generation.id)
+            request = generation_service_pb2.WatchGenerationRequest(generation_id=generation.id)
             before = server.rss_kib()
             calls = [client.generations.WatchGeneration(request) for _ in range(watchers)]
             await asyncio.gather(*(call.read() for call in calls))
@@ -117,10 +117,10 @@ async def recovery(count: int) -> dict[str, float]:
         started = time.perf_counter()
         async with server_process("sartiq", tmp) as server, SartiqClient(server.target) as client:
             serving = time.perf_counter() - started
-            live = service_pb2.GenerationFilter(statuses=_LIVE)
+            live = generation_service_pb2.GenerationFilter(statuses=_LIVE)
             while True:
                 page = await client.generations.ListGenerations(
-                    service_pb2.ListGenerationsRequest(page_size=1, filter=live)
+                    generation_service_pb2.ListGenerationsRequest(page_size=1, filter=live)
                 )
                 if not page.generations:
                     break

@@ -1,9 +1,14 @@
-"""The ``sartiq`` command line: catalog entries, generations, watching, and finding outputs."""
+"""The ``sartiq`` command line: uploads, catalog entries, generations, watching, downloads.
+
+Everything goes over gRPC, so it works from any machine that reaches the server:
+``--target host:port`` (or ``SARTIQ_TARGET``) and ``--api-key`` (or ``SARTIQ_API_KEY``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,13 +20,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2
 
+_EXTENSIONS = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "video/mp4": ".mp4",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sartiq", description=__doc__)
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
+    parser.add_argument(
+        "--target", default=os.environ.get("SARTIQ_TARGET", "127.0.0.1:50051"), help="host:port"
+    )
+    parser.add_argument("--api-key", default=os.environ.get("SARTIQ_API_KEY", ""))
     commands = parser.add_subparsers(dest="command", required=True)
+    upload = commands.add_parser("upload", help="upload an image; prints artifact:<sha256>")
+    upload.add_argument("file", type=Path)
     for kind in ("subject", "product", "style"):
-        sub = commands.add_parser(kind, help=f"create a {kind} from image files")
+        sub = commands.add_parser(kind, help=f"create a {kind} from image files; prints its id")
         sub.add_argument("name")
         sub.add_argument("--description", default="")
         sub.add_argument("--image", action="append", default=[], type=Path)
@@ -41,10 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         ("get", "print a generation as JSON"),
         ("watch", "print events until the end"),
         ("cancel", "cancel a generation"),
-        ("outputs", "print the output file of each completed prediction"),
     ):
         commands.add_parser(name, help=help_text).add_argument("generation_id")
+    outputs = commands.add_parser("outputs", help="download every completed output")
+    outputs.add_argument("generation_id")
+    outputs.add_argument("--dir", type=Path, default=Path("."), help="where to write them")
     commands.add_parser("list", help="list recent generations")
+    commands.add_parser("capabilities", help="what the server runs, as JSON")
     commands.add_parser("health", help="exit 0 when the server reports SERVING")
     return parser
 
@@ -59,33 +79,57 @@ async def _health(target: str) -> None:
     print("SERVING")
 
 
+async def _entity(client: SartiqClient, args: argparse.Namespace) -> None:
+    # Each image is uploaded first, so any size up to the server's upload limit works.
+    shas = [(await client.upload(path.read_bytes())).sha256 for path in args.image]
+    entity = await client.create_entity(
+        args.command, args.name, description=args.description, artifacts=shas
+    )
+    print(entity.id)
+
+
+async def _generate(client: SartiqClient, args: argparse.Namespace) -> None:
+    params = {
+        "subject_id": args.subject,
+        "product_id": args.product,
+        "style_id": args.style,
+        "shot_type_string": args.shot,
+        "batch_size": args.batch,
+        "width": args.width,
+        "height": args.height,
+        "generated_prompt": args.prompt,
+        "auto_generate_prompt": args.auto_prompt,
+    }
+    if args.seed is not None:
+        params["seed"] = args.seed
+    generation = await client.generate(request_id=args.request_id, **params)
+    print(generation.id)
+
+
+async def _outputs(client: SartiqClient, args: argparse.Namespace) -> None:
+    generation = await client.get(args.generation_id)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    for prediction in generation.predictions:
+        artifact = prediction.artifact
+        if not artifact.sha256:
+            continue
+        path = args.dir / f"{prediction.id}{_EXTENSIONS.get(artifact.mime_type, '.bin')}"
+        path.unlink(missing_ok=True)
+        await client.download(artifact.sha256, path)
+        print(path)
+
+
 async def _run(args: argparse.Namespace) -> None:
     if args.command == "health":
         await _health(args.target)
         return
-    async with SartiqClient(args.target) as client:
-        if args.command in ("subject", "product", "style"):
-            images = [path.read_bytes() for path in args.image]
-            entity = await client.create_entity(
-                args.command, args.name, description=args.description, images=images
-            )
-            print(entity.id)
+    async with SartiqClient(args.target, api_key=args.api_key) as client:
+        if args.command == "upload":
+            print(f"artifact:{(await client.upload(args.file.read_bytes())).sha256}")
+        elif args.command in ("subject", "product", "style"):
+            await _entity(client, args)
         elif args.command == "generate":
-            params = {
-                "subject_id": args.subject,
-                "product_id": args.product,
-                "style_id": args.style,
-                "shot_type_string": args.shot,
-                "batch_size": args.batch,
-                "width": args.width,
-                "height": args.height,
-                "generated_prompt": args.prompt,
-                "auto_generate_prompt": args.auto_prompt,
-            }
-            if args.seed is not None:
-                params["seed"] = args.seed
-            generation = await client.generate(request_id=args.request_id, **params)
-            print(generation.id)
+            await _generate(client, args)
         elif args.command == "get":
             print(json_format.MessageToJson(await client.get(args.generation_id)))
         elif args.command == "cancel":
@@ -94,13 +138,14 @@ async def _run(args: argparse.Namespace) -> None:
         elif args.command == "watch":
             async for event in client.watch(args.generation_id):
                 payload = event.WhichOneof("payload") or ""
-                detail = json_format.MessageToDict(getattr(event, payload)) if payload else {}
-                print(event.sequence, enums_pb2.EventKind.Name(event.kind), detail, flush=True)
+                detail = getattr(event, payload) if payload else None
+                status = enums_pb2.EventKind.Name(event.kind)
+                summary = json_format.MessageToDict(detail) if detail is not None else {}
+                print(event.sequence, status, summary.get("status", ""), flush=True)
         elif args.command == "outputs":
-            generation = await client.get(args.generation_id)
-            for prediction in generation.predictions:
-                if prediction.artifact.uri:
-                    print(prediction.artifact.uri.removeprefix("file://"))
+            await _outputs(client, args)
+        elif args.command == "capabilities":
+            print(json_format.MessageToJson(await client.capabilities()))
         else:
             generations, _ = await client.list()
             for item in generations:

@@ -1,40 +1,75 @@
 """A small hand-written async client over the generated stubs.
 
-async with SartiqClient("127.0.0.1:50051") as client:
-product = await client.create_product("Red dress", images=[png_bytes])
-generation = await client.generate(product_id=product.id, shot_type_string="full-body")
-async for event in client.watch(generation.id):
-print(event.sequence, event.kind)
+    async with SartiqClient("127.0.0.1:50051", api_key="...") as client:
+        image = await client.upload(Path("dress.png").read_bytes())
+        product = await client.create_entity("product", "Red dress",
+                                             artifacts=[image.sha256])
+        generation = await client.generate(product_id=product.id,
+                                           shot_type_string="full-body")
+        async for event in client.watch(generation.id):
+            print(event.sequence, event.kind)
+        done = await client.get(generation.id)
+        await client.download(done.predictions[0].artifact.sha256, Path("out.png"))
+
+Everything goes over gRPC: uploads and downloads stream bytes, so the client needs no
+access to the server's disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from sartiq_grpc.sartiq.generation.v1 import resources_pb2, service_pb2, service_pb2_grpc
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2, catalog_service_pb2_grpc
+from sartiq_grpc.sartiq.generation.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    generation_service_pb2,
+    generation_service_pb2_grpc,
+    resources_pb2,
+)
 
 if TYPE_CHECKING:
-    from sartiq_grpc.sartiq.catalog.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
-    from sartiq_grpc.sartiq.generation.v1.service_pb2_grpc import GenerationServiceAsyncStub
+    from sartiq_grpc.sartiq.catalog.v1.catalog_service_pb2_grpc import CatalogServiceAsyncStub
+    from sartiq_grpc.sartiq.generation.v1.artifact_service_pb2_grpc import (
+        ArtifactServiceAsyncStub,
+    )
+    from sartiq_grpc.sartiq.generation.v1.generation_service_pb2_grpc import (
+        GenerationServiceAsyncStub,
+    )
 
+CHUNK_BYTES = 1024 * 1024
 _CATALOG_KINDS = ("subject", "product", "style")
 
 
 class SartiqClient:
-    """Generation and catalog calls over one channel; use it as an async context manager."""
+    """Generation, artifact and catalog calls over one channel; an async context manager.
 
-    def __init__(self, target: str, *, metadata: Sequence[tuple[str, str]] = ()) -> None:
+    Args:
+        target: ``host:port`` of the server.
+        api_key: sent as ``authorization: Bearer <key>``; omit for a development server.
+        metadata: extra call metadata for every call.
+    """
+
+    def __init__(
+        self, target: str, *, api_key: str = "", metadata: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(target)
-        self._metadata = tuple(metadata)
-        self.generations: GenerationServiceAsyncStub = service_pb2_grpc.GenerationServiceStub(
+        auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = (*auth, *metadata)
+        self.generations: GenerationServiceAsyncStub = (
+            generation_service_pb2_grpc.GenerationServiceStub(self._channel)
+        )
+        self.artifacts: ArtifactServiceAsyncStub = artifact_service_pb2_grpc.ArtifactServiceStub(
             self._channel
         )
-        self.catalog: CatalogServiceAsyncStub = catalog_pb2_grpc.CatalogServiceStub(self._channel)
+        self.catalog: CatalogServiceAsyncStub = catalog_service_pb2_grpc.CatalogServiceStub(
+            self._channel
+        )
 
     async def __aenter__(self) -> SartiqClient:
         return self
@@ -51,18 +86,54 @@ class SartiqClient:
         """Close the channel."""
         await self._channel.close(grace=None)
 
+    async def upload(self, data: bytes) -> resources_pb2.Artifact:
+        """Upload an image in 1 MiB chunks; returns its artifact (use ``artifact:<sha256>``)."""
+
+        async def requests() -> AsyncIterator[artifact_service_pb2.UploadArtifactRequest]:
+            header = artifact_service_pb2.UploadArtifactHeader(size_bytes=len(data))
+            yield artifact_service_pb2.UploadArtifactRequest(header=header)
+            for start in range(0, len(data), CHUNK_BYTES):
+                chunk = data[start : start + CHUNK_BYTES]
+                yield artifact_service_pb2.UploadArtifactRequest(chunk=chunk)
+
+        response = await self.artifacts.UploadArtifact(requests(), metadata=self._metadata)
+        return response.artifact
+
+    async def download(self, sha256: str, destination: Path) -> resources_pb2.Artifact:
+        """Download an artifact to ``destination``, resuming a partial file if one is there.
+
+        Bytes already in ``destination`` are kept and the download continues from its
+        size, so calling again after a cut connection fetches only the rest.
+        """
+        # A local file, written as chunks arrive: small blocking writes, as any CLI does.
+        with destination.open("ab") as handle:
+            offset = handle.tell()
+            request = artifact_service_pb2.DownloadArtifactRequest(sha256=sha256, offset=offset)
+            artifact = resources_pb2.Artifact()
+            async for item in self.artifacts.DownloadArtifact(request, metadata=self._metadata):
+                if item.HasField("artifact"):
+                    artifact = item.artifact
+                handle.write(item.chunk)
+        return artifact
+
     async def create_entity(
-        self, kind: str, name: str, *, description: str = "", images: Sequence[bytes] = ()
+        self,
+        kind: str,
+        name: str,
+        *,
+        description: str = "",
+        images: Sequence[bytes] = (),
+        artifacts: Sequence[str] = (),
     ) -> Any:
-        """Create a subject, product or style with inline reference images."""
+        """Create a subject, product or style from inline images and/or uploaded artifacts."""
         if kind not in _CATALOG_KINDS:
             raise ValueError(f"kind must be one of {_CATALOG_KINDS}")
-        request_type = getattr(catalog_pb2, f"Create{kind.title()}Request")
-        request = request_type(
-            name=name,
-            description=description,
-            reference_images=[catalog_pb2.ImageInput(data=data) for data in images],
-        )
+        request_type = getattr(catalog_service_pb2, f"Create{kind.title()}Request")
+        references = [catalog_service_pb2.ImageInput(data=data) for data in images]
+        references += [
+            catalog_service_pb2.ImageInput(artifact=f"artifact:{sha}") for sha in artifacts
+        ]
+        request = request_type(name=name, description=description, reference_images=references)
         method = getattr(self.catalog, f"Create{kind.title()}")
         response = await method(request, metadata=self._metadata)
         return getattr(response, kind)
@@ -71,37 +142,45 @@ class SartiqClient:
         self, *, request_id: str = "", labels: dict[str, str] | None = None, **params: Any
     ) -> resources_pb2.Generation:
         """Start a GENERATE generation (BASE) and return it in PENDING."""
-        request = service_pb2.CreateGenerationRequest(
+        request = generation_service_pb2.CreateGenerateGenerationRequest(
             request_id=request_id,
             labels=labels or {},
             params=resources_pb2.GenerateParams(**params),
         )
-        response = await self.generations.CreateGeneration(request, metadata=self._metadata)
+        response = await self.generations.CreateGenerateGeneration(request, metadata=self._metadata)
         return response.generation
 
     async def get(self, generation_id: str) -> resources_pb2.Generation:
         """Read a generation with its predictions and tasks."""
-        request = service_pb2.GetGenerationRequest(generation_id=generation_id)
+        request = generation_service_pb2.GetGenerationRequest(generation_id=generation_id)
         response = await self.generations.GetGeneration(request, metadata=self._metadata)
         return response.generation
 
     async def list(self, page_size: int = 20, page_token: str = "") -> tuple[list[Any], str]:
         """One page of generations, newest first, and the next page's token."""
-        request = service_pb2.ListGenerationsRequest(page_size=page_size, page_token=page_token)
+        request = generation_service_pb2.ListGenerationsRequest(
+            page_size=page_size, page_token=page_token
+        )
         response = await self.generations.ListGenerations(request, metadata=self._metadata)
         return list(response.generations), response.next_page_token
 
     async def cancel(self, generation_id: str) -> resources_pb2.Generation:
         """Cancel a generation."""
-        request = service_pb2.CancelGenerationRequest(generation_id=generation_id)
+        request = generation_service_pb2.CancelGenerationRequest(generation_id=generation_id)
         response = await self.generations.CancelGeneration(request, metadata=self._metadata)
         return response.generation
+
+    async def capabilities(self) -> generation_service_pb2.GetCapabilitiesResponse:
+        """What the server runs: strategies and their limits, orchestration types, backend."""
+        return await self.generations.GetCapabilities(
+            generation_service_pb2.GetCapabilitiesRequest(), metadata=self._metadata
+        )
 
     async def watch(
         self, generation_id: str, after_sequence: int = 0
     ) -> AsyncIterator[resources_pb2.GenerationEvent]:
         """Yield the generation's events until its terminal one (heartbeats are skipped)."""
-        request = service_pb2.WatchGenerationRequest(
+        request = generation_service_pb2.WatchGenerationRequest(
             generation_id=generation_id, after_sequence=after_sequence
         )
         async for item in self.generations.WatchGeneration(request, metadata=self._metadata):

@@ -49,7 +49,13 @@ def proto_files() -> list[str]:
     Raises:
         SystemExit: If no .proto file is found.
     """
-    files = sorted(p.relative_to(PROTO_DIR).as_posix() for p in PROTO_DIR.rglob("*.proto"))
+    # Vendored third-party protos have Python modules of their own (googleapis-common-protos,
+    # grpcio-health-checking); only ours are generated here.
+    files = sorted(
+        p.relative_to(PROTO_DIR).as_posix()
+        for p in PROTO_DIR.rglob("*.proto")
+        if p.relative_to(PROTO_DIR).parts[0] != "third_party"
+    )
     if not files:
         raise SystemExit(f"no .proto files under {PROTO_DIR}")
     return files

@@ -6,9 +6,6 @@ import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
-
-from sqlalchemy.engine import make_url
 
 from server.app import App
 from server.config import Settings
@@ -30,10 +27,6 @@ def main() -> None:
     """Parse the settings once and serve."""
     settings = Settings()
     configure(settings.log_level)
-    settings.media.artifact_dir.mkdir(parents=True, exist_ok=True)
-    url = make_url(settings.database.url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:

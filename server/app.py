@@ -9,9 +9,12 @@ import re
 from pathlib import Path
 from types import TracebackType
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.api.server import GrpcServer, build_server
+from server.api.auth import Authenticator, load_keys
+from server.api.server import GrpcServer, Services, build_server
+from server.artifacts.service import ArtifactService
 from server.catalog.service import CatalogService
 from server.compute.base import ComputeBackend
 from server.compute.local import LocalComputeBackend
@@ -29,12 +32,12 @@ from server.strategies.base import StrategyRegistry
 from server.strategies.generate import GenerateStrategy
 
 log = logging.getLogger(__name__)
-_ARTIFACT_URI = re.compile(r"^artifact:([0-9a-f]{64})$")
+_ARTIFACT_URI = re.compile(r"artifact:([0-9a-f]{64})")
 
 
 def _local_backend(settings: Settings, artifacts: FileArtifactStore) -> LocalComputeBackend:
     def resolve(uri: str) -> bytes:
-        match = _ARTIFACT_URI.match(uri)
+        match = _ARTIFACT_URI.fullmatch(uri)
         if match is None:
             raise FileNotFoundError(f"cannot resolve {uri!r}")
         return artifacts.find_sync(match.group(1)).read_bytes()
@@ -45,6 +48,14 @@ def _local_backend(settings: Settings, artifacts: FileArtifactStore) -> LocalCom
         workers=settings.compute.local_workers,
         max_input_pixels=settings.media.max_input_pixels,
     )
+
+
+def _prepare_directories(settings: Settings) -> None:
+    """Create the artifact directory and an SQLite database's directory if missing."""
+    settings.media.artifact_dir.mkdir(parents=True, exist_ok=True)
+    url = make_url(settings.database.url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -82,6 +93,7 @@ class App:
     async def start(self) -> None:
         """Migrate the database, build everything, resume unfinished work, and serve."""
         s = self.settings
+        _prepare_directories(s)
         await upgrade_to_head(s.database)
         self._db = create_engine(s.database)
         self._bus = EventBus(s.server.watch_buffer)
@@ -96,12 +108,28 @@ class App:
             log.info("removed %d stale temporary artifact files", swept)
         self._compute = self._compute_override or _local_backend(s, artifacts)
         self._engine = Engine(store, self._compute, artifacts, settings=s.orchestration)
-        generations = GenerationService(
-            store, self._engine, StrategyRegistry([GenerateStrategy()]), settings=s.orchestration
+        services = Services(
+            generations=GenerationService(
+                store,
+                self._engine,
+                StrategyRegistry([GenerateStrategy()]),
+                settings=s.orchestration,
+                media=s.media,
+                compute_backend=self._compute.name,
+            ),
+            watcher=Watcher(store, heartbeat_interval=s.server.heartbeat_interval),
+            artifacts=ArtifactService(store, artifacts, media=s.media),
+            catalog=CatalogService(store, artifacts, media=s.media),
         )
-        watcher = Watcher(store, heartbeat_interval=s.server.heartbeat_interval)
-        catalog = CatalogService(store, artifacts, media=s.media)
-        self._grpc = build_server(s.server, generations, watcher, catalog)
+        auth = Authenticator(
+            load_keys(s.auth), development_organization=s.server.default_organization
+        )
+        if auth.development_mode:
+            log.warning(
+                "no API keys configured: development mode, every call is organization %r",
+                s.server.default_organization,
+            )
+        self._grpc = build_server(s.server, services, auth)
         await self._grpc.server.start()
         await self._engine.start()
         await self._grpc.mark_serving()

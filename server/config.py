@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -35,11 +35,31 @@ class ServerSettings(BaseModel):
         description="live events buffered per watcher before it resumes from the store",
     )
     default_organization: str = Field(
-        default="default", description="tenant of every call until authentication lands"
+        default="default", description="tenant of every call in development mode (no API keys)"
     )
     port_file: Path | None = Field(
         default=None,
         description="where to write the bound port once serving (for port 0 and supervisors)",
+    )
+
+
+class ApiKey(BaseModel):
+    """One API key and the organization its bearer acts for."""
+
+    model_config = _FROZEN
+
+    organization: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    key: SecretStr = Field(min_length=16)
+
+
+class AuthSettings(BaseModel):
+    """Who may call. Without keys the server runs in development mode (one organization)."""
+
+    model_config = _FROZEN
+
+    api_keys: tuple[ApiKey, ...] = ()
+    api_keys_file: Path | None = Field(
+        default=None, description="a JSON list of {organization, key}, read at start"
     )
 
 
@@ -61,6 +81,7 @@ class MediaSettings(BaseModel):
     artifact_dir: Path = Path("./var/artifacts")
     max_input_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_input_pixels: int = Field(default=40_000_000, ge=1)
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     stale_temp_after: float = Field(
         default=3600.0,
         ge=0,
@@ -98,6 +119,7 @@ class Settings(BaseSettings):
     )
 
     server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
     database: DatabaseSettings = DatabaseSettings()
     media: MediaSettings = MediaSettings()
     compute: ComputeSettings = ComputeSettings()

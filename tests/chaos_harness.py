@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import TERMINAL, CatalogStub, GenerationStub, png_bytes
 from procs import ServerProcess
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2
 from sartiq_grpc.sartiq.generation.v1 import (
     enums_pb2,
+    generation_service_pb2,
     resources_pb2,
-    service_pb2,
 )
 
 T = TypeVar("T")
@@ -204,15 +204,15 @@ class _Load:
         self.config = config
         self.report = report
         self.acked: dict[str, str] = {}  # request_id -> generation id
-        self.requests: dict[str, service_pb2.CreateGenerationRequest] = {}
+        self.requests: dict[str, generation_service_pb2.CreateGenerateGenerationRequest] = {}
         self.watch_results: list[tuple[str, list[int], bool]] = []
         self.product_id = ""
         self.stop = asyncio.Event()
 
     async def prepare(self) -> None:
-        request = catalog_pb2.CreateProductRequest(
+        request = catalog_service_pb2.CreateProductRequest(
             name="chaos dress",
-            reference_images=[catalog_pb2.ImageInput(data=png_bytes((180, 20, 60)))],
+            reference_images=[catalog_service_pb2.ImageInput(data=png_bytes((180, 20, 60)))],
         )
         response = await _call(
             self.report,
@@ -224,8 +224,10 @@ class _Load:
             raise AssertionError(f"could not create the product: {self.report.problems}")
         self.product_id = response.product.id
 
-    def _request(self, rng: random.Random) -> service_pb2.CreateGenerationRequest:
-        return service_pb2.CreateGenerationRequest(
+    def _request(
+        self, rng: random.Random
+    ) -> generation_service_pb2.CreateGenerateGenerationRequest:
+        return generation_service_pb2.CreateGenerateGenerationRequest(
             request_id=f"chaos-{uuid.UUID(int=rng.getrandbits(128)).hex}",
             labels={"run": "chaos"},
             params=resources_pb2.GenerateParams(
@@ -238,11 +240,13 @@ class _Load:
             ),
         )
 
-    async def _create(self, request: service_pb2.CreateGenerationRequest) -> str:
+    async def _create(self, request: generation_service_pb2.CreateGenerateGenerationRequest) -> str:
         response = await _call(
             self.report,
             "CreateGeneration",
-            lambda: self.stub.CreateGeneration(request, timeout=CALL_TIMEOUT, wait_for_ready=True),
+            lambda: self.stub.CreateGenerateGeneration(
+                request, timeout=CALL_TIMEOUT, wait_for_ready=True
+            ),
             time.monotonic() + 120,
         )
         return "" if response is None else response.generation.id
@@ -276,7 +280,7 @@ class _Load:
         while not ended and time.monotonic() < deadline:
             after = seen[-1] if seen else 0
             call = self.stub.WatchGeneration(
-                service_pb2.WatchGenerationRequest(
+                generation_service_pb2.WatchGenerationRequest(
                     generation_id=generation_id, after_sequence=after
                 ),
                 wait_for_ready=True,
@@ -302,7 +306,7 @@ class _Load:
                 continue
             generation_id = self.acked[rng.choice(sorted(self.acked))]
             call = self.stub.WatchGeneration(
-                service_pb2.WatchGenerationRequest(generation_id=generation_id)
+                generation_service_pb2.WatchGenerationRequest(generation_id=generation_id)
             )
             with contextlib.suppress(grpc.aio.AioRpcError):
                 for _ in range(rng.randint(1, 3)):
@@ -324,7 +328,7 @@ async def _verify(load: _Load, report: ChaosReport, settle_timeout: float) -> No
         while True:
             try:
                 got = await stub.GetGeneration(
-                    service_pb2.GetGenerationRequest(generation_id=generation_id),
+                    generation_service_pb2.GetGenerationRequest(generation_id=generation_id),
                     timeout=CALL_TIMEOUT,
                     wait_for_ready=True,
                 )
@@ -351,7 +355,7 @@ async def _check_uniqueness(load: _Load, report: ChaosReport) -> None:
     token = ""
     while True:
         page = await load.stub.ListGenerations(
-            service_pb2.ListGenerationsRequest(page_size=100, page_token=token),
+            generation_service_pb2.ListGenerationsRequest(page_size=100, page_token=token),
             timeout=CALL_TIMEOUT,
         )
         for generation in page.generations:
@@ -395,7 +399,8 @@ async def _check_log(
     stub: GenerationStub, generation: resources_pb2.Generation, report: ChaosReport
 ) -> None:
     call = stub.WatchGeneration(
-        service_pb2.WatchGenerationRequest(generation_id=generation.id), timeout=CALL_TIMEOUT
+        generation_service_pb2.WatchGenerationRequest(generation_id=generation.id),
+        timeout=CALL_TIMEOUT,
     )
     events = [item.event async for item in call if item.HasField("event")]
     sequences = [e.sequence for e in events]

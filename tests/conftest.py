@@ -10,7 +10,7 @@ import grpc
 import pytest
 from helpers import CatalogStub, GenerationStub, create_product, png_bytes
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import (
@@ -72,10 +72,10 @@ async def product_id(catalog: CatalogStub) -> str:
 @pytest.fixture
 async def subject_id(catalog: CatalogStub) -> str:
     response = await catalog.CreateSubject(
-        catalog_pb2.CreateSubjectRequest(
+        catalog_service_pb2.CreateSubjectRequest(
             name="Ana",
             description="a tall model",
-            reference_images=[catalog_pb2.ImageInput(data=png_bytes((90, 60, 40)))],
+            reference_images=[catalog_service_pb2.ImageInput(data=png_bytes((90, 60, 40)))],
         )
     )
     return response.subject.id

@@ -15,22 +15,27 @@ from google.rpc import error_details_pb2, status_pb2
 from PIL import Image, ImageDraw
 from sqlalchemy.engine import Connection
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2, service_pb2_grpc
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2, catalog_service_pb2_grpc
+from sartiq_grpc.sartiq.generation.v1 import (
+    enums_pb2,
+    generation_service_pb2,
+    generation_service_pb2_grpc,
+    resources_pb2,
+)
 from server.compute.fake import FakeComputeBackend
 from server.store.models import Base
 
 if TYPE_CHECKING:
     # The async stub types exist only in the generated .pyi files.
-    from sartiq_grpc.sartiq.catalog.v1.catalog_pb2_grpc import (
+    from sartiq_grpc.sartiq.catalog.v1.catalog_service_pb2_grpc import (
         CatalogServiceAsyncStub as CatalogStub,
     )
-    from sartiq_grpc.sartiq.generation.v1.service_pb2_grpc import (
+    from sartiq_grpc.sartiq.generation.v1.generation_service_pb2_grpc import (
         GenerationServiceAsyncStub as GenerationStub,
     )
 else:
-    CatalogStub = catalog_pb2_grpc.CatalogServiceStub
-    GenerationStub = service_pb2_grpc.GenerationServiceStub
+    CatalogStub = catalog_service_pb2_grpc.CatalogServiceStub
+    GenerationStub = generation_service_pb2_grpc.GenerationServiceStub
 
 __all__ = [
     "TERMINAL",
@@ -70,17 +75,21 @@ async def assert_eventually(
 
 
 async def wait_terminal(
-    stub: GenerationStub, generation_id: str, timeout: float = 30.0
+    stub: GenerationStub,
+    generation_id: str,
+    timeout: float = 30.0,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> resources_pb2.Generation:
-    """Poll GetGeneration until the generation is terminal, and return it."""
+    """Poll GetGeneration until the generation is done, and return it."""
     latest: list[resources_pb2.Generation] = []
 
     async def done() -> bool:
         response = await stub.GetGeneration(
-            service_pb2.GetGenerationRequest(generation_id=generation_id)
+            generation_service_pb2.GetGenerationRequest(generation_id=generation_id),
+            metadata=metadata,
         )
         latest[:] = [response.generation]
-        return response.generation.status in TERMINAL
+        return response.generation.done
 
     await assert_eventually(done, timeout)
     return latest[0]
@@ -115,9 +124,11 @@ def error_info(error: grpc.aio.AioRpcError) -> Any:
     raise AssertionError("no ErrorInfo detail")
 
 
-def generate_request(product_id: str, batch: int = 1) -> service_pb2.CreateGenerationRequest:
+def generate_request(
+    product_id: str, batch: int = 1
+) -> generation_service_pb2.CreateGenerateGenerationRequest:
     """A small valid GENERATE request for one product."""
-    return service_pb2.CreateGenerationRequest(
+    return generation_service_pb2.CreateGenerateGenerationRequest(
         params=resources_pb2.GenerateParams(
             product_id=product_id,
             shot_type_string="front",
@@ -130,7 +141,7 @@ def generate_request(product_id: str, batch: int = 1) -> service_pb2.CreateGener
 
 async def create_generation(stub: GenerationStub, product_id: str, batch: int = 1) -> str:
     """Create a small GENERATE generation and return its id."""
-    return (await stub.CreateGeneration(generate_request(product_id, batch))).generation.id
+    return (await stub.CreateGenerateGeneration(generate_request(product_id, batch))).generation.id
 
 
 def schema_diff(connection: Connection) -> list[Any]:
@@ -160,10 +171,10 @@ async def create_product(
 ) -> str:
     """Create a product with one real reference image and return its id."""
     response = await catalog.CreateProduct(
-        catalog_pb2.CreateProductRequest(
+        catalog_service_pb2.CreateProductRequest(
             name=name,
             description=description,
-            reference_images=[catalog_pb2.ImageInput(data=png_bytes(colour))],
+            reference_images=[catalog_service_pb2.ImageInput(data=png_bytes(colour))],
         )
     )
     return response.product.id
@@ -183,6 +194,8 @@ async def watch_all(
 ) -> list[resources_pb2.GenerationEvent]:
     """Every event of a generation after ``after``, to the stream's end."""
     call = stub.WatchGeneration(
-        service_pb2.WatchGenerationRequest(generation_id=generation_id, after_sequence=after)
+        generation_service_pb2.WatchGenerationRequest(
+            generation_id=generation_id, after_sequence=after
+        )
     )
     return [item.event async for item in call if item.HasField("event")]

@@ -6,13 +6,14 @@ from typing import Any
 
 import grpc
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2 as pb
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2_grpc
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2 as pb
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2_grpc
+from server.api.context import current_organization
 from server.api.convert import timestamp
 from server.api.errors import unary
-from server.catalog.service import CatalogService, EntityInput, ImageInput
+from server.catalog.service import CatalogService, EntityInput, ImageInput, LoraInput
 from server.domain.enums import CatalogKind
-from server.store.models import CatalogEntity
+from server.domain.model import CatalogEntity
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -27,59 +28,68 @@ def _entity_input(request: Any) -> EntityInput:
     images = [
         ImageInput(data=image.data)
         if image.WhichOneof("source") == "data"
-        else ImageInput(uri=image.uri)
+        else ImageInput(artifact=image.artifact)
         for image in request.reference_images
     ]
-    lora = request.lora
+    lora = None
+    if request.HasField("lora"):
+        lora = LoraInput(
+            uri=request.lora.uri,
+            default_weight=(
+                request.lora.default_weight if request.lora.HasField("default_weight") else None
+            ),
+        )
     return EntityInput(
         name=request.name,
         description=request.description,
         reference_images=images,
-        lora_uri=lora.uri,
-        lora_default_weight=lora.default_weight if lora.HasField("default_weight") else None,
+        lora=lora,
     )
 
 
-def _entity(row: CatalogEntity) -> Any:
-    lora = pb.Lora(uri=row.lora_uri)
-    if row.lora_default_weight is not None:
-        lora.default_weight = row.lora_default_weight
-    return _MESSAGES[CatalogKind(row.kind)](
-        id=row.id,
-        name=row.name,
-        description=row.description,
+def _entity(entity: CatalogEntity) -> Any:
+    lora = None
+    if entity.lora_uri:  # unset when the entity has none
+        lora = pb.Lora(uri=entity.lora_uri)
+        if entity.lora_default_weight is not None:
+            lora.default_weight = entity.lora_default_weight
+    return _MESSAGES[CatalogKind(entity.kind)](
+        id=entity.id,
+        name=entity.name,
+        description=entity.description,
         reference_images=[
             pb.ReferenceImage(
-                sha256=ref.artifact.sha256,
-                mime_type=ref.artifact.mime_type,
-                width=ref.artifact.width,
-                height=ref.artifact.height,
-                uri=ref.artifact.uri,
+                sha256=ref.sha256,
+                mime_type=ref.mime_type,
+                width=ref.width,
+                height=ref.height,
+                uri=ref.uri,
             )
-            for ref in row.reference_images
+            for ref in entity.reference_images
         ],
         lora=lora,
-        create_time=timestamp(row.created_at),
-        organization=row.organization,
+        create_time=timestamp(entity.created_at),
+        organization=entity.organization,
     )
 
 
-class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
+class CatalogServicer(catalog_service_pb2_grpc.CatalogServiceServicer):
     """The gRPC face of the catalog."""
 
-    def __init__(self, service: CatalogService, *, organization: str) -> None:
+    def __init__(self, service: CatalogService) -> None:
         self._service = service
-        self._organization = organization
 
     async def _create(self, kind: CatalogKind, request: Any) -> Any:
-        return _entity(await self._service.create(self._organization, kind, _entity_input(request)))
+        return _entity(
+            await self._service.create(current_organization(), kind, _entity_input(request))
+        )
 
     async def _get(self, kind: CatalogKind, entity_id: str) -> Any:
-        return _entity(await self._service.get(self._organization, kind, entity_id))
+        return _entity(await self._service.get(current_organization(), kind, entity_id))
 
     async def _list(self, kind: CatalogKind, request: Any) -> tuple[list[Any], str]:
         rows, token = await self._service.list(
-            self._organization, kind, request.page_size, request.page_token
+            current_organization(), kind, request.page_size, request.page_token
         )
         return [_entity(row) for row in rows], token
 
@@ -112,7 +122,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self, request: pb.DeleteSubjectRequest, context: Context
     ) -> pb.DeleteSubjectResponse:
         """Delete a subject."""
-        await self._service.delete(self._organization, CatalogKind.SUBJECT, request.subject_id)
+        await self._service.delete(current_organization(), CatalogKind.SUBJECT, request.subject_id)
         return pb.DeleteSubjectResponse()
 
     @unary
@@ -144,7 +154,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self, request: pb.DeleteProductRequest, context: Context
     ) -> pb.DeleteProductResponse:
         """Delete a product."""
-        await self._service.delete(self._organization, CatalogKind.PRODUCT, request.product_id)
+        await self._service.delete(current_organization(), CatalogKind.PRODUCT, request.product_id)
         return pb.DeleteProductResponse()
 
     @unary
@@ -172,5 +182,5 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self, request: pb.DeleteStyleRequest, context: Context
     ) -> pb.DeleteStyleResponse:
         """Delete a style."""
-        await self._service.delete(self._organization, CatalogKind.STYLE, request.style_id)
+        await self._service.delete(current_organization(), CatalogKind.STYLE, request.style_id)
         return pb.DeleteStyleResponse()

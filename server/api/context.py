@@ -3,20 +3,43 @@
 from __future__ import annotations
 
 import contextvars
+from dataclasses import dataclass
 
-_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What the interceptor learned about the call being served."""
+
+    request_id: str
+    organization: str
+
+
+_current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("call", default=None)
 
 
 def current_request_id() -> str:
     """The id of the call being served, or "-" outside of one."""
-    return _request_id.get()
+    call = _current.get()
+    return "-" if call is None else call.request_id
 
 
-def set_request_id(value: str) -> contextvars.Token[str]:
-    """Bind ``value`` as the current call's request id."""
-    return _request_id.set(value)
+def current_organization() -> str:
+    """The organization the call being served acts for.
+
+    Raises:
+        RuntimeError: outside a call that passed authentication (a wiring bug).
+    """
+    call = _current.get()
+    if call is None or not call.organization:
+        raise RuntimeError("no authenticated call in this context")
+    return call.organization
 
 
-def reset_request_id(token: contextvars.Token[str]) -> None:
-    """Restore the request id bound before ``set_request_id``."""
-    _request_id.reset(token)
+def bind(call: CallContext) -> contextvars.Token[CallContext | None]:
+    """Make ``call`` the current call."""
+    return _current.set(call)
+
+
+def unbind(token: contextvars.Token[CallContext | None]) -> None:
+    """Restore the call bound before ``bind``."""
+    _current.reset(token)

@@ -18,10 +18,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from server.api.context import current_request_id
 from server.domain import errors
+from server.domain.model import ERROR_DOMAIN
 
 log = logging.getLogger(__name__)
 
-ERROR_DOMAIN = "generation.sartiq"
 
 _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -31,6 +31,7 @@ _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.UnimplementedError: grpc.StatusCode.UNIMPLEMENTED,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -56,12 +57,11 @@ def status_for(error: errors.DomainError) -> tuple[grpc.StatusCode, status_pb2.S
             ]
         )
         details.append(_pack(bad))
-    metadata = {}
-    if isinstance(error, errors.NotFoundError) and error.field:
-        metadata["field"] = error.field
     details.append(
         _pack(
-            error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
+            error_details_pb2.ErrorInfo(
+                reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+            )
         )
     )
     if isinstance(error, errors.ResourceExhaustedError | errors.UnavailableError):
@@ -72,7 +72,12 @@ def status_for(error: errors.DomainError) -> tuple[grpc.StatusCode, status_pb2.S
     return code, status
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    """End the call with the status for ``exc`` (INTERNAL for anything unexpected).
+
+    Raises:
+        grpc.aio.AbortError: always, as ``context.abort`` does.
+    """
     if isinstance(exc, errors.DomainError) and not isinstance(exc, errors.IllegalTransitionError):
         code, status = status_for(exc)
     else:
@@ -113,7 +118,7 @@ def unary(
         except grpc.aio.AbortError:
             raise  # the method ended the call itself; aborting again would fail
         except Exception as exc:
-            await _abort(context, exc)
+            await abort_with(context, exc)
 
     return wrapper
 
@@ -133,6 +138,6 @@ def streaming(
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await abort_with(context, exc)
 
     return wrapper

@@ -8,103 +8,154 @@ from typing import Any
 
 import grpc
 
-from sartiq_grpc.sartiq.generation.v1 import service_pb2, service_pb2_grpc
-from server.api import convert
+from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
+from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2_grpc as pb_grpc
+from server.api import convert, requests
+from server.api.context import current_organization
+from server.api.enums import to_proto
 from server.api.errors import streaming, unary
-from server.domain.enums import Strategy
-from server.domain.errors import UnimplementedError
-from server.orchestration.service import GenerationService
+from server.domain.enums import GenerationType, Strategy, TaskType
+from server.orchestration.service import Capabilities, GenerationService
 from server.orchestration.watch import Watcher
 
 Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+# The create RPC of each strategy, by method name.
+CREATE_METHODS = {
+    Strategy.GENERATE: "CreateGenerateGeneration",
+    Strategy.EDITING: "CreateEditingGeneration",
+    Strategy.REFINE: "CreateRefineGeneration",
+    Strategy.VIDEO: "CreateVideoGeneration",
+    Strategy.BACKGROUND_FIXING: "CreateBackgroundFixingGeneration",
+    Strategy.IMAGE_ADJUSTING: "CreateImageAdjustingGeneration",
+    Strategy.FACE_FIXING: "CreateFaceFixingGeneration",
+}
 
 
-def _not_available(strategy: Strategy) -> Any:
-    """A create method for ``strategy`` that answers UNIMPLEMENTED with a clear message."""
+def _create_rpc(strategy: Strategy, response: type[Any], decode: Any) -> Any:
+    """The create method of one strategy: options and params decoded, the service called."""
 
-    async def create(self: Any, request: Any, context: Context) -> Any:
-        raise UnimplementedError(
-            f"strategy {strategy.value} is part of the v1 contract but not available yet; "
-            "only GENERATE (CreateGeneration) runs today"
+    async def create(self: GenerationServicer, request: Any, context: Context) -> Any:
+        generation = await self._service.create(
+            current_organization(),
+            strategy,
+            requests.create_options(request),
+            decode(request.params) if decode is not None else request.params,
         )
+        return response(generation=convert.generation(generation))
 
-    create.__doc__ = f"{strategy.value} is not available yet."
+    create.__name__ = CREATE_METHODS[strategy]
+    create.__doc__ = f"Create a {strategy.value} generation."
     return unary(create)
 
 
-class GenerationServicer(service_pb2_grpc.GenerationServiceServicer):
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """The gRPC face of the generation service."""
 
-    def __init__(self, service: GenerationService, watcher: Watcher, *, organization: str) -> None:
+    def __init__(self, service: GenerationService, watcher: Watcher) -> None:
         self._service = service
         self._watcher = watcher
-        self._organization = organization
 
-    def _org(self, context: Context) -> str:
-        # Until authentication lands every caller belongs to the configured organization.
-        return self._organization
-
-    @unary
-    async def CreateGeneration(
-        self, request: service_pb2.CreateGenerationRequest, context: Context
-    ) -> service_pb2.CreateGenerationResponse:
-        """Create a GENERATE generation."""
-        generation = await self._service.create(
-            self._org(context),
-            Strategy.GENERATE,
-            convert.create_options(request),
-            convert.generate_input(request.params),
-        )
-        return service_pb2.CreateGenerationResponse(generation=convert.generation(generation))
-
-    # Strategies that are in the contract but not built yet answer UNIMPLEMENTED.
-    CreateEditingGeneration = _not_available(Strategy.EDITING)
-    CreateRefineGeneration = _not_available(Strategy.REFINE)
-    CreateVideoGeneration = _not_available(Strategy.VIDEO)
-    CreateBackgroundFixingGeneration = _not_available(Strategy.BACKGROUND_FIXING)
-    CreateImageAdjustingGeneration = _not_available(Strategy.IMAGE_ADJUSTING)
-    CreateFaceFixingGeneration = _not_available(Strategy.FACE_FIXING)
+    CreateGenerateGeneration = _create_rpc(
+        Strategy.GENERATE, pb.CreateGenerateGenerationResponse, requests.generate_input
+    )
+    # Decoded by their strategies once they exist; until then the service answers
+    # UNIMPLEMENTED (naming the strategy) before looking at the parameters.
+    CreateEditingGeneration = _create_rpc(
+        Strategy.EDITING, pb.CreateEditingGenerationResponse, None
+    )
+    CreateRefineGeneration = _create_rpc(Strategy.REFINE, pb.CreateRefineGenerationResponse, None)
+    CreateVideoGeneration = _create_rpc(Strategy.VIDEO, pb.CreateVideoGenerationResponse, None)
+    CreateBackgroundFixingGeneration = _create_rpc(
+        Strategy.BACKGROUND_FIXING, pb.CreateBackgroundFixingGenerationResponse, None
+    )
+    CreateImageAdjustingGeneration = _create_rpc(
+        Strategy.IMAGE_ADJUSTING, pb.CreateImageAdjustingGenerationResponse, None
+    )
+    CreateFaceFixingGeneration = _create_rpc(
+        Strategy.FACE_FIXING, pb.CreateFaceFixingGenerationResponse, None
+    )
 
     @unary
     async def GetGeneration(
-        self, request: service_pb2.GetGenerationRequest, context: Context
-    ) -> service_pb2.GetGenerationResponse:
+        self, request: pb.GetGenerationRequest, context: Context
+    ) -> pb.GetGenerationResponse:
         """Read one generation with its predictions and tasks."""
-        generation = await self._service.get(self._org(context), request.generation_id)
-        return service_pb2.GetGenerationResponse(generation=convert.generation(generation))
+        generation = await self._service.get(current_organization(), request.generation_id)
+        return pb.GetGenerationResponse(generation=convert.generation(generation))
 
     @unary
     async def ListGenerations(
-        self, request: service_pb2.ListGenerationsRequest, context: Context
-    ) -> service_pb2.ListGenerationsResponse:
+        self, request: pb.ListGenerationsRequest, context: Context
+    ) -> pb.ListGenerationsResponse:
         """List generations, newest first, one page at a time."""
         page = await self._service.list(
-            self._org(context),
-            convert.generation_filter(request.filter),
+            current_organization(),
+            requests.generation_filter(request.filter),
             request.page_size,
             request.page_token,
         )
-        return service_pb2.ListGenerationsResponse(
-            generations=[convert.generation(g, with_tasks=False) for g in page.items],
+        return pb.ListGenerationsResponse(
+            generations=[convert.generation(g) for g in page.items],
             next_page_token=page.next_page_token,
         )
 
     @unary
     async def CancelGeneration(
-        self, request: service_pb2.CancelGenerationRequest, context: Context
-    ) -> service_pb2.CancelGenerationResponse:
+        self, request: pb.CancelGenerationRequest, context: Context
+    ) -> pb.CancelGenerationResponse:
         """Cancel a generation; a finished one is returned unchanged."""
-        generation = await self._service.cancel(self._org(context), request.generation_id)
-        return service_pb2.CancelGenerationResponse(generation=convert.generation(generation))
+        generation = await self._service.cancel(current_organization(), request.generation_id)
+        return pb.CancelGenerationResponse(generation=convert.generation(generation))
 
     @streaming
     async def WatchGeneration(
-        self, request: service_pb2.WatchGenerationRequest, context: Context
-    ) -> AsyncGenerator[service_pb2.WatchGenerationResponse, None]:
+        self, request: pb.WatchGenerationRequest, context: Context
+    ) -> AsyncGenerator[pb.WatchGenerationResponse, None]:
         """Stream a generation's events from a cursor until its terminal event."""
         items = self._watcher.watch(
-            self._org(context), request.generation_id, request.after_sequence
+            current_organization(), request.generation_id, request.after_sequence
         )
         async with contextlib.aclosing(items):
             async for item in items:
                 yield convert.watch_item(item)
+
+    @unary
+    async def GetCapabilities(
+        self, request: pb.GetCapabilitiesRequest, context: Context
+    ) -> pb.GetCapabilitiesResponse:
+        """What this server runs now."""
+        return capabilities(self._service.capabilities())
+
+
+def capabilities(value: Capabilities) -> pb.GetCapabilitiesResponse:
+    """The GetCapabilities response for the service's capabilities."""
+    strategies = []
+    for strategy, method in CREATE_METHODS.items():
+        offered = value.strategies.get(strategy)
+        strategies.append(
+            pb.StrategyCapability(
+                strategy=to_proto(strategy, Strategy),
+                available=offered is not None,
+                method=f"/{SERVICE}/{method}",
+                task_types=[to_proto(t, TaskType) for t in value.task_types.get(strategy, ())],
+                limits=[
+                    pb.FieldLimit(
+                        field=limit.field,
+                        minimum=limit.minimum,
+                        maximum=limit.maximum,
+                        description=limit.description,
+                    )
+                    for limit in (offered or ())
+                ],
+            )
+        )
+    return pb.GetCapabilitiesResponse(
+        strategies=strategies,
+        generation_types=[to_proto(t, GenerationType) for t in value.generation_types],
+        evaluation_providers=value.evaluation_providers,
+        compute_backend=value.compute_backend,
+        max_upload_bytes=value.max_upload_bytes,
+        max_input_pixels=value.max_input_pixels,
+    )

@@ -1,4 +1,4 @@
-"""Server interceptors: a request id for every call, and one structured log line per call.
+"""The server interceptor: authentication, a request id and one structured log line per call.
 
 A servicer context is only valid while its call is live. After a client cancels, grpc
 tears the call down, and some context methods (``peer()``, ``auth_context()``) then
@@ -20,7 +20,10 @@ from typing import Any
 
 import grpc
 
-from server.api.context import reset_request_id, set_request_id
+from server.api.auth import Authenticator
+from server.api.context import CallContext, bind, unbind
+from server.api.errors import abort_with
+from server.domain.errors import UnauthenticatedError
 
 log = logging.getLogger("sartiq.access")
 
@@ -39,23 +42,36 @@ def _request_id(context: Context) -> str:
 
 
 class _CallLog:
-    """Times one call and logs its outcome with the request id bound.
+    """Authenticates one call, binds its context, times it and logs its outcome.
 
     Reads the context only while the call is live: on entry, and on exit unless the
     call was cancelled (a cancelled call's context may already be torn down).
     """
 
-    def __init__(self, method: str, context: Context) -> None:
+    def __init__(self, method: str, context: Context, auth: Authenticator | None) -> None:
         self.method = method
         self.context = context
         self.request_id = _request_id(context)
         self.peer = context.peer()
+        self.auth = auth
         self.start = time.perf_counter()
 
     async def __aenter__(self) -> _CallLog:
-        self.token = set_request_id(self.request_id)
+        organization = ""
+        self.problem: UnauthenticatedError | None = None
+        if self.auth is not None:
+            try:
+                organization = self.auth.organization(self.context.invocation_metadata() or ())
+            except UnauthenticatedError as exc:
+                self.problem = exc
+        self.token = bind(CallContext(self.request_id, organization))
         await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
         return self
+
+    async def admit(self) -> None:
+        """End the call as UNAUTHENTICATED unless it passed authentication."""
+        if self.problem is not None:
+            await abort_with(self.context, self.problem)
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         log.info(
@@ -68,7 +84,7 @@ class _CallLog:
                 "peer": self.peer,
             },
         )
-        reset_request_id(self.token)
+        unbind(self.token)
 
     def _code(self, exc_type: type[BaseException] | None) -> grpc.StatusCode:
         if exc_type is not None and issubclass(exc_type, asyncio.CancelledError | GeneratorExit):
@@ -88,21 +104,23 @@ async def _write_all(items: AsyncGenerator[Any, None], context: Context) -> None
             await context.write(item)
 
 
-def _wrap_unary_response(method: str, behavior: Behavior) -> Behavior:
-    """Log a handler that returns one response (unary-unary, stream-unary)."""
+def _wrap_unary_response(method: str, behavior: Behavior, auth: Authenticator | None) -> Behavior:
+    """Wrap a handler that returns one response (unary-unary, stream-unary)."""
 
     async def wrapped(request: Any, context: Context) -> Any:
-        async with _CallLog(method, context):
+        async with _CallLog(method, context, auth) as call:
+            await call.admit()
             return await behavior(request, context)
 
     return wrapped
 
 
-def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
-    """Log a handler that streams responses, as a coroutine that writes them itself."""
+def _wrap_stream_response(method: str, behavior: Behavior, auth: Authenticator | None) -> Behavior:
+    """Wrap a handler that streams responses, as a coroutine that writes them itself."""
 
     async def wrapped(request: Any, context: Context) -> None:
-        async with _CallLog(method, context):
+        async with _CallLog(method, context, auth) as call:
+            await call.admit()
             result = behavior(request, context)
             if isinstance(result, AsyncGenerator):
                 await _write_all(result, context)
@@ -112,8 +130,16 @@ def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
     return wrapped
 
 
-class RequestIdInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Binds a request id (the caller's ``x-request-id`` or a new one) and logs each call."""
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticates each call, binds its request id and organization, and logs it.
+
+    The request id is the caller's ``x-request-id`` or a new one. Methods of the
+    services in ``open_services`` (health, reflection) need no credentials.
+    """
+
+    def __init__(self, auth: Authenticator, *, open_services: frozenset[str]) -> None:
+        self._auth = auth
+        self._open = open_services
 
     async def intercept_service(
         self,
@@ -125,18 +151,20 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         if handler is None:
             return handler
         method = handler_call_details.method
+        service = method.removeprefix("/").partition("/")[0]
+        auth = None if service in self._open else self._auth
         codec = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            wrapped = _wrap_unary_response(method, handler.unary_unary)
+            wrapped = _wrap_unary_response(method, handler.unary_unary, auth)
             return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
         if handler.unary_stream is not None:
-            wrapped = _wrap_stream_response(method, handler.unary_stream)
+            wrapped = _wrap_stream_response(method, handler.unary_stream, auth)
             return grpc.unary_stream_rpc_method_handler(wrapped, **codec)
         if handler.stream_unary is not None:
-            wrapped = _wrap_unary_response(method, handler.stream_unary)
+            wrapped = _wrap_unary_response(method, handler.stream_unary, auth)
             return grpc.stream_unary_rpc_method_handler(wrapped, **codec)
-        wrapped = _wrap_stream_response(method, handler.stream_stream)
+        wrapped = _wrap_stream_response(method, handler.stream_stream, auth)
         return grpc.stream_stream_rpc_method_handler(wrapped, **codec)

@@ -1,4 +1,4 @@
-"""Builds the grpc.aio server: servicers, health, reflection and interceptors on one port."""
+"""Builds the grpc.aio server: servicers, health, reflection and the interceptor on one port."""
 
 from __future__ import annotations
 
@@ -9,20 +9,32 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2, catalog_pb2_grpc
-from sartiq_grpc.sartiq.generation.v1 import service_pb2, service_pb2_grpc
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2, catalog_service_pb2_grpc
+from sartiq_grpc.sartiq.generation.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    generation_service_pb2,
+    generation_service_pb2_grpc,
+)
+from server.api.artifact_servicer import ArtifactServicer
+from server.api.auth import Authenticator
 from server.api.catalog_servicer import CatalogServicer
 from server.api.generation_servicer import GenerationServicer
-from server.api.interceptors import RequestIdInterceptor
+from server.api.interceptors import CallInterceptor
+from server.artifacts.service import ArtifactService
 from server.catalog.service import CatalogService
 from server.config import ServerSettings
+from server.domain.errors import StartupError
 from server.orchestration.service import GenerationService
 from server.orchestration.watch import Watcher
 
 SERVICE_NAMES = (
-    service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
-    catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
+    generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name,
+    catalog_service_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
 )
+# Standard services any caller may use without credentials.
+OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
 
 
 @dataclass
@@ -48,31 +60,49 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
-def build_server(
-    settings: ServerSettings,
-    generations: GenerationService,
-    watcher: Watcher,
-    catalog: CatalogService,
-) -> GrpcServer:
-    """Create the server and bind its port (0 picks a free one); it is not started."""
+@dataclass(frozen=True)
+class Services:
+    """The domain services the servicers delegate to."""
+
+    generations: GenerationService
+    watcher: Watcher
+    artifacts: ArtifactService
+    catalog: CatalogService
+
+
+def build_server(settings: ServerSettings, services: Services, auth: Authenticator) -> GrpcServer:
+    """Create the server and bind its port (0 picks a free one); it is not started.
+
+    Raises:
+        StartupError: the address cannot be bound (e.g. another process listens there).
+    """
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", int(settings.keepalive_interval * 1000)),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # Without this a second server would silently share the port with the first.
+        ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[RequestIdInterceptor()], options=options)
-    org = settings.default_organization
-    service_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(generations, watcher, organization=org), server
+    interceptor = CallInterceptor(auth, open_services=OPEN_SERVICES)
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(services.generations, services.watcher), server
     )
-    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
-        CatalogServicer(catalog, organization=org), server
+    artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
+        ArtifactServicer(services.artifacts), server
+    )
+    catalog_service_pb2_grpc.add_CatalogServiceServicer_to_server(
+        CatalogServicer(services.catalog), server
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        raise StartupError(f"cannot listen on {address}: the address is in use") from None
     return GrpcServer(server, port, health_servicer)

@@ -11,27 +11,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from server.config import MediaSettings
+from server.domain import model
 from server.domain.enums import CatalogKind
 from server.domain.errors import NotFoundError, Violations
 from server.domain.paging import Cursor, paginate, query_key
 from server.media.artifacts import FileArtifactStore, StoredBlob
 from server.media.images import InvalidImageError, probe_image
-from server.store import repository
+from server.store import mapping, repository
 from server.store.models import Artifact, CatalogEntity, CatalogReferenceImage, utcnow
 from server.store.uow import Store
 
 MAX_REFERENCE_IMAGES = 8
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
-_ARTIFACT_URI = re.compile(r"^artifact:([0-9a-f]{64})$")
+_ARTIFACT_URI = re.compile(r"artifact:([0-9a-f]{64})")
 
 
 @dataclass(frozen=True, slots=True)
 class ImageInput:
-    """A reference image given inline (``data``) or by ``artifact:<sha256>`` (``uri``)."""
+    """A reference image given inline (``data``) or as ``artifact:<sha256>`` (``artifact``)."""
 
     data: bytes | None = None
+    artifact: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LoraInput:
+    """A LoRA as asked for on create."""
+
     uri: str = ""
+    default_weight: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +50,7 @@ class EntityInput:
     name: str = ""
     description: str = ""
     reference_images: list[ImageInput] = field(default_factory=list)
-    lora_uri: str = ""
-    lora_default_weight: float | None = None
+    lora: LoraInput | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +70,7 @@ class CatalogService:
         self._artifacts = artifacts
         self._media = media
 
-    async def create(self, org: str, kind: CatalogKind, entity: EntityInput) -> CatalogEntity:
+    async def create(self, org: str, kind: CatalogKind, entity: EntityInput) -> model.CatalogEntity:
         """Validate and store a new entity with its reference images.
 
         Raises:
@@ -77,20 +85,19 @@ class CatalogService:
             v.add("name", "must be at most 200 characters")
         if len(entity.description) > 2000:
             v.add("description", "must be at most 2000 characters")
-        if len(entity.lora_uri) > 2048:
-            v.add("lora.uri", "must be at most 2048 characters")
-        weight = entity.lora_default_weight
-        if weight is not None and not 0 <= weight <= 2:
-            v.add("lora.default_weight", f"must be between 0 and 2, got {weight:g}")
+        if entity.lora is not None:
+            _check_lora(entity.lora, v)
         if len(entity.reference_images) > MAX_REFERENCE_IMAGES:
             v.add("reference_images", f"must have at most {MAX_REFERENCE_IMAGES} images")
             images: list[_Image] = []
         else:
-            images = await self._check_images(entity.reference_images, v)
+            images = await self._check_images(org, entity.reference_images, v)
         v.raise_if_any()
         return await self._insert(org, kind, name, entity, images)
 
-    async def _check_images(self, inputs: Sequence[ImageInput], v: Violations) -> list[_Image]:
+    async def _check_images(
+        self, org: str, inputs: Sequence[ImageInput], v: Violations
+    ) -> list[_Image]:
         images: list[_Image] = []
         for index, image in enumerate(inputs):
             path = f"reference_images[{index}]"
@@ -108,14 +115,18 @@ class CatalogService:
                 sha = await asyncio.to_thread(_sha256, image.data)
                 images.append(_Image(sha, image.data, info.mime_type, info.width, info.height))
                 continue
-            match = _ARTIFACT_URI.match(image.uri)
+            match = _ARTIFACT_URI.fullmatch(image.artifact)
             if match is None:
-                v.add(f"{path}.uri", "must be artifact:<sha256 hex> or inline data")
+                v.add(f"{path}.artifact", "must be artifact:<sha256 hex>, or give inline data")
                 continue
             async with self._store.read() as session:
-                artifact = await repository.get_artifact(session, match.group(1))
-            if artifact is None:
-                raise NotFoundError(f"no artifact {match.group(1)}", field=f"{path}.uri")
+                owned = await repository.get_owned_artifact(session, org, match.group(1))
+            if owned is None:
+                raise NotFoundError.of("artifact", {f"{path}.artifact": image.artifact})
+            artifact = owned[0]
+            if not artifact.mime_type.startswith("image/"):
+                v.add(f"{path}.artifact", f"must be an image, not {artifact.mime_type}")
+                continue
             images.append(
                 _Image(artifact.sha256, None, artifact.mime_type, artifact.width, artifact.height)
             )
@@ -123,7 +134,7 @@ class CatalogService:
 
     async def _insert(
         self, org: str, kind: CatalogKind, name: str, entity: EntityInput, images: list[_Image]
-    ) -> CatalogEntity:
+    ) -> model.CatalogEntity:
         blobs = {
             image.sha256: await self._artifacts.put(image.data, image.mime_type)
             for image in images
@@ -136,8 +147,8 @@ class CatalogService:
                 kind=kind.value,
                 name=name,
                 description=entity.description,
-                lora_uri=entity.lora_uri,
-                lora_default_weight=entity.lora_default_weight,
+                lora_uri=entity.lora.uri if entity.lora else "",
+                lora_default_weight=entity.lora.default_weight if entity.lora else None,
                 created_at=utcnow(),
                 reference_images=[],
             )
@@ -145,15 +156,16 @@ class CatalogService:
                 artifact = await repository.ensure_artifact(
                     uow.session, image.sha256, functools.partial(_new_artifact, image, blobs)
                 )
+                await repository.own_artifact(uow.session, org, artifact.sha256)
                 row.reference_images.append(
                     CatalogReferenceImage(
                         position=position, artifact_sha256=artifact.sha256, artifact=artifact
                     )
                 )
             uow.session.add(row)
-        return row
+            return mapping.catalog_entity(row)
 
-    async def get(self, org: str, kind: CatalogKind, entity_id: str) -> CatalogEntity:
+    async def get(self, org: str, kind: CatalogKind, entity_id: str) -> model.CatalogEntity:
         """One entity.
 
         Raises:
@@ -161,18 +173,19 @@ class CatalogService:
         """
         async with self._store.read() as session:
             row = await repository.get_entity(session, org, kind, entity_id)
-        if row is None:
-            raise _not_found(kind, entity_id)
-        return row
+            if row is None:
+                raise _not_found(kind, entity_id)
+            return mapping.catalog_entity(row)
 
     async def list(
         self, org: str, kind: CatalogKind, page_size: int, page_token: str
-    ) -> tuple[Sequence[CatalogEntity], str]:
+    ) -> tuple[Sequence[model.CatalogEntity], str]:
         """One page of entities, newest first, and the next page's token."""
 
-        async def fetch(cursor: Cursor | None, limit: int) -> Sequence[CatalogEntity]:
+        async def fetch(cursor: Cursor | None, limit: int) -> Sequence[model.CatalogEntity]:
             async with self._store.read() as session:
-                return await repository.list_entities(session, org, kind, cursor, limit)
+                rows = await repository.list_entities(session, org, kind, cursor, limit)
+                return [mapping.catalog_entity(row) for row in rows]
 
         return await paginate(
             fetch,
@@ -210,11 +223,20 @@ def _new_artifact(image: _Image, blobs: dict[str, StoredBlob]) -> Artifact:
         width=image.width,
         height=image.height,
         uri=blob.uri,
-        recipe=None,
         created_at=utcnow(),
     )
 
 
 def _not_found(kind: CatalogKind, entity_id: str) -> NotFoundError:
     name = kind.value.lower()
-    return NotFoundError(f"{name} {entity_id!r} not found", field=f"{name}_id")
+    return NotFoundError.of(name, {f"{name}_id": entity_id})
+
+
+def _check_lora(lora: LoraInput, v: Violations) -> None:
+    if not lora.uri:
+        v.add("lora.uri", "is required when lora is set")
+    elif len(lora.uri) > 2048:
+        v.add("lora.uri", "must be at most 2048 characters")
+    weight = lora.default_weight
+    if weight is not None and not 0 <= weight <= 2:
+        v.add("lora.default_weight", f"must be between 0 and 2, got {weight:g}")

@@ -60,6 +60,7 @@ class OutputFile:
     height: int
     seed: int
     duration_s: float | None = None
+    frame_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ class TaskType(StrEnum):
     BACKGROUND_FIX = "BACKGROUND_FIX"
     IMAGE_ADJUSTER = "IMAGE_ADJUSTER"
     FACE_ENHANCER = "FACE_ENHANCER"
+    DETAIL_ENHANCER = "DETAIL_ENHANCER"
 
 
 class GenerationStatus(StrEnum):
@@ -69,6 +70,17 @@ class TaskStatus(StrEnum):
     CANCELLED = "CANCELLED"
 
 
+class AttemptStatus(StrEnum):
+    """Lifecycle of one AGENTIC attempt."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    EVALUATING = "EVALUATING"
+    EVALUATED = "EVALUATED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
 class StopReason(StrEnum):
     """Why an AGENTIC shot stopped trying."""
 
@@ -79,13 +91,22 @@ class StopReason(StrEnum):
 
 
 class EventKind(StrEnum):
-    """What a generation event describes."""
+    """What a generation event describes, and so which resource it carries."""
 
-    GENERATION = "GENERATION"
-    PREDICTION = "PREDICTION"
-    TASK = "TASK"
+    GENERATION_CREATED = "GENERATION_CREATED"
+    GENERATION_CHANGED = "GENERATION_CHANGED"
+    PREDICTION_CHANGED = "PREDICTION_CHANGED"
+    TASK_CHANGED = "TASK_CHANGED"
     TASK_PROGRESS = "TASK_PROGRESS"
-    ATTEMPT = "ATTEMPT"
+    ATTEMPT_CHANGED = "ATTEMPT_CHANGED"
+
+
+class EditingTool(StrEnum):
+    """The operation of an EDITING generation."""
+
+    EDIT = "EDIT"
+    SUBJECT_SWAP = "SUBJECT_SWAP"
+    PRODUCT_ENHANCEMENT = "PRODUCT_ENHANCEMENT"
 
 
 class CatalogKind(StrEnum):

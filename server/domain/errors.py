@@ -7,6 +7,8 @@ DomainError
 ├── FailedPreconditionError   a state change that is impossible now
 ├── ResourceExhaustedError    admission limits hit; carries a retry delay
 ├── UnimplementedError        a feature that is not available yet
+├── UnauthenticatedError      no valid token
+├── UnavailableError          shutting down; retry elsewhere
 └── IllegalTransitionError    a bug: a state machine was asked for a forbidden move
 
 StartupError                  the service cannot start; the message tells the operator why
@@ -14,6 +16,7 @@ StartupError                  the service cannot start; the message tells the op
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -31,13 +34,17 @@ class DomainError(Exception):
     Attributes:
         reason: a stable UPPER_SNAKE identifier clients may switch on.
         message: a public message, safe to show to the caller.
+        metadata: machine-readable context for ``ErrorInfo.metadata``.
     """
 
     reason = "DOMAIN_ERROR"
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.metadata = dict(metadata or {})
         if reason is not None:
             self.reason = reason
 
@@ -47,20 +54,29 @@ class InvalidArgumentError(DomainError):
 
     reason = "INVALID_ARGUMENT"
 
+    @classmethod
+    def of(cls, field: str, description: str) -> InvalidArgumentError:
+        """The error for a single offending field."""
+        return cls([FieldViolation(field, description)])
+
     def __init__(self, violations: list[FieldViolation]) -> None:
-        fields = ", ".join(v.field for v in violations)
-        super().__init__(f"invalid request: {fields}")
+        fields = ", ".join(v.field for v in violations[:10])
+        more = f" and {len(violations) - 10} more" if len(violations) > 10 else ""
+        super().__init__(f"invalid request: {fields}{more}")
         self.violations = violations
 
 
 class NotFoundError(DomainError):
-    """The resource does not exist or belongs to another tenant; ``field`` names the id(s)."""
+    """Unknown ids, or another tenant's; ``metadata`` maps each field path to its id."""
 
     reason = "NOT_FOUND"
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+    @classmethod
+    def of(cls, what: str, ids: dict[str, str]) -> NotFoundError:
+        """The error for ``what`` (e.g. "generation") and the unknown ids by field path."""
+        shown = {path: excerpt(value) for path, value in ids.items()}
+        names = ", ".join(f"{path}={value!r}" for path, value in shown.items())
+        return cls(f"{what} not found: {names}", metadata=shown)
 
 
 class AlreadyExistsError(DomainError):
@@ -68,11 +84,17 @@ class AlreadyExistsError(DomainError):
 
     reason = "REQUEST_ID_REUSED"
 
+    def __init__(self, message: str, *, request_id: str) -> None:
+        super().__init__(message, metadata={"request_id": excerpt(request_id)})
+
 
 class FailedPreconditionError(DomainError):
-    """The operation is impossible in the resource's current state."""
+    """The operation is impossible in the current state of what ``field`` refers to."""
 
     reason = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message, metadata={"field": field})
 
 
 class ResourceExhaustedError(DomainError):
@@ -80,21 +102,30 @@ class ResourceExhaustedError(DomainError):
 
     reason = "QUEUE_FULL"
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after: float, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
         self.retry_after = retry_after
 
 
 class UnimplementedError(DomainError):
-    """The feature exists in the contract but is not available yet."""
+    """A feature of the contract this server does not run; ``feature`` names it."""
 
     reason = "NOT_IMPLEMENTED"
 
+    def __init__(self, message: str, *, feature: str) -> None:
+        super().__init__(message, metadata={"feature": feature})
+
+
+class UnauthenticatedError(DomainError):
+    """The call needs a valid token and has none."""
+
+    reason = "UNAUTHENTICATED"
+
 
 class UnavailableError(DomainError):
-    """The server cannot serve this now (e.g. it is shutting down); retrying helps."""
+    """The server cannot serve this now (it is shutting down); retrying elsewhere helps."""
 
-    reason = "UNAVAILABLE"
+    reason = "SHUTTING_DOWN"
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
@@ -111,6 +142,39 @@ class StartupError(RuntimeError):
     """The service cannot start (bad database, port in use, ...); the message says why."""
 
 
+EXCERPT_CHARS = 64
+
+
+def _escape(value: str, quote: str = "") -> str:
+    """Backslash-escape backslashes, ``quote`` and every non-printable character."""
+    out = []
+    for char in value:
+        if char == "\\" or char == quote:
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(char.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
+def excerpt(value: str, limit: int = EXCERPT_CHARS) -> str:
+    """A short, escaped excerpt of caller input, safe to echo in an error."""
+    if len(value) > limit:
+        return _escape(value[:limit]) + "..."
+    return _escape(value)
+
+
+def key_path(field: str, key: str) -> str:
+    """The AIP field path of a map entry: ``field["key"]``, quotes and backslashes escaped.
+
+    Long keys are cut to an excerpt (marked with "...") so the path stays short.
+    """
+    text = key if len(key) <= EXCERPT_CHARS else key[:EXCERPT_CHARS]
+    suffix = "" if text is key else "..."
+    return f'{field}["{_escape(text, quote=chr(34))}{suffix}"]'
+
+
 class Violations:
     """Collects field violations so a request reports all its faults at once."""
 
@@ -123,6 +187,15 @@ class Violations:
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+    @property
+    def items(self) -> list[FieldViolation]:
+        """What was recorded so far, in order."""
+        return list(self._items)
+
+    def extend(self, violations: Iterable[FieldViolation]) -> None:
+        """Record violations found elsewhere (e.g. while decoding the request)."""
+        self._items.extend(violations)
 
     def raise_if_any(self) -> None:
         """Raise InvalidArgumentError when anything was recorded.

@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 _EXTENSIONS = {
     "image/png": ".png",
@@ -115,6 +116,33 @@ class FileArtifactStore:
             removed += 1
         return removed
 
+    def begin_upload(self) -> Upload:
+        """A new blob to be written chunk by chunk, hashed as it goes."""
+        directory = self._root / "incoming"
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix())
+        return Upload(self, os.fdopen(fd, "wb"), Path(tmp))
+
+    def read_chunk(self, sha256: str, mime_type: str, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of a stored blob from ``offset``.
+
+        Raises:
+            FileNotFoundError: nothing is stored under that digest.
+        """
+        with self.path_for(sha256, mime_type).open("rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+
+    def _adopt(self, tmp: Path, sha256: str, size: int, mime_type: str) -> StoredBlob:
+        """Move a finished temporary file into place, or drop it if the blob exists."""
+        path = self.path_for(sha256, mime_type)
+        if path.exists():
+            tmp.unlink(missing_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+        return StoredBlob(sha256, size, path.as_uri(), path)
+
     async def put(self, data: bytes, mime_type: str) -> StoredBlob:
         """Write ``data`` off the event loop."""
         return await asyncio.to_thread(self.put_sync, data, mime_type)
@@ -138,3 +166,41 @@ class FileArtifactStore:
             if path.exists():
                 return path
         raise FileNotFoundError(f"no artifact {sha256}")
+
+
+class Upload:
+    """A blob being written: chunks go to a temporary file while the sha256 is computed.
+
+    Call ``write`` for each chunk, then ``close``; then ``commit`` the blob under its
+    digest or ``discard`` it. Blocking methods: run them off the event loop.
+    """
+
+    def __init__(self, store: FileArtifactStore, handle: BinaryIO, path: Path) -> None:
+        self._store = store
+        self._handle = handle
+        self.path = path
+        self._hash = hashlib.sha256()
+        self.size_bytes = 0
+
+    def write(self, chunk: bytes) -> None:
+        """Append a chunk."""
+        self._handle.write(chunk)
+        self._hash.update(chunk)
+        self.size_bytes += len(chunk)
+
+    def close(self) -> str:
+        """Flush to disk and return the content's sha256."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        return self._hash.hexdigest()
+
+    def commit(self, mime_type: str) -> StoredBlob:
+        """Store the closed upload under its digest."""
+        return self._store._adopt(self.path, self._hash.hexdigest(), self.size_bytes, mime_type)
+
+    def discard(self) -> None:
+        """Drop the upload; idempotent."""
+        if not self._handle.closed:
+            self._handle.close()
+        self.path.unlink(missing_ok=True)

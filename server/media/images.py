@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 _MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+# Only these decoders ever see untrusted bytes; Pillow would otherwise try dozens.
+ACCEPTED_FORMATS = tuple(_MIME)
 
 
 class InvalidImageError(ValueError):
@@ -24,23 +27,26 @@ class ImageInfo:
     height: int
 
 
-def probe_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
-    """Check that ``data`` is a PNG, JPEG or WebP within the limits, and decode it fully.
+def probe_image(data: bytes | Path, *, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """Check that ``data`` (bytes or a file) is a PNG, JPEG or WebP within the limits.
 
-    The pixel count is checked from the header before any pixel is decoded, so a
-    decompression bomb costs nothing.
+    Only those three decoders are tried. The pixel count is checked from the header
+    before any pixel is decoded, so a decompression bomb costs nothing; then the image
+    is decoded in full, so a truncated or corrupt one is caught here.
 
     Raises:
         InvalidImageError: empty, too large, not an accepted format, or corrupt.
     """
-    if not data:
+    size = data.stat().st_size if isinstance(data, Path) else len(data)
+    if not size:
         raise InvalidImageError("image is empty")
-    if len(data) > max_bytes:
+    if size > max_bytes:
         raise InvalidImageError(f"image is larger than {max_bytes} bytes")
+    source: Path | io.BytesIO = data if isinstance(data, Path) else io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(source, formats=ACCEPTED_FORMATS) as image:
                 mime = _MIME.get(image.format or "")
                 if mime is None:
                     raise InvalidImageError("image must be PNG, JPEG or WebP")
@@ -52,6 +58,8 @@ def probe_image(data: bytes, *, max_bytes: int, max_pixels: int) -> ImageInfo:
         raise
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"image has more than {max_pixels} pixels") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError("image must be PNG, JPEG or WebP") from exc
+    except Exception as exc:  # any decoder failure on untrusted bytes is a bad image
         raise InvalidImageError("image cannot be decoded") from exc
     return ImageInfo(mime, width, height)

@@ -23,15 +23,15 @@ from server.domain.enums import (
     TaskStatus,
     TaskType,
 )
+from server.domain.model import Code, Recipe, ResourceError
 from server.domain.states import GENERATION_TERMINAL, PREDICTION_TERMINAL, TASK_TERMINAL
 from server.media.artifacts import FileArtifactStore
-from server.store import repository
+from server.store import mapping, repository
 from server.store.models import Artifact, Generation, Prediction, Task
 from server.store.uow import Store, UnitOfWork
 
 log = logging.getLogger(__name__)
 
-_CANCELLED = ("CANCELLED", "the generation was cancelled")
 SUBMIT_ATTEMPTS = 5
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 5.0
@@ -115,7 +115,7 @@ class BaseWorkflow:
                 f"compute backend {self._compute.name!r} no longer knows task {compute_id} "
                 f"(its work was lost, e.g. it restarted); submitting attempt {row.attempt}"
             )
-            uow.task_event(generation, row, EventKind.TASK, note=note)
+            uow.task_event(generation, row, EventKind.TASK_CHANGED, note=note)
 
     async def _submit(self, generation_id: str, task_id: str, request: TaskRequest) -> str | None:
         """Submit with capped, jittered backoff on transient errors; None if it failed."""
@@ -125,7 +125,8 @@ class BaseWorkflow:
                 break
             except ComputeError as exc:
                 if not exc.transient or attempt == SUBMIT_ATTEMPTS:
-                    await self._task_failed(generation_id, task_id, exc.category, exc.message)
+                    error = ResourceError.compute_failed(exc.category, exc.message, "")
+                    await self._task_failed(generation_id, task_id, error)
                     return None
                 delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # backoff, not a wait
@@ -138,7 +139,7 @@ class BaseWorkflow:
             if row.status == TaskStatus.PENDING:
                 uow.set_task_status(generation, row, TaskStatus.RUNNING)
             else:
-                uow.task_event(generation, row, EventKind.TASK)
+                uow.task_event(generation, row, EventKind.TASK_CHANGED)
             if prediction.status == PredictionStatus.PENDING:
                 uow.set_prediction_status(generation, prediction, PredictionStatus.GENERATING)
         return compute_id
@@ -149,9 +150,10 @@ class BaseWorkflow:
             if snap.status is TaskStatus.COMPLETED:
                 await self._task_completed(generation_id, task_id, snap)
             elif snap.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
-                category = snap.error_category or snap.status.value.lower()
+                category = snap.error_category or "internal"
                 message = snap.error_message or f"compute reported {snap.status.value.lower()}"
-                await self._task_failed(generation_id, task_id, category, message)
+                error = ResourceError.compute_failed(category, message, compute_id)
+                await self._task_failed(generation_id, task_id, error)
             elif time.monotonic() - last_write >= self._progress_interval and snap.progress:
                 last_write = time.monotonic()
                 await self._task_progress(generation_id, task_id, snap.progress)
@@ -167,9 +169,10 @@ class BaseWorkflow:
 
     async def _task_completed(self, generation_id: str, task_id: str, snap: TaskSnapshot) -> None:
         if not snap.outputs:
-            await self._task_failed(
-                generation_id, task_id, "internal", "compute returned no output"
+            error = ResourceError.compute_failed(
+                "internal", "compute returned no output", snap.compute_id
             )
+            await self._task_failed(generation_id, task_id, error)
             return
         output = snap.outputs[0]
         blob = await self._artifacts.put(output.data, output.mime_type)
@@ -186,9 +189,14 @@ class BaseWorkflow:
                     width=output.width,
                     height=output.height,
                     duration_s=output.duration_s,
+                    frame_count=output.frame_count,
                     uri=blob.uri,
-                    recipe=_recipe(row, getattr(self._compute, "name", "unknown")),
                 ),
+            )
+            recipe = _recipe(row, output.seed, self._compute.name)
+            prediction.recipe = recipe
+            await repository.own_artifact(
+                uow.session, generation.organization, artifact.sha256, recipe
             )
             uow.set_task_status(generation, row, TaskStatus.COMPLETED)
             prediction.artifact_sha256 = artifact.sha256
@@ -196,16 +204,12 @@ class BaseWorkflow:
             uow.set_prediction_status(generation, prediction, PredictionStatus.COMPLETED)
             self._settle_when_done(uow, generation)
 
-    async def _task_failed(
-        self, generation_id: str, task_id: str, category: str, message: str
-    ) -> None:
+    async def _task_failed(self, generation_id: str, task_id: str, error: ResourceError) -> None:
         async with self._store.write() as uow:
             generation = await _load(uow, generation_id)
             row, prediction = _find_task(generation, task_id)
-            uow.set_task_status(generation, row, TaskStatus.FAILED, error=(category, message))
-            uow.set_prediction_status(
-                generation, prediction, PredictionStatus.ERROR, error=("COMPUTE_FAILED", message)
-            )
+            uow.set_task_status(generation, row, TaskStatus.FAILED, error=error)
+            uow.set_prediction_status(generation, prediction, PredictionStatus.ERROR, error=error)
             self._settle_when_done(uow, generation)
 
     async def _settle(self, generation_id: str) -> None:
@@ -223,7 +227,7 @@ class BaseWorkflow:
             generation_id,
             prediction_status=PredictionStatus.CANCELLED,
             generation_status=GenerationStatus.CANCELLED,
-            error=_CANCELLED,
+            error=ResourceError.cancelled(),
         )
 
     async def expire(self, generation_id: str) -> None:
@@ -232,16 +236,16 @@ class BaseWorkflow:
             generation_id,
             prediction_status=PredictionStatus.ERROR,
             generation_status=GenerationStatus.FAILED,
-            error=("DEADLINE_EXCEEDED", "the generation's deadline passed"),
+            error=ResourceError.deadline_exceeded(),
         )
 
-    async def fail(self, generation_id: str, reason: str, message: str) -> None:
-        """Release compute, then fail the generation with ``reason``."""
+    async def fail(self, generation_id: str, error: ResourceError) -> None:
+        """Release compute, then fail the generation with ``error``."""
         await self._close(
             generation_id,
             prediction_status=PredictionStatus.ERROR,
             generation_status=GenerationStatus.FAILED,
-            error=(reason, message),
+            error=error,
         )
 
     async def _close(
@@ -250,7 +254,7 @@ class BaseWorkflow:
         *,
         prediction_status: PredictionStatus,
         generation_status: GenerationStatus,
-        error: tuple[str, str],
+        error: ResourceError,
     ) -> None:
         async with self._store.read() as session:
             generation = await session.get(Generation, generation_id)
@@ -274,14 +278,17 @@ class BaseWorkflow:
                 prediction_status, generation_status, error = (
                     PredictionStatus.CANCELLED,
                     GenerationStatus.CANCELLED,
-                    _CANCELLED,
+                    ResourceError.cancelled(),
                 )
             for prediction in generation.predictions:
                 for task in prediction.tasks:
                     if task.status not in TASK_TERMINAL:
                         note = released.get(task.compute_task_id or "", "never reached compute")
                         uow.set_task_status(
-                            generation, task, TaskStatus.CANCELLED, error=("cancelled", note)
+                            generation,
+                            task,
+                            TaskStatus.CANCELLED,
+                            error=ResourceError.cancelled(note),
                         )
                 if prediction.status not in PREDICTION_TERMINAL:
                     uow.set_prediction_status(
@@ -313,7 +320,9 @@ def _settle_when_done(uow: UnitOfWork, generation: Generation) -> None:
         return
     if status is GenerationStatus.CANCELLING:
         # Cancelled while the last results came in: the cancel wins.
-        uow.set_generation_status(generation, GenerationStatus.CANCELLED, error=_CANCELLED)
+        uow.set_generation_status(
+            generation, GenerationStatus.CANCELLED, error=ResourceError.cancelled()
+        )
         return
     done = [p for p in generation.predictions if p.status == PredictionStatus.COMPLETED]
     if len(done) == len(generation.predictions):
@@ -321,12 +330,20 @@ def _settle_when_done(uow: UnitOfWork, generation: Generation) -> None:
     elif done:
         uow.set_generation_status(generation, GenerationStatus.PARTIALLY_COMPLETED)
     else:
-        first = next((p.error_message for p in generation.predictions if p.error_message), None)
         uow.set_generation_status(
-            generation,
-            GenerationStatus.FAILED,
-            error=("NO_PREDICTION_COMPLETED", first or "no prediction completed"),
+            generation, GenerationStatus.FAILED, error=_none_completed(generation)
         )
+
+
+def _none_completed(generation: Generation) -> ResourceError:
+    """The generation's error when no prediction completed: the first failure's code."""
+    failed = next((p for p in generation.predictions if p.error), None)
+    if failed is None or failed.error is None:
+        return ResourceError(Code.ABORTED, "NO_PREDICTION_COMPLETED", "no prediction completed")
+    first = mapping.error(failed.error)
+    code = first.code if first is not None else Code.ABORTED
+    message = first.message if first is not None else "no prediction completed"
+    return ResourceError(code, "NO_PREDICTION_COMPLETED", message, {"prediction_id": failed.id})
 
 
 def _current_task(prediction: Prediction) -> Task:
@@ -341,11 +358,30 @@ def _find_task(generation: Generation, task_id: str) -> tuple[Task, Prediction]:
     raise LookupError(f"task {task_id} is not part of generation {generation.id}")
 
 
-def _recipe(task: Task, backend: str) -> dict[str, Any]:
-    seed = task.params.get("seed", 0)
-    return {
-        "task_type": task.task_type,
-        "parameters": task.params,
-        "seed": seed,
-        "backend": backend,
-    }
+def _recipe(task: Task, seed: int, backend: str) -> dict[str, Any]:
+    recipe = Recipe(
+        task_type=TaskType(task.task_type),
+        parameters=task.params,
+        seed=int(task.params.get("seed", seed)),
+        backend=backend,
+        input_sha256=_input_hashes(task.params),
+    )
+    return mapping.stored_recipe(recipe)
+
+
+def _input_hashes(params: dict[str, Any]) -> list[str]:
+    """The sha256 of every ``artifact:`` input the parameters name, in order."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str) and value.startswith("artifact:"):
+            found.append(value.removeprefix("artifact:"))
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(params)
+    return found

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from datetime import datetime
 
 from server.compute.base import ComputeBackend
 from server.config import OrchestrationSettings
 from server.domain.enums import GenerationStatus
+from server.domain.model import ResourceError
 from server.domain.states import GENERATION_TERMINAL
 from server.media.artifacts import FileArtifactStore
 from server.orchestration.base_flow import BaseWorkflow
@@ -104,8 +106,13 @@ class Engine:
             # and the next start finishes it.
             await self._workflow.finish_cancel(generation_id)
         except Exception:
-            log.exception("workflow of generation %s failed", generation_id)
-            await self._workflow.fail(generation_id, "INTERNAL", "the workflow failed unexpectedly")
+            correlation_id = uuid.uuid4().hex
+            log.exception(
+                "workflow of generation %s failed (correlation id %s)",
+                generation_id,
+                correlation_id,
+            )
+            await self._workflow.fail(generation_id, ResourceError.internal(correlation_id))
         finally:
             self._cancel_requested.discard(generation_id)
 
@@ -117,7 +124,7 @@ class Engine:
         if generation.status == GenerationStatus.CANCELLING:
             await self._workflow.finish_cancel(generation_id)
             return
-        remaining = _seconds_left(generation.expire_at)
+        remaining = _seconds_left(generation.deadline_at)
         try:
             async with asyncio.timeout(remaining):
                 await self._workflow.run(generation)

@@ -10,10 +10,11 @@ from datetime import datetime
 
 from server.domain.enums import GenerationStatus
 from server.domain.errors import UnavailableError, Violations
+from server.domain.events import GenerationEvent
 from server.domain.states import GENERATION_TERMINAL
 from server.orchestration.service import generation_not_found
 from server.store import repository
-from server.store.events import BusClosedError, EventRecord, LaggedError, Subscription
+from server.store.events import BusClosedError, LaggedError, Subscription
 from server.store.models import utcnow
 from server.store.uow import Store
 
@@ -37,7 +38,7 @@ class Watcher:
 
     async def watch(
         self, org: str, generation_id: str, after_sequence: int
-    ) -> AsyncGenerator[EventRecord | Heartbeat, None]:
+    ) -> AsyncGenerator[GenerationEvent | Heartbeat, None]:
         """Yield events with sequence > ``after_sequence``; end after the terminal one.
 
         Raises:
@@ -71,7 +72,7 @@ class Watcher:
                     async with contextlib.aclosing(self._tail(subscription, last)) as tail:
                         async for item in tail:
                             yield item
-                            if isinstance(item, EventRecord):
+                            if isinstance(item, GenerationEvent):
                                 last = item.sequence
                                 if item.terminal:
                                     return
@@ -86,7 +87,9 @@ class Watcher:
         finally:
             subscription.close()
 
-    async def _replay(self, generation_id: str, after: int) -> AsyncGenerator[EventRecord, None]:
+    async def _replay(
+        self, generation_id: str, after: int
+    ) -> AsyncGenerator[GenerationEvent, None]:
         while True:
             async with self._store.read() as session:
                 batch = await repository.events_after(session, generation_id, after, REPLAY_BATCH)
@@ -98,7 +101,7 @@ class Watcher:
 
     async def _tail(
         self, subscription: Subscription, last: int
-    ) -> AsyncGenerator[EventRecord | Heartbeat, None]:
+    ) -> AsyncGenerator[GenerationEvent | Heartbeat, None]:
         while True:
             event = await subscription.next(self._heartbeat_interval)
             if event is None:

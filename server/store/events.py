@@ -5,23 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
-from server.domain.enums import EventKind
-
-
-@dataclass(frozen=True, slots=True)
-class EventRecord:
-    """One stored event of a generation, as watchers receive it."""
-
-    generation_id: str
-    sequence: int
-    time: datetime
-    kind: EventKind
-    terminal: bool
-    payload: dict[str, Any]
+from server.domain.events import GenerationEvent
 
 
 class LaggedError(Exception):
@@ -38,13 +23,13 @@ class Subscription:
     def __init__(self, bus: EventBus, generation_id: str, maxsize: int) -> None:
         self._bus = bus
         self.generation_id = generation_id
-        self._items: deque[EventRecord] = deque()
+        self._items: deque[GenerationEvent] = deque()
         self._maxsize = maxsize
         self._wakeup = asyncio.Event()
         self._lagged = False
         self._closed = bus.closed
 
-    def push(self, event: EventRecord) -> None:
+    def push(self, event: GenerationEvent) -> None:
         """Buffer ``event``; on overflow drop the buffer and flag the lag instead."""
         if len(self._items) >= self._maxsize:
             self._items.clear()
@@ -53,7 +38,7 @@ class Subscription:
             self._items.append(event)
         self._wakeup.set()
 
-    async def next(self, timeout: float) -> EventRecord | None:  # noqa: ASYNC109
+    async def next(self, timeout: float) -> GenerationEvent | None:  # noqa: ASYNC109
         """Wait up to ``timeout`` seconds for the next event; None when none came.
 
         Raises:
@@ -117,7 +102,7 @@ class EventBus:
             if not subs:
                 del self._subscribers[sub.generation_id]
 
-    def publish(self, events: Iterable[EventRecord]) -> None:
+    def publish(self, events: Iterable[GenerationEvent]) -> None:
         """Deliver committed events to every subscriber of their generation."""
         for event in events:
             for sub in self._subscribers.get(event.generation_id, ()):

@@ -64,7 +64,7 @@ class Base(DeclarativeBase):
 
 
 class Artifact(Base):
-    """A content-addressed output or input image, with the recipe that made it."""
+    """A content-addressed image or video: the facts of its bytes, shared by every owner."""
 
     __tablename__ = "artifacts"
 
@@ -74,7 +74,22 @@ class Artifact(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     duration_s: Mapped[float | None] = mapped_column(Float)
+    frame_count: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     uri: Mapped[str] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ArtifactOwner(Base):
+    """Which organization may see an artifact: content is shared, visibility is not.
+
+    The recipe is the owner's own (the same bytes may be one tenant's output and
+    another's upload); unset for uploads and catalog images.
+    """
+
+    __tablename__ = "artifact_owners"
+
+    organization: Mapped[str] = mapped_column(String(128), primary_key=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"), primary_key=True)
     recipe: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -132,12 +147,12 @@ class Generation(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict[str, Any]]
     orchestration: Mapped[dict[str, Any]]
-    error_reason: Mapped[str | None] = mapped_column(String(64))
-    error_message: Mapped[str | None] = mapped_column(Text)
+    # The JSON form of domain.model.ResourceError, when failed or cancelled.
+    error: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    expire_at: Mapped[datetime | None]
+    deadline_at: Mapped[datetime | None]
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
     # Loaded only where a response needs them (repository.WITH_LABELS).
     labels: Mapped[list[GenerationLabel]] = relationship(
@@ -175,13 +190,18 @@ class Prediction(Base):
     status: Mapped[str] = mapped_column(String(32))
     artifact_sha256: Mapped[str | None] = mapped_column(ForeignKey("artifacts.sha256"))
     score: Mapped[float | None] = mapped_column(Float)
-    error_reason: Mapped[str | None] = mapped_column(String(64))
-    error_message: Mapped[str | None] = mapped_column(Text)
+    # How its artifact was produced (the JSON form of domain.model.Recipe).
+    recipe: Mapped[dict[str, Any] | None]
+    # The JSON form of domain.model.ResourceError, when failed or cancelled.
+    error: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     artifact: Mapped[Artifact | None] = relationship(lazy="joined")
-    tasks: Mapped[list[Task]] = relationship(lazy="joined", order_by="Task.created_at")
+    # Chains run in order: tasks sort by (attempt number, step), never by time.
+    tasks: Mapped[list[Task]] = relationship(
+        lazy="joined", order_by="[Task.attempt_number, Task.step]"
+    )
     # AGENTIC only; not loaded until the AGENTIC workflow needs it.
     shot: Mapped[OrchestratedShot | None] = relationship(lazy="raise")
 
@@ -206,9 +226,13 @@ class Task(Base):
     previous_compute_task_ids: Mapped[list[str]] = mapped_column(
         JSON, default=list, server_default=text("'[]'")
     )
+    # AGENTIC attempt this task serves ("" under BASE), and its place in the chain.
+    attempt_id: Mapped[str] = mapped_column(String(36), default="", server_default=text("''"))
+    attempt_number: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    step: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     params: Mapped[dict[str, Any]]
-    error_category: Mapped[str | None] = mapped_column(String(32))
-    error_message: Mapped[str | None] = mapped_column(Text)
+    # The JSON form of domain.model.ResourceError, when failed or cancelled.
+    error: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

@@ -3,38 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute, selectinload
 
-from server.domain.enums import CatalogKind, EventKind
+from server.domain import events
+from server.domain.enums import CatalogKind
+from server.domain.filters import GenerationFilter
 from server.domain.paging import Cursor
 from server.domain.states import GENERATION_TERMINAL
-from server.store.events import EventRecord
 from server.store.models import (
     Artifact,
+    ArtifactOwner,
     CatalogEntity,
     Generation,
     GenerationEvent,
     GenerationLabel,
+    utcnow,
 )
 
 WITH_LABELS = selectinload(Generation.labels)
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationFilter:
-    """Which generations a list returns; empty collections mean "any"."""
-
-    statuses: frozenset[str] = frozenset()
-    strategies: frozenset[str] = frozenset()
-    types: frozenset[str] = frozenset()
-    labels: dict[str, str] = field(default_factory=dict)
-    created_after: datetime | None = None
-    created_before: datetime | None = None
 
 
 async def get_generation(
@@ -133,7 +125,7 @@ async def non_terminal_generation_ids(session: AsyncSession) -> list[str]:
 
 async def events_after(
     session: AsyncSession, generation_id: str, after: int, limit: int
-) -> list[EventRecord]:
+) -> list[events.GenerationEvent]:
     """Stored events of a generation with sequence > ``after``, in order."""
     stmt = (
         select(GenerationEvent)
@@ -143,7 +135,7 @@ async def events_after(
     )
     rows = (await session.execute(stmt)).scalars().all()
     return [
-        EventRecord(r.generation_id, r.sequence, r.time, EventKind(r.kind), r.terminal, r.payload)
+        events.decode(r.generation_id, r.sequence, r.time, r.kind, r.terminal, r.payload)
         for r in rows
     ]
 
@@ -165,6 +157,45 @@ async def ensure_artifact(
 async def get_artifact(session: AsyncSession, sha256: str) -> Artifact | None:
     """The artifact with this digest, or None."""
     return await session.get(Artifact, sha256)
+
+
+async def get_owned_artifact(
+    session: AsyncSession, org: str, sha256: str
+) -> tuple[Artifact, dict[str, Any] | None] | None:
+    """The artifact with this digest and ``org``'s recipe for it.
+
+    None when ``org`` does not own it, exactly as if it did not exist.
+    """
+    stmt = (
+        select(Artifact, ArtifactOwner.recipe)
+        .join(ArtifactOwner, ArtifactOwner.sha256 == Artifact.sha256)
+        .where(Artifact.sha256 == sha256, ArtifactOwner.organization == org)
+    )
+    row = (await session.execute(stmt)).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+async def own_artifact(
+    session: AsyncSession, org: str, sha256: str, recipe: dict[str, Any] | None = None
+) -> None:
+    """Give ``org`` sight of the artifact, with its recipe when it is an output.
+
+    Idempotent, also under concurrent writers; an owner without a recipe (it uploaded
+    the bytes first) gains the recipe of a later output.
+    """
+    await session.flush()  # the artifact row this one refers to goes first
+    values = {"organization": org, "sha256": sha256, "recipe": recipe, "created_at": utcnow()}
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(ArtifactOwner).values(**values)
+    if recipe is None:
+        stmt = stmt.on_conflict_do_nothing()
+    else:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[ArtifactOwner.organization, ArtifactOwner.sha256],
+            set_={"recipe": func.coalesce(ArtifactOwner.recipe, stmt.excluded.recipe)},
+        )
+    await session.execute(stmt)
 
 
 async def get_entity(

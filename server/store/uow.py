@@ -9,7 +9,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.domain import model
 from server.domain.enums import EventKind, GenerationStatus, PredictionStatus, TaskStatus
+from server.domain.events import GenerationEvent, encode
+from server.domain.model import PredictionCounts
 from server.domain.states import (
     GENERATION_TERMINAL,
     GENERATION_TRANSITIONS,
@@ -18,52 +21,18 @@ from server.domain.states import (
     TASK_TRANSITIONS,
     check_transition,
 )
-from server.store.events import EventBus, EventRecord
-from server.store.models import Artifact, Generation, GenerationEvent, Prediction, Task, utcnow
+from server.store import mapping
+from server.store.events import EventBus
+from server.store.models import Generation, Prediction, Task, utcnow
+from server.store.models import GenerationEvent as EventRow
 
 
-def error_dict(reason: str | None, message: str | None) -> dict[str, str] | None:
-    """The payload form of an error, or None when there is none."""
-    if reason is None and message is None:
-        return None
-    return {"reason": reason or "", "message": message or ""}
-
-
-def artifact_dict(artifact: Artifact | None) -> dict[str, Any] | None:
-    """The payload form of an artifact, or None."""
-    return None if artifact is None else artifact_fields(artifact)
-
-
-def artifact_fields(artifact: Artifact) -> dict[str, Any]:
-    """An artifact's identity and shape, named as in the Artifact message."""
-    return {
-        "sha256": artifact.sha256,
-        "mime_type": artifact.mime_type,
-        "size_bytes": artifact.size_bytes,
-        "width": artifact.width,
-        "height": artifact.height,
-        "uri": artifact.uri,
-    }
-
-
-def task_error(task: Task) -> dict[str, str] | None:
-    """The payload form of a task's error: a reason, the message and the compute category."""
-    if task.error_category is None and task.error_message is None:
-        return None
-    reason = "CANCELLED" if task.status == TaskStatus.CANCELLED else "COMPUTE_FAILED"
-    return {
-        "reason": reason,
-        "message": task.error_message or "",
-        "category": task.error_category or "",
-    }
-
-
-def prediction_counts(generation: Generation) -> dict[str, int]:
+def prediction_counts(generation: Generation) -> PredictionCounts:
     """Count the generation's predictions by status."""
-    counts = {status.value.lower(): 0 for status in PredictionStatus}
+    counts = dict.fromkeys(PredictionStatus, 0)
     for prediction in generation.predictions:
-        counts[prediction.status.lower()] += 1
-    return counts
+        counts[PredictionStatus(prediction.status)] += 1
+    return PredictionCounts(**{status.value.lower(): n for status, n in counts.items()})
 
 
 class UnitOfWork:
@@ -71,42 +40,58 @@ class UnitOfWork:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
-        self.events: list[EventRecord] = []
+        self.events: list[GenerationEvent] = []
 
-    def emit(
-        self, generation: Generation, kind: EventKind, payload: dict[str, Any], *, terminal: bool
-    ) -> None:
-        """Append the generation's next event, gap-free, in this transaction."""
+    def emit(self, generation: Generation, event: GenerationEvent) -> None:
+        """Append ``event`` as the generation's next one, gap-free, in this transaction."""
         generation.event_seq += 1
-        row = GenerationEvent(
-            generation_id=generation.id,
-            sequence=generation.event_seq,
-            time=utcnow(),
-            kind=kind.value,
-            terminal=terminal,
-            payload=payload,
+        event.sequence = generation.event_seq
+        self.session.add(
+            EventRow(
+                generation_id=generation.id,
+                sequence=event.sequence,
+                time=event.time,
+                kind=event.kind.value,
+                terminal=event.terminal,
+                payload=encode(event),
+            )
         )
-        self.session.add(row)
-        self.events.append(
-            EventRecord(generation.id, row.sequence, row.time, kind, terminal, payload)
+        self.events.append(event)
+
+    def _event(self, row: Generation, kind: EventKind, **fields: Any) -> GenerationEvent:
+        return GenerationEvent(
+            generation_id=row.id,
+            sequence=0,
+            time=utcnow(),
+            kind=kind,
+            terminal=False,
+            counts=prediction_counts(row),
+            **fields,
         )
 
-    def generation_event(self, generation: Generation) -> None:
-        """Record the generation's current status as an event."""
-        status = GenerationStatus(generation.status)
-        payload = {
-            "status": status.value,
-            "error": error_dict(generation.error_reason, generation.error_message),
-            "counts": prediction_counts(generation),
-        }
-        self.emit(generation, EventKind.GENERATION, payload, terminal=status in GENERATION_TERMINAL)
+    def created(self, generation: Generation) -> None:
+        """Record the new generation, its whole tree as Get shows it, as event 1."""
+        snapshot = mapping.generation(generation)
+        snapshot.event_seq = generation.event_seq + 1
+        self.emit(
+            generation, self._event(generation, EventKind.GENERATION_CREATED, generation=snapshot)
+        )
+
+    def generation_changed(self, generation: Generation) -> None:
+        """Record the generation's own fields after a change."""
+        snapshot = model.without_children(
+            mapping.generation(generation, with_tasks=False, with_labels=False)
+        )
+        event = self._event(generation, EventKind.GENERATION_CHANGED, generation=snapshot)
+        event.terminal = GenerationStatus(generation.status) in GENERATION_TERMINAL
+        self.emit(generation, event)
 
     def set_generation_status(
         self,
         generation: Generation,
         target: GenerationStatus,
         *,
-        error: tuple[str, str] | None = None,
+        error: model.ResourceError | None = None,
     ) -> None:
         """Move the generation to ``target`` and record it.
 
@@ -121,8 +106,15 @@ class UnitOfWork:
         if target in GENERATION_TERMINAL:
             generation.finished_at = now
         if error is not None:
-            generation.error_reason, generation.error_message = error
-        self.generation_event(generation)
+            generation.error = mapping.stored_error(error)
+        self.generation_changed(generation)
+
+    def prediction_changed(self, generation: Generation, prediction: Prediction) -> None:
+        """Record a prediction's own fields after a change."""
+        snapshot = model.prediction_alone(mapping.prediction(prediction, with_tasks=False))
+        self.emit(
+            generation, self._event(generation, EventKind.PREDICTION_CHANGED, prediction=snapshot)
+        )
 
     def set_prediction_status(
         self,
@@ -130,7 +122,7 @@ class UnitOfWork:
         prediction: Prediction,
         target: PredictionStatus,
         *,
-        error: tuple[str, str] | None = None,
+        error: model.ResourceError | None = None,
     ) -> None:
         """Move a prediction to ``target`` and record it."""
         check_transition(PREDICTION_TRANSITIONS, PredictionStatus(prediction.status), target)
@@ -141,16 +133,8 @@ class UnitOfWork:
         if not PREDICTION_TRANSITIONS[target]:
             prediction.finished_at = now
         if error is not None:
-            prediction.error_reason, prediction.error_message = error
-        payload = {
-            "prediction_id": prediction.id,
-            "index": prediction.index,
-            "status": target.value,
-            "artifact": artifact_dict(prediction.artifact),
-            "error": error_dict(prediction.error_reason, prediction.error_message),
-            "score": prediction.score,
-        }
-        self.emit(generation, EventKind.PREDICTION, payload, terminal=False)
+            prediction.error = mapping.stored_error(error)
+        self.prediction_changed(generation, prediction)
 
     def set_task_status(
         self,
@@ -158,7 +142,7 @@ class UnitOfWork:
         task: Task,
         target: TaskStatus,
         *,
-        error: tuple[str, str] | None = None,
+        error: model.ResourceError | None = None,
     ) -> None:
         """Move a task to ``target`` and record it."""
         check_transition(TASK_TRANSITIONS, TaskStatus(task.status), target)
@@ -171,8 +155,13 @@ class UnitOfWork:
         if target is TaskStatus.COMPLETED:
             task.progress = 1.0
         if error is not None:
-            task.error_category, task.error_message = error
-        self.task_event(generation, task, EventKind.TASK)
+            task.error = mapping.stored_error(error)
+        self.task_event(generation, task, EventKind.TASK_CHANGED)
+
+    def task_added(self, generation: Generation, task: Task) -> None:
+        """Record a task added after creation (a chain's next step), with its parameters."""
+        snapshot = model.task_change(mapping.task(task), with_params=True)
+        self.emit(generation, self._event(generation, EventKind.TASK_CHANGED, task=snapshot))
 
     def task_event(
         self, generation: Generation, task: Task, kind: EventKind, *, note: str = ""
@@ -181,19 +170,8 @@ class UnitOfWork:
 
         ``note`` says why, when the status alone does not.
         """
-        payload = {
-            "task_id": task.id,
-            "prediction_id": task.prediction_id,
-            "status": task.status,
-            "progress": task.progress,
-            "compute_task_id": task.compute_task_id or "",
-            "attempt": task.attempt,
-            "previous_compute_task_ids": list(task.previous_compute_task_ids),
-            "error": task_error(task),
-        }
-        if note:
-            payload["note"] = note
-        self.emit(generation, kind, payload, terminal=False)
+        snapshot = model.task_change(mapping.task(task), with_params=False)
+        self.emit(generation, self._event(generation, kind, task=snapshot, note=note))
 
 
 class Store:

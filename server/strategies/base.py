@@ -11,6 +11,27 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from server.domain.enums import Strategy, TaskType
 from server.domain.errors import UnimplementedError, Violations
 
+# The compute task types each strategy's predictions may run, in chain order.
+TASK_TYPES: dict[Strategy, tuple[TaskType, ...]] = {
+    Strategy.GENERATE: (TaskType.GENERATION,),
+    Strategy.EDITING: (TaskType.EDITING, TaskType.DETAIL_ENHANCER),
+    Strategy.REFINE: (TaskType.REFINE,),
+    Strategy.VIDEO: (TaskType.VIDEO_GENERATION,),
+    Strategy.BACKGROUND_FIXING: (TaskType.BACKGROUND_FIX,),
+    Strategy.IMAGE_ADJUSTING: (TaskType.IMAGE_ADJUSTER,),
+    Strategy.FACE_FIXING: (TaskType.FACE_ENHANCER,),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldLimit:
+    """A numeric bound on a request field, as GetCapabilities reports it."""
+
+    field: str
+    minimum: float
+    maximum: float
+    description: str = ""
+
 
 @dataclass(frozen=True, slots=True)
 class PlannedTask:
@@ -25,6 +46,7 @@ class StrategyHandler(Protocol):
     """What a strategy knows: how to validate its input and which tasks to create."""
 
     strategy: Strategy
+    limits: tuple[FieldLimit, ...]
 
     def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
         """Validate ``raw`` into the stored parameters, defaults filled, recording violations."""
@@ -61,6 +83,11 @@ class StrategyRegistry:
         if handler is None:
             known = ", ".join(sorted(self._handlers)) or "none"
             raise UnimplementedError(
-                f"strategy {strategy} is not available yet; available: {known}"
+                f"strategy {strategy} is not available on this server yet; available: {known}",
+                feature=f"STRATEGY_{strategy.value}",
             )
         return handler
+
+    def available(self) -> dict[Strategy, tuple[FieldLimit, ...]]:
+        """The strategies registered here, with their limits."""
+        return {strategy: handler.limits for strategy, handler in self._handlers.items()}

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
 
 from server.domain.enums import GenerationType
-from server.domain.errors import Violations
+from server.domain.errors import Violations, key_path
+from server.domain.model import AgenticConfig, Orchestration
 from server.strategies.inputs import CreateOptions
 
 MAX_SEED = 2**31 - 1
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 255
 MIN_TIMEOUT_S = 1.0
@@ -21,29 +20,6 @@ EVALUATION_PROVIDERS = frozenset({"auto", "local"})
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MIN_CONFIDENCE = 0.7
 DEFAULT_PROVIDER = "auto"
-
-
-@dataclass(frozen=True, slots=True)
-class Orchestration:
-    """The validated orchestration choice, defaults filled."""
-
-    type: GenerationType
-    max_attempts: int
-    min_confidence_score: float
-    evaluation_provider: str
-
-    def as_dict(self) -> dict[str, Any]:
-        """The stored form; the agentic part only for AGENTIC."""
-        if self.type is GenerationType.BASE:
-            return {"type": self.type.value}
-        return {
-            "type": self.type.value,
-            "agentic": {
-                "max_attempts": self.max_attempts,
-                "min_confidence_score": self.min_confidence_score,
-                "evaluation_provider": self.evaluation_provider,
-            },
-        }
 
 
 def check_range(
@@ -76,21 +52,24 @@ def check_seed(v: Violations, field: str, value: int | None) -> None:
         v.add(field, f"must be between 0 and {MAX_SEED}, got {value}")
 
 
-def _check_labels(v: Violations, labels: dict[str, str]) -> None:
+def check_labels(v: Violations, labels: dict[str, str], field: str = "labels") -> None:
+    """Labels: at most 32, keys 1-63 of [a-z0-9_-] from a letter, values up to 255."""
     if len(labels) > MAX_LABELS:
-        v.add("labels", f"must have at most {MAX_LABELS} entries, got {len(labels)}")
+        v.add(field, f"must have at most {MAX_LABELS} entries, got {len(labels)}")
+        return  # naming each entry of an oversized map would only flood the answer
     for key, value in sorted(labels.items()):
-        if not LABEL_KEY_RE.match(key):
-            v.add(f"labels[{key!r}]", "key must be 1-63 of [a-z0-9_-] starting with a letter")
+        if not LABEL_KEY_RE.fullmatch(key):
+            v.add(key_path(field, key), "key must be 1-63 of [a-z0-9_-] starting with a letter")
         if len(value) > MAX_LABEL_VALUE:
-            v.add(f"labels[{key!r}]", f"value must be at most {MAX_LABEL_VALUE} characters")
+            v.add(key_path(field, key), f"value must be at most {MAX_LABEL_VALUE} characters")
 
 
 def validate_options(options: CreateOptions, v: Violations) -> Orchestration:
     """Check the create options and return the orchestration with its defaults filled."""
-    if options.request_id and not REQUEST_ID_RE.match(options.request_id):
+    if options.request_id and not REQUEST_ID_RE.fullmatch(options.request_id):
         v.add("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
-    _check_labels(v, options.labels)
+    v.extend(options.problems)
+    check_labels(v, options.labels)
     if options.timeout_s is not None:
         check_range(v, "timeout", options.timeout_s, MIN_TIMEOUT_S, MAX_TIMEOUT_S, unit=" s")
     kind = options.type or GenerationType.BASE
@@ -111,4 +90,6 @@ def validate_options(options: CreateOptions, v: Violations) -> Orchestration:
         if provider not in EVALUATION_PROVIDERS:
             known = ", ".join(sorted(EVALUATION_PROVIDERS))
             v.add("orchestration.agentic.evaluation_provider", f"must be one of: {known}")
-    return Orchestration(kind, max_attempts, min_score, provider)
+    if kind is GenerationType.BASE:
+        return Orchestration(kind)
+    return Orchestration(kind, AgenticConfig(max_attempts, min_score, provider))

@@ -11,7 +11,7 @@ from server.domain.enums import CatalogKind, Strategy, TaskType
 from server.domain.errors import NotFoundError, Violations
 from server.store import repository
 from server.store.models import CatalogEntity
-from server.strategies.base import PlannedTask
+from server.strategies.base import FieldLimit, PlannedTask
 from server.strategies.common import (
     MAX_SEED,
     check_dimension,
@@ -35,6 +35,16 @@ class GenerateStrategy:
     """Validation and planning of GENERATE."""
 
     strategy = Strategy.GENERATE
+    limits: tuple[FieldLimit, ...] = (
+        FieldLimit("params.batch_size", 1, 16),
+        FieldLimit("params.width", 64, 4096, "a multiple of 8"),
+        FieldLimit("params.height", 64, 4096, "a multiple of 8"),
+        FieldLimit("params.steps", 1, 150),
+        FieldLimit("params.seed", 0, MAX_SEED),
+        FieldLimit("params.subject_lora_weight", 0, 2),
+        FieldLimit("params.product_lora_weight", 0, 2),
+        FieldLimit("params.style_lora_weight", 0, 2),
+    )
 
     def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
         """Check every GENERATE field and return the stored parameters."""
@@ -114,18 +124,18 @@ async def _load_entities(
     session: AsyncSession, org: str, params: dict[str, Any]
 ) -> dict[str, CatalogEntity]:
     found: dict[str, CatalogEntity] = {}
-    missing: list[str] = []
+    missing: dict[str, str] = {}
     for name, kind in _ENTITIES:
         entity_id = params[f"{name}_id"]
         if not entity_id:
             continue
         entity = await repository.get_entity(session, org, kind, entity_id)
         if entity is None:
-            missing.append(f"params.{name}_id")
+            missing[f"params.{name}_id"] = entity_id
         else:
             found[name] = entity
     if missing:
-        raise NotFoundError(f"not found: {', '.join(missing)}", field=", ".join(missing))
+        raise NotFoundError.of("catalog entity", missing)
     return found
 
 

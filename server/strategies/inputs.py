@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.domain.enums import GenerationType
+from server.domain.errors import FieldViolation
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,8 @@ class CreateOptions:
     labels: dict[str, str] = field(default_factory=dict)
     timeout_s: float | None = None
     validate_only: bool = False
+    # Fields the API layer could not decode, reported with every other violation.
+    problems: tuple[FieldViolation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,13 +9,13 @@ from helpers import (
     wait_terminal,
 )
 
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
 from server.compute.fake import FakeComputeBackend
 
 
 async def cancel(stub: GenerationStub, generation_id: str) -> resources_pb2.Generation:
     response = await stub.CancelGeneration(
-        service_pb2.CancelGenerationRequest(generation_id=generation_id)
+        generation_service_pb2.CancelGenerationRequest(generation_id=generation_id)
     )
     return response.generation
 
@@ -34,7 +34,7 @@ async def test_cancel_running_generation_releases_compute(
     assert {p.status for p in done.predictions} == {enums_pb2.PREDICTION_STATUS_CANCELLED}
     for prediction in done.predictions:
         task = prediction.tasks[0]
-        assert task.status == enums_pb2.TASK_STATUS_CANCELLED
+        assert task.status == enums_pb2.COMPUTE_TASK_STATUS_CANCELLED
         assert task.error.message == "compute confirmed release"
     assert sorted(fake_compute.cancelled) == sorted(fake_compute.tasks)
 
@@ -47,9 +47,11 @@ async def test_cancel_is_recorded_as_events(
     await cancel(stub, generation_id)
     await wait_terminal(stub, generation_id)
     statuses = []
-    call = stub.WatchGeneration(service_pb2.WatchGenerationRequest(generation_id=generation_id))
+    call = stub.WatchGeneration(
+        generation_service_pb2.WatchGenerationRequest(generation_id=generation_id)
+    )
     async for item in call:
-        if item.event.kind == enums_pb2.EVENT_KIND_GENERATION:
+        if item.event.kind == enums_pb2.EVENT_KIND_GENERATION_CHANGED:
             statuses.append(item.event.generation.status)
     assert statuses[-2:] == [
         enums_pb2.GENERATION_STATUS_CANCELLING,

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import CatalogStub, GenerationStub, create_generation, create_product
 from procs import ServerProcess
 
-from sartiq_grpc.sartiq.generation.v1 import service_pb2
+from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2
 
 ROUNDS = 200
 
@@ -23,7 +23,7 @@ ROUNDS = 200
 async def _cancel_watch(target: str, generation_id: str) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         call = GenerationStub(channel).WatchGeneration(
-            service_pb2.WatchGenerationRequest(generation_id=generation_id)
+            generation_service_pb2.WatchGenerationRequest(generation_id=generation_id)
         )
         await call.read()
         await call.read()
@@ -31,7 +31,9 @@ async def _cancel_watch(target: str, generation_id: str) -> None:
 
 
 async def _cancel_unary(stub: GenerationStub, generation_id: str) -> None:
-    call = stub.GetGeneration(service_pb2.GetGenerationRequest(generation_id=generation_id))
+    call = stub.GetGeneration(
+        generation_service_pb2.GetGenerationRequest(generation_id=generation_id)
+    )
     await asyncio.sleep(0)  # let the call reach the wire before it is cancelled
     call.cancel()
 
@@ -65,7 +67,7 @@ async def test_abandoned_calls_leave_the_server_up(tmp_path: Path) -> None:
                 assert server.returncode is None, server.log_tail()
             # Still serving, and still tracking the live generation.
             response = await stub.GetGeneration(
-                service_pb2.GetGenerationRequest(generation_id=generation_id)
+                generation_service_pb2.GetGenerationRequest(generation_id=generation_id)
             )
             assert response.generation.id == generation_id
             health = await health_pb2_grpc.HealthStub(channel).Check(

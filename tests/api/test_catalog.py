@@ -10,7 +10,7 @@ import grpc
 import pytest
 from helpers import CatalogStub, field_violations, png_bytes
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2 as pb
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2 as pb
 
 
 async def test_create_get_list_delete_subject(catalog: CatalogStub) -> None:
@@ -36,7 +36,7 @@ async def test_create_get_list_delete_subject(catalog: CatalogStub) -> None:
 
     reused = await catalog.CreateSubject(
         pb.CreateSubjectRequest(
-            name="Ana 2", reference_images=[pb.ImageInput(uri=f"artifact:{ref.sha256}")]
+            name="Ana 2", reference_images=[pb.ImageInput(artifact=f"artifact:{ref.sha256}")]
         )
     )
     assert reused.subject.reference_images[0].sha256 == ref.sha256
@@ -68,7 +68,7 @@ async def test_bad_create_names_every_field(catalog: CatalogStub) -> None:
         description="x" * 2001,
         reference_images=[
             pb.ImageInput(data=b"not an image"),
-            pb.ImageInput(uri="https://example.invalid/a.png"),
+            pb.ImageInput(artifact="https://example.invalid/a.png"),
             pb.ImageInput(data=png_bytes((1, 2, 3))),
         ],
         lora=pb.Lora(default_weight=3),
@@ -80,7 +80,8 @@ async def test_bad_create_names_every_field(catalog: CatalogStub) -> None:
         "name",
         "description",
         "reference_images[0].data",
-        "reference_images[1].uri",
+        "reference_images[1].artifact",
+        "lora.uri",
         "lora.default_weight",
     }
     assert list((await catalog.ListStyles(pb.ListStylesRequest())).styles) == []
@@ -110,7 +111,7 @@ async def test_unknown_ids(catalog: CatalogStub) -> None:
         catalog.DeleteStyle(pb.DeleteStyleRequest(style_id=missing)),
         catalog.CreateProduct(
             pb.CreateProductRequest(
-                name="p", reference_images=[pb.ImageInput(uri=f"artifact:{'0' * 64}")]
+                name="p", reference_images=[pb.ImageInput(artifact=f"artifact:{'0' * 64}")]
             )
         ),
     ]

@@ -13,7 +13,7 @@ from google.protobuf import json_format
 from helpers import GenerationStub, wait_terminal
 from PIL import Image
 
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
 from server.app import App
 from server.config import Settings
 
@@ -25,8 +25,10 @@ async def app(settings: Settings) -> AsyncIterator[App]:
         yield running
 
 
-def request(**params: object) -> service_pb2.CreateGenerationRequest:
-    return service_pb2.CreateGenerationRequest(params=resources_pb2.GenerateParams(**params))  # type: ignore[arg-type]
+def request(**params: object) -> generation_service_pb2.CreateGenerateGenerationRequest:
+    return generation_service_pb2.CreateGenerateGenerationRequest(
+        params=resources_pb2.GenerateParams(**params)  # type: ignore[arg-type]
+    )
 
 
 def artifact_bytes(prediction: resources_pb2.Prediction) -> bytes:
@@ -37,7 +39,7 @@ def artifact_bytes(prediction: resources_pb2.Prediction) -> bytes:
 async def test_batch_of_three_completes_with_distinct_pngs(
     stub: GenerationStub, subject_id: str, product_id: str
 ) -> None:
-    created = await stub.CreateGeneration(
+    created = await stub.CreateGenerateGeneration(
         request(
             subject_id=subject_id,
             product_id=product_id,
@@ -54,7 +56,7 @@ async def test_batch_of_three_completes_with_distinct_pngs(
     done = await wait_terminal(stub, created.generation.id)
 
     assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
-    assert done.prediction_counts.completed == 3
+    assert done.prediction_counts.completed_count == 3
     digests = set()
     for prediction in done.predictions:
         data = artifact_bytes(prediction)
@@ -63,7 +65,7 @@ async def test_batch_of_three_completes_with_distinct_pngs(
         assert image.format == "PNG"
         assert image.size == (256, 320)
         assert (prediction.artifact.width, prediction.artifact.height) == (256, 320)
-        assert prediction.tasks[0].status == enums_pb2.TASK_STATUS_COMPLETED
+        assert prediction.tasks[0].status == enums_pb2.COMPUTE_TASK_STATUS_COMPLETED
         assert prediction.artifact.recipe.backend == "local"
         digests.add(prediction.artifact.sha256)
     assert len(digests) == 3
@@ -73,7 +75,7 @@ async def test_batch_of_three_completes_with_distinct_pngs(
 async def test_same_seed_gives_same_bytes(stub: GenerationStub, product_id: str) -> None:
     ids = []
     for _ in range(2):
-        created = await stub.CreateGeneration(
+        created = await stub.CreateGenerateGeneration(
             request(
                 product_id=product_id, shot_type_string="close-up", width=128, height=128, seed=7
             )
@@ -87,7 +89,7 @@ async def test_same_seed_gives_same_bytes(stub: GenerationStub, product_id: str)
 async def test_resource_echoes_defaults_and_prompt_inputs(
     stub: GenerationStub, product_id: str
 ) -> None:
-    created = await stub.CreateGeneration(
+    created = await stub.CreateGenerateGeneration(
         request(product_id=product_id, shot_type_string="  half body  ", width=64, height=64)
     )
     params = created.generation.generate
@@ -105,6 +107,6 @@ async def test_resource_echoes_defaults_and_prompt_inputs(
 
 async def test_other_strategies_answer_unimplemented(stub: GenerationStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreateVideoGeneration(service_pb2.CreateVideoGenerationRequest())
+        await stub.CreateVideoGeneration(generation_service_pb2.CreateVideoGenerationRequest())
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "VIDEO" in (caught.value.details() or "")

@@ -6,11 +6,11 @@ import grpc
 import pytest
 from helpers import GenerationStub, field_violations, wait_terminal
 
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
 
 
-def req(product_id: str, **extra: object) -> service_pb2.CreateGenerationRequest:
-    request = service_pb2.CreateGenerationRequest(
+def req(product_id: str, **extra: object) -> generation_service_pb2.CreateGenerateGenerationRequest:
+    request = generation_service_pb2.CreateGenerateGenerationRequest(
         params=resources_pb2.GenerateParams(
             product_id=product_id, shot_type_string="front", width=64, height=64
         )
@@ -24,13 +24,15 @@ def req(product_id: str, **extra: object) -> service_pb2.CreateGenerationRequest
 
 
 async def list_all(
-    stub: GenerationStub, page_size: int, flt: service_pb2.GenerationFilter | None = None
+    stub: GenerationStub, page_size: int, flt: generation_service_pb2.GenerationFilter | None = None
 ) -> list[str]:
     ids: list[str] = []
     token = ""
     while True:
         page = await stub.ListGenerations(
-            service_pb2.ListGenerationsRequest(page_size=page_size, page_token=token, filter=flt)
+            generation_service_pb2.ListGenerationsRequest(
+                page_size=page_size, page_token=token, filter=flt
+            )
         )
         ids.extend(g.id for g in page.generations)
         token = page.next_page_token
@@ -39,38 +41,46 @@ async def list_all(
 
 
 async def test_pages_cover_everything_newest_first(stub: GenerationStub, product_id: str) -> None:
-    created = [(await stub.CreateGeneration(req(product_id))).generation.id for _ in range(7)]
+    created = [
+        (await stub.CreateGenerateGeneration(req(product_id))).generation.id for _ in range(7)
+    ]
     assert await list_all(stub, 3) == list(reversed(created))
     assert await list_all(stub, 0) == list(reversed(created))
 
 
 async def test_filters_by_label_status_and_strategy(stub: GenerationStub, product_id: str) -> None:
-    tagged = (await stub.CreateGeneration(req(product_id, labels={"team": "a"}))).generation.id
-    await stub.CreateGeneration(req(product_id, labels={"team": "b"}))
+    tagged = (
+        await stub.CreateGenerateGeneration(req(product_id, labels={"team": "a"}))
+    ).generation.id
+    await stub.CreateGenerateGeneration(req(product_id, labels={"team": "b"}))
     await wait_terminal(stub, tagged)
-    by_label = service_pb2.GenerationFilter(labels={"team": "a"})
+    by_label = generation_service_pb2.GenerationFilter(labels={"team": "a"})
     assert await list_all(stub, 10, by_label) == [tagged]
-    completed = service_pb2.GenerationFilter(
+    completed = generation_service_pb2.GenerationFilter(
         statuses=[enums_pb2.GENERATION_STATUS_COMPLETED],
         strategies=[enums_pb2.STRATEGY_GENERATE],
         labels={"team": "a"},
     )
     assert await list_all(stub, 10, completed) == [tagged]
-    failed = service_pb2.GenerationFilter(statuses=[enums_pb2.GENERATION_STATUS_FAILED])
+    failed = generation_service_pb2.GenerationFilter(statuses=[enums_pb2.GENERATION_STATUS_FAILED])
     assert await list_all(stub, 10, failed) == []
 
 
 async def test_bad_page_arguments(stub: GenerationStub, product_id: str) -> None:
     for _ in range(3):
-        await stub.CreateGeneration(req(product_id))
-    page = await stub.ListGenerations(service_pb2.ListGenerationsRequest(page_size=1))
-    other_filter = service_pb2.GenerationFilter(labels={"x": "y"})
+        await stub.CreateGenerateGeneration(req(product_id))
+    page = await stub.ListGenerations(generation_service_pb2.ListGenerationsRequest(page_size=1))
+    other_filter = generation_service_pb2.GenerationFilter(labels={"x": "y"})
     cases = [
-        service_pb2.ListGenerationsRequest(page_size=101),
-        service_pb2.ListGenerationsRequest(page_token="garbage!"),
-        service_pb2.ListGenerationsRequest(page_token=page.next_page_token, filter=other_filter),
-        service_pb2.ListGenerationsRequest(
-            filter=service_pb2.GenerationFilter(statuses=[enums_pb2.GENERATION_STATUS_UNSPECIFIED])
+        generation_service_pb2.ListGenerationsRequest(page_size=101),
+        generation_service_pb2.ListGenerationsRequest(page_token="garbage!"),
+        generation_service_pb2.ListGenerationsRequest(
+            page_token=page.next_page_token, filter=other_filter
+        ),
+        generation_service_pb2.ListGenerationsRequest(
+            filter=generation_service_pb2.GenerationFilter(
+                statuses=[enums_pb2.GENERATION_STATUS_UNSPECIFIED]
+            )
         ),
     ]
     expected = ["page_size", "page_token", "page_token", "filter.statuses[0]"]
@@ -84,8 +94,8 @@ async def test_bad_page_arguments(stub: GenerationStub, product_id: str) -> None
 async def test_same_request_id_same_request_returns_the_same_generation(
     stub: GenerationStub, product_id: str
 ) -> None:
-    first = await stub.CreateGeneration(req(product_id, request_id="order-1"))
-    second = await stub.CreateGeneration(req(product_id, request_id="order-1"))
+    first = await stub.CreateGenerateGeneration(req(product_id, request_id="order-1"))
+    second = await stub.CreateGenerateGeneration(req(product_id, request_id="order-1"))
     assert first.generation.id == second.generation.id
     assert len(await list_all(stub, 10)) == 1
 
@@ -93,10 +103,10 @@ async def test_same_request_id_same_request_returns_the_same_generation(
 async def test_same_request_id_different_request_is_already_exists(
     stub: GenerationStub, product_id: str
 ) -> None:
-    await stub.CreateGeneration(req(product_id, request_id="order-2"))
+    await stub.CreateGenerateGeneration(req(product_id, request_id="order-2"))
     different = req(product_id, request_id="order-2")
     different.params.width = 128
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreateGeneration(different)
+        await stub.CreateGenerateGeneration(different)
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert len(await list_all(stub, 10)) == 1

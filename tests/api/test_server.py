@@ -19,7 +19,7 @@ from helpers import (
     create_product,
 )
 
-from sartiq_grpc.sartiq.generation.v1 import service_pb2
+from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import ServerSettings
@@ -50,11 +50,11 @@ async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
 async def test_request_id_is_echoed_and_generated(channel: grpc.aio.Channel) -> None:
     stub = GenerationStub(channel)
     call = stub.ListGenerations(
-        service_pb2.ListGenerationsRequest(), metadata=(("x-request-id", "abc-123"),)
+        generation_service_pb2.ListGenerationsRequest(), metadata=(("x-request-id", "abc-123"),)
     )
     await call
     assert ("x-request-id", "abc-123") in list(await call.initial_metadata())
-    call = stub.ListGenerations(service_pb2.ListGenerationsRequest())
+    call = stub.ListGenerations(generation_service_pb2.ListGenerationsRequest())
     await call
     generated = dict(await call.initial_metadata())["x-request-id"]
     assert len(str(generated)) == 32
@@ -86,9 +86,11 @@ async def test_shutdown_ends_watch_streams_with_unavailable(tmp_path: Path) -> N
         stub = GenerationStub(channel)
         product_id = await create_product(catalog, "p", colour=(5, 5, 5))
         generation_id = await create_generation(stub, product_id)
-        call = stub.WatchGeneration(service_pb2.WatchGenerationRequest(generation_id=generation_id))
+        call = stub.WatchGeneration(
+            generation_service_pb2.WatchGenerationRequest(generation_id=generation_id)
+        )
         first = await call.read()
-        assert isinstance(first, service_pb2.WatchGenerationResponse)
+        assert isinstance(first, generation_service_pb2.WatchGenerationResponse)
         assert first.event.sequence == 1
         await app.shutdown()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -110,7 +112,7 @@ async def test_each_call_is_logged_with_its_outcome(
     stub = GenerationStub(channel)
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.GetGeneration(
-            service_pb2.GetGenerationRequest(generation_id="missing"),
+            generation_service_pb2.GetGenerationRequest(generation_id="missing"),
             metadata=(("x-request-id", "trace-1"),),
         )
 

@@ -9,26 +9,28 @@ import pytest
 from google.protobuf import duration_pb2
 from helpers import GenerationStub, error_info, field_violations
 
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
 from server.compute.fake import FakeComputeBackend
 
 
 async def create_error(
-    stub: GenerationStub, req: service_pb2.CreateGenerationRequest
+    stub: GenerationStub, req: generation_service_pb2.CreateGenerateGenerationRequest
 ) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreateGeneration(req)
+        await stub.CreateGenerateGeneration(req)
     return caught.value
 
 
 async def assert_nothing_stored(stub: GenerationStub, compute: FakeComputeBackend) -> None:
-    listed = await stub.ListGenerations(service_pb2.ListGenerationsRequest())
+    listed = await stub.ListGenerations(generation_service_pb2.ListGenerationsRequest())
     assert list(listed.generations) == []
     assert compute.submitted == []
 
 
-def gen(**params: object) -> service_pb2.CreateGenerationRequest:
-    return service_pb2.CreateGenerationRequest(params=resources_pb2.GenerateParams(**params))  # type: ignore[arg-type]
+def gen(**params: object) -> generation_service_pb2.CreateGenerateGenerationRequest:
+    return generation_service_pb2.CreateGenerateGenerationRequest(
+        params=resources_pb2.GenerateParams(**params)  # type: ignore[arg-type]
+    )
 
 
 async def test_missing_shot_type_and_entities(
@@ -84,7 +86,7 @@ async def test_option_violations_are_reported_with_param_violations(
     error = await create_error(stub, req)
     assert set(field_violations(error)) == {
         "request_id",
-        "labels['Bad Key']",
+        'labels["Bad Key"]',
         "timeout",
         "orchestration.agentic",
         "params.subject_id",
@@ -102,7 +104,7 @@ async def test_unknown_catalog_ids_are_not_found(
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "params.subject_id" in (error.details() or "")
-    assert error_info(error).metadata["field"] == "params.subject_id"
+    assert dict(error_info(error).metadata) == {"params.subject_id": missing}
     await assert_nothing_stored(stub, fake_compute)
 
 
@@ -113,7 +115,7 @@ async def test_malformed_id_is_not_found(
         stub, gen(product_id=product_id, style_id="not-an-id", shot_type_string="front")
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert error_info(error).metadata["field"] == "params.style_id"
+    assert dict(error_info(error).metadata) == {"params.style_id": "not-an-id"}
     await assert_nothing_stored(stub, fake_compute)
 
 
@@ -122,7 +124,7 @@ async def test_product_id_of_a_subject_is_not_found(
 ) -> None:
     error = await create_error(stub, gen(product_id=subject_id, shot_type_string="front"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert error_info(error).metadata["field"] == "params.product_id"
+    assert dict(error_info(error).metadata) == {"params.product_id": subject_id}
     await assert_nothing_stored(stub, fake_compute)
 
 
@@ -141,7 +143,7 @@ async def test_validate_only_creates_nothing(
 ) -> None:
     req = gen(product_id=product_id, shot_type_string="front", batch_size=2)
     req.validate_only = True
-    response = await stub.CreateGeneration(req)
+    response = await stub.CreateGenerateGeneration(req)
     assert response.generation.id == ""
     assert response.generation.status == enums_pb2.GENERATION_STATUS_PENDING
     assert len(response.generation.predictions) == 2
@@ -150,8 +152,8 @@ async def test_validate_only_creates_nothing(
 
 async def test_unknown_generation_is_not_found(stub: GenerationStub) -> None:
     for call in (
-        stub.GetGeneration(service_pb2.GetGenerationRequest(generation_id="nope")),
-        stub.CancelGeneration(service_pb2.CancelGenerationRequest(generation_id="nope")),
+        stub.GetGeneration(generation_service_pb2.GetGenerationRequest(generation_id="nope")),
+        stub.CancelGeneration(generation_service_pb2.CancelGenerationRequest(generation_id="nope")),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
@@ -177,7 +179,10 @@ async def test_every_unknown_catalog_id_is_named(
         gen(subject_id="gone-1", product_id="gone-2", style_id="gone-3", shot_type_string="x"),
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert error_info(error).metadata["field"] == (
-        "params.subject_id, params.product_id, params.style_id"
-    )
+    # One metadata entry per unknown id, not a joined string.
+    assert dict(error_info(error).metadata) == {
+        "params.subject_id": "gone-1",
+        "params.product_id": "gone-2",
+        "params.style_id": "gone-3",
+    }
     await assert_nothing_stored(stub, fake_compute)

@@ -21,7 +21,7 @@ from helpers import (
     wait_terminal,
 )
 
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2, service_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import Settings
@@ -32,7 +32,9 @@ async def collect(
 ) -> list[resources_pb2.GenerationEvent]:
     events = []
     call = stub.WatchGeneration(
-        service_pb2.WatchGenerationRequest(generation_id=generation_id, after_sequence=after)
+        generation_service_pb2.WatchGenerationRequest(
+            generation_id=generation_id, after_sequence=after
+        )
     )
     async for item in call:
         if item.HasField("event"):
@@ -51,7 +53,7 @@ async def test_late_subscriber_gets_full_replay_and_close(
     assert sum(e.terminal for e in events) == 1
     assert events[-1].generation.status == enums_pb2.GENERATION_STATUS_COMPLETED
     assert events[-1].sequence == done.last_event_sequence
-    assert events[0].kind == enums_pb2.EVENT_KIND_GENERATION
+    assert events[0].kind == enums_pb2.EVENT_KIND_GENERATION_CREATED
     assert events[0].generation.status == enums_pb2.GENERATION_STATUS_PENDING
     completed = [e for e in events if e.prediction.status == enums_pb2.PREDICTION_STATUS_COMPLETED]
     assert len(completed) == 2
@@ -63,7 +65,9 @@ async def test_live_watch_sees_progress_and_ends_after_terminal(
 ) -> None:
     fake_compute.hold = True
     generation_id = await create_generation(stub, product_id)
-    call = stub.WatchGeneration(service_pb2.WatchGenerationRequest(generation_id=generation_id))
+    call = stub.WatchGeneration(
+        generation_service_pb2.WatchGenerationRequest(generation_id=generation_id)
+    )
     seen: list[resources_pb2.GenerationEvent] = []
 
     async def reader() -> None:
@@ -128,7 +132,9 @@ async def test_idle_stream_gets_heartbeats(
 ) -> None:
     fake_compute.hold = True
     generation_id = await create_generation(stub, product_id)
-    call = stub.WatchGeneration(service_pb2.WatchGenerationRequest(generation_id=generation_id))
+    call = stub.WatchGeneration(
+        generation_service_pb2.WatchGenerationRequest(generation_id=generation_id)
+    )
     heartbeats = 0
     async for item in call:
         if item.HasField("heartbeat"):

@@ -57,11 +57,14 @@ async def test_tour(app: App, tmp_path: Path) -> None:
         "192",
     )
     events = (await sartiq(app, "watch", generation)).splitlines()
-    assert events[0].startswith("1 EVENT_KIND_GENERATION")
+    assert events[0].startswith("1 EVENT_KIND_GENERATION_CREATED")
     assert "GENERATION_STATUS_COMPLETED" in events[-1]
-    outputs = (await sartiq(app, "outputs", generation)).splitlines()
+    # Downloaded over gRPC into a directory of the client's choosing: no server paths.
+    downloads = tmp_path / "downloads"
+    outputs = (await sartiq(app, "outputs", generation, "--dir", str(downloads))).splitlines()
     assert len(outputs) == 2
     for path in outputs:
+        assert Path(path).parent == downloads
         with Image.open(path) as image:
             assert image.size == (128, 192)
     assert generation in await sartiq(app, "list")

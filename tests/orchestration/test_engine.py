@@ -9,7 +9,7 @@ import grpc
 import pytest
 from conftest import make_settings
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
+from google.rpc import code_pb2, error_details_pb2
 from helpers import (
     CatalogStub,
     GenerationStub,
@@ -23,7 +23,7 @@ from helpers import (
     watch_all,
 )
 
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2, service_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2
 from server.app import App
 from server.compute.base import ComputeError
 from server.compute.fake import FakeComputeBackend
@@ -39,8 +39,13 @@ async def test_compute_failure_fails_the_generation_with_its_category(
     assert done.error.reason == "NO_PREDICTION_COMPLETED"
     assert done.error.message == "prompt rejected"
     task = done.predictions[0].tasks[0]
-    assert task.status == enums_pb2.TASK_STATUS_FAILED
-    assert (task.error.category, task.error.message) == ("validation", "prompt rejected")
+    assert task.status == enums_pb2.COMPUTE_TASK_STATUS_FAILED
+    assert task.error.metadata["category"] == "validation"
+    assert task.error.message == "prompt rejected"
+    assert task.error.reason == "COMPUTE_FAILED"
+    assert task.error.code == code_pb2.INVALID_ARGUMENT
+    assert task.error.domain == "generation.sartiq"
+    assert done.error.code == code_pb2.INVALID_ARGUMENT  # the first failure's code
 
 
 async def test_one_of_two_failing_is_partially_completed(
@@ -54,8 +59,8 @@ async def test_one_of_two_failing_is_partially_completed(
     fake_compute.fail(second, "internal", "gpu fell over")
     done = await wait_terminal(stub, generation_id)
     assert done.status == enums_pb2.GENERATION_STATUS_PARTIALLY_COMPLETED
-    assert done.prediction_counts.completed == 1
-    assert done.prediction_counts.error == 1
+    assert done.prediction_counts.completed_count == 1
+    assert done.prediction_counts.error_count == 1
 
 
 async def test_transient_submit_errors_are_retried(
@@ -73,7 +78,7 @@ async def test_permanent_submit_error_fails_at_once(
     fake_compute.submit_faults = [ComputeError("unsupported", "no such task type")]
     done = await wait_terminal(stub, await create_generation(stub, product_id))
     assert done.status == enums_pb2.GENERATION_STATUS_FAILED
-    assert done.predictions[0].tasks[0].error.category == "unsupported"
+    assert done.predictions[0].tasks[0].error.metadata["category"] == "unsupported"
     assert fake_compute.submitted == []
 
 
@@ -83,8 +88,8 @@ async def test_deadline_fails_the_generation_and_releases_compute(
     fake_compute.hold = True
     request = generate_request(product_id)
     request.timeout.CopyFrom(duration_pb2.Duration(seconds=1))
-    created = (await stub.CreateGeneration(request)).generation
-    assert created.HasField("expire_time")
+    created = (await stub.CreateGenerateGeneration(request)).generation
+    assert created.HasField("deadline_time")
     done = await wait_terminal(stub, created.id)
     assert done.status == enums_pb2.GENERATION_STATUS_FAILED
     assert done.error.reason == "DEADLINE_EXCEEDED"
@@ -129,13 +134,13 @@ async def _start_and_stop_midway(
 
         async def attached() -> bool:
             got = await stub.GetGeneration(
-                service_pb2.GetGenerationRequest(generation_id=generation_id)
+                generation_service_pb2.GetGenerationRequest(generation_id=generation_id)
             )
             return all(p.tasks[0].compute_task_id for p in got.generation.predictions)
 
         await assert_eventually(attached)
         got = await stub.GetGeneration(
-            service_pb2.GetGenerationRequest(generation_id=generation_id)
+            generation_service_pb2.GetGenerationRequest(generation_id=generation_id)
         )
         task_ids = sorted(p.tasks[0].id for p in got.generation.predictions)
     return generation_id, task_ids
@@ -176,19 +181,19 @@ async def test_restart_resubmits_tasks_the_compute_server_lost(tmp_path: Path) -
         events = await watch_all(stub, generation_id)
     assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
     assert sorted(r.idempotency_key for r in fresh.submit_calls) == task_ids
-    assert done.prediction_counts.completed == 2
+    assert done.prediction_counts.completed_count == 2
     # The record says the work ran twice: a second attempt, both compute ids kept.
     for prediction in done.predictions:
         task = prediction.tasks[0]
         assert task.attempt == 2
         assert list(task.previous_compute_task_ids) == [lost[task.id]]
         assert task.compute_task_id in fresh.tasks
-    notes = [e.task for e in events if e.task.note]
-    assert sorted(n.task_id for n in notes) == task_ids
+    notes = [e for e in events if e.note]
+    assert sorted(n.task.id for n in notes) == task_ids
     for note in notes:
-        assert note.attempt == 2
+        assert note.task.attempt == 2
         assert "no longer knows task" in note.note
-        assert list(note.previous_compute_task_ids) == [lost[note.task_id]]
+        assert list(note.task.previous_compute_task_ids) == [lost[note.task.id]]
 
 
 async def test_unexpected_error_fails_the_generation_without_leaking_it(
@@ -214,7 +219,7 @@ async def test_cancel_interrupted_by_shutdown_is_finished_by_the_next_start(
     ):
         stub = GenerationStub(channel)
         response = await stub.CancelGeneration(
-            service_pb2.CancelGenerationRequest(generation_id=generation_id)
+            generation_service_pb2.CancelGenerationRequest(generation_id=generation_id)
         )
         assert response.generation.status == enums_pb2.GENERATION_STATUS_CANCELLING
     # Shut down while the release was pending: the next start still sees CANCELLING
@@ -225,7 +230,7 @@ async def test_cancel_interrupted_by_shutdown_is_finished_by_the_next_start(
     ):
         stub = GenerationStub(channel)
         got = await stub.GetGeneration(
-            service_pb2.GetGenerationRequest(generation_id=generation_id)
+            generation_service_pb2.GetGenerationRequest(generation_id=generation_id)
         )
         assert got.generation.status == enums_pb2.GENERATION_STATUS_CANCELLING
         compute.cancel_gate.set()

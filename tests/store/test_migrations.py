@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from helpers import schema_diff
 from procs import run_process, server_env
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 from server.config import DatabaseSettings
-from server.store.db import create_engine
-from server.store.migrate import MigrationError, head_revision, upgrade_to_head
+from server.store import mapping, repository
+from server.store.db import create_engine, create_session_factory
+from server.store.migrate import MigrationError, alembic_config, head_revision, upgrade_to_head
 from server.store.models import Base
 
 
@@ -142,3 +144,89 @@ async def test_database_from_a_newer_release_is_refused_clearly(tmp_path: Path) 
         await engine.dispose()
     with pytest.raises(MigrationError, match="'9999', which this release does not know"):
         await upgrade_to_head(settings)
+
+
+_LEGACY_ROWS = [
+    "INSERT INTO artifacts (sha256, mime_type, size_bytes, width, height, uri, recipe, created_at)"
+    " VALUES (:sha, 'image/png', 3, 8, 8, 'file:///x.png',"
+    ' \'{"task_type": "GENERATION", "parameters": {"seed": 5}, "seed": 5, "backend": "local"}\','
+    " '2026-11-27 10:00:00')",
+    "INSERT INTO generations (id, organization, type, strategy, status, request_id, fingerprint,"
+    " params, orchestration, error_reason, error_message, created_at, expire_at, event_seq)"
+    " VALUES ('g1', 'default', 'BASE', 'GENERATE', 'PARTIALLY_COMPLETED', 'r1', 'f',"
+    ' \'{"shot_type_string": "front", "batch_size": 2}\', \'{"type": "BASE"}\', NULL, NULL,'
+    " '2026-11-27 10:00:00', '2026-11-28 10:00:00', 3)",
+    'INSERT INTO predictions (id, generation_id, "index", seed, status, artifact_sha256,'
+    " error_reason, error_message, created_at) VALUES"
+    " ('p1', 'g1', 0, 5, 'COMPLETED', :sha, NULL, NULL, '2026-11-27 10:00:00'),"
+    " ('p2', 'g1', 1, 6, 'ERROR', NULL, 'COMPUTE_FAILED', 'gpu down', '2026-11-27 10:00:00')",
+    "INSERT INTO tasks (id, generation_id, prediction_id, task_type, status, progress, attempt,"
+    " compute_task_id, params, error_category, error_message, created_at,"
+    " previous_compute_task_ids) VALUES"
+    " ('t1', 'g1', 'p1', 'GENERATION', 'COMPLETED', 1, 1, 'c1', '{}', NULL, NULL,"
+    " '2026-11-27 10:00:00', '[]'),"
+    " ('t2', 'g1', 'p2', 'GENERATION', 'FAILED', 0, 1, 'c2', '{}', 'transient', 'gpu down',"
+    " '2026-11-27 10:00:00', '[]')",
+    "INSERT INTO generation_events (generation_id, sequence, time, kind, terminal, payload) VALUES"
+    " ('g1', 1, '2026-11-27 10:00:00', 'GENERATION', 0,"
+    ' \'{"status": "PENDING", "error": null, "counts": {"pending": 2}}\'),'
+    " ('g1', 2, '2026-11-27 10:00:01', 'TASK', 0, '{\"task_id\": \"t2\", \"prediction_id\":"
+    ' "p2", "status": "FAILED", "progress": 0, "compute_task_id": "c2", "attempt": 1,'
+    ' "error": {"reason": "COMPUTE_FAILED", "message": "gpu down", "category": "transient"}}\'),'
+    " ('g1', 3, '2026-11-27 10:00:02', 'PREDICTION', 0, '{\"prediction_id\": \"p1\","
+    ' "index": 0, "status": "COMPLETED", "artifact": {"sha256": "SHA", "mime_type":'
+    ' "image/png", "size_bytes": 3, "width": 8, "height": 8, "uri": "file:///x.png"},'
+    ' "error": null, "score": null}\')',
+]
+
+
+async def test_0003_carries_an_existing_database_forward(tmp_path: Path) -> None:
+    settings = DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    sha = "ab" * 32
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0002"))
+            for statement in _LEGACY_ROWS:
+                await conn.execute(text(statement.replace("SHA", sha)), {"sha": sha})
+    finally:
+        await engine.dispose()
+    await upgrade_to_head(settings)
+    engine = create_engine(settings)
+    try:
+        sessions = create_session_factory(engine)
+        async with sessions() as session:
+            generation = mapping.generation(
+                await repository.get_generation(session, "default", "g1") or _missing()
+            )
+            events = await repository.events_after(session, "g1", 0, 10)
+            owned = await repository.get_owned_artifact(session, "default", sha)
+    finally:
+        await engine.dispose()
+    assert generation.deadline_at is not None
+    first, second = generation.predictions
+    assert first.artifact is not None
+    assert first.artifact.recipe is not None
+    assert first.artifact.recipe.seed == 5
+    assert second.error is not None
+    assert (second.error.reason, second.error.message) == ("COMPUTE_FAILED", "gpu down")
+    task_error = second.tasks[0].error
+    assert task_error is not None
+    assert (task_error.code, task_error.metadata) == (14, {"category": "transient"})
+    assert [e.kind.value for e in events] == [
+        "GENERATION_CHANGED",
+        "TASK_CHANGED",
+        "PREDICTION_CHANGED",
+    ]
+    assert events[0].generation is not None
+    assert events[0].counts.pending == 2
+    assert events[1].task is not None
+    assert events[1].task.error is not None
+    assert events[1].task.error.metadata == {"category": "transient"}
+    assert events[2].prediction is not None
+    assert events[2].prediction.artifact is not None
+    assert owned is not None  # the organization still sees its output
+
+
+def _missing() -> Any:
+    raise AssertionError("the generation did not survive the migration")

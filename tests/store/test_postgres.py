@@ -26,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2, service_pb2
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import DatabaseSettings
@@ -74,14 +74,14 @@ async def test_generation_end_to_end_on_postgres(pg_url: str, tmp_path: Path) ->
         catalog = CatalogStub(channel)
         stub = GenerationStub(channel)
         product_id = await create_product(catalog, "coat", colour=(9, 9, 9))
-        created = await stub.CreateGeneration(generate_request(product_id, batch=8))
+        created = await stub.CreateGenerateGeneration(generate_request(product_id, batch=8))
         done = await wait_terminal(stub, created.generation.id)
         call = stub.WatchGeneration(
-            service_pb2.WatchGenerationRequest(generation_id=created.generation.id)
+            generation_service_pb2.WatchGenerationRequest(generation_id=created.generation.id)
         )
         sequences = [item.event.sequence async for item in call if item.HasField("event")]
     assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
-    assert done.prediction_counts.completed == 8
+    assert done.prediction_counts.completed_count == 8
     # Eight predictions wrote concurrently without a process-wide lock: the row lock
     # alone kept the sequence gap-free.
     assert sequences == list(range(1, done.last_event_sequence + 1))

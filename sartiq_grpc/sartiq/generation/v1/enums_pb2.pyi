@@ -6,6 +6,11 @@ Enumerations shared by the Sartiq generation API.
 Every enum reserves 0 for `*_UNSPECIFIED`. The server never returns an
 UNSPECIFIED value in a resource it produced; on input, UNSPECIFIED means
 "not set" and the field's documented default applies.
+
+Forward compatibility: new values may be added to any enum. A client that
+meets a value it does not know must treat it as unknown rather than fail;
+in particular, to tell whether a resource is finished read its `done`
+field instead of comparing its status with a fixed list.
 """
 
 from google.protobuf import descriptor as _descriptor
@@ -30,7 +35,7 @@ class _GenerationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Genera
     GENERATION_TYPE_UNSPECIFIED: _GenerationType.ValueType  # 0
     """Not set. On create requests it means GENERATION_TYPE_BASE."""
     GENERATION_TYPE_BASE: _GenerationType.ValueType  # 1
-    """Submit one compute task per prediction, wait, record the result. No
+    """Submit the compute tasks of each prediction, wait, record the result. No
     evaluation and no retries; the fastest and cheapest path.
     """
     GENERATION_TYPE_AGENTIC: _GenerationType.ValueType  # 2
@@ -39,7 +44,9 @@ class _GenerationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Genera
     seed, plus changes driven by the evaluator's feedback) and retry, up to
     `AgenticConfig.max_attempts` attempts in total. When attempts run out the
     best-scoring attempt is accepted. Every attempt is kept and visible in
-    `Prediction.shot`.
+    `Prediction.agentic`. Not available on every server yet: see
+    `GetCapabilities`; where it is not, creates asking for it answer
+    UNIMPLEMENTED.
     """
 
 class GenerationType(_GenerationType, metaclass=_GenerationTypeEnumTypeWrapper):
@@ -50,7 +57,7 @@ class GenerationType(_GenerationType, metaclass=_GenerationTypeEnumTypeWrapper):
 GENERATION_TYPE_UNSPECIFIED: GenerationType.ValueType  # 0
 """Not set. On create requests it means GENERATION_TYPE_BASE."""
 GENERATION_TYPE_BASE: GenerationType.ValueType  # 1
-"""Submit one compute task per prediction, wait, record the result. No
+"""Submit the compute tasks of each prediction, wait, record the result. No
 evaluation and no retries; the fastest and cheapest path.
 """
 GENERATION_TYPE_AGENTIC: GenerationType.ValueType  # 2
@@ -59,7 +66,9 @@ GENERATION_TYPE_AGENTIC: GenerationType.ValueType  # 2
 seed, plus changes driven by the evaluator's feedback) and retry, up to
 `AgenticConfig.max_attempts` attempts in total. When attempts run out the
 best-scoring attempt is accepted. Every attempt is kept and visible in
-`Prediction.shot`.
+`Prediction.agentic`. Not available on every server yet: see
+`GetCapabilities`; where it is not, creates asking for it answer
+UNIMPLEMENTED.
 """
 Global___GenerationType: _TypeAlias = GenerationType  # noqa: Y015
 
@@ -73,71 +82,79 @@ class _StrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Strategy.Val
     """Not set. Never returned by the server."""
     STRATEGY_GENERATE: _Strategy.ValueType  # 1
     """Create new images from catalog entities and a shot description
-    (`CreateGeneration`, `GenerateParams`, task type TASK_TYPE_GENERATION).
+    (`CreateGenerateGeneration`, `GenerateParams`, task type
+    COMPUTE_TASK_TYPE_GENERATION).
     """
     STRATEGY_EDITING: _Strategy.ValueType  # 2
     """Edit an existing image with references and a tool
-    (`CreateEditingGeneration`, `EditingParams`, TASK_TYPE_EDITING).
+    (`CreateEditingGeneration`, `EditingParams`, COMPUTE_TASK_TYPE_EDITING,
+    then COMPUTE_TASK_TYPE_DETAIL_ENHANCER when a detail pass is asked for).
     """
     STRATEGY_REFINE: _Strategy.ValueType  # 3
     """Upscale and/or refine faces of an existing image
-    (`CreateRefineGeneration`, `RefineParams`, TASK_TYPE_REFINE).
+    (`CreateRefineGeneration`, `RefineParams`, COMPUTE_TASK_TYPE_REFINE).
     """
     STRATEGY_VIDEO: _Strategy.ValueType  # 4
     """Turn a still image into a short video
-    (`CreateVideoGeneration`, `VideoParams`, TASK_TYPE_VIDEO_GENERATION).
+    (`CreateVideoGeneration`, `VideoParams`,
+    COMPUTE_TASK_TYPE_VIDEO_GENERATION).
     """
     STRATEGY_BACKGROUND_FIXING: _Strategy.ValueType  # 5
-    """Replace the background of an image
+    """Replace or clean the background of an image
     (`CreateBackgroundFixingGeneration`, `BackgroundFixingParams`,
-    TASK_TYPE_BACKGROUND_FIX).
+    COMPUTE_TASK_TYPE_BACKGROUND_FIX).
     """
     STRATEGY_IMAGE_ADJUSTING: _Strategy.ValueType  # 6
     """Adjust brightness, contrast and saturation of an image
     (`CreateImageAdjustingGeneration`, `ImageAdjustingParams`,
-    TASK_TYPE_IMAGE_ADJUSTER).
+    COMPUTE_TASK_TYPE_IMAGE_ADJUSTER).
     """
     STRATEGY_FACE_FIXING: _Strategy.ValueType  # 7
-    """Detect and enhance faces in an image
-    (`CreateFaceFixingGeneration`, `FaceFixingParams`, TASK_TYPE_FACE_ENHANCER).
+    """Detect and enhance faces in an image (`CreateFaceFixingGeneration`,
+    `FaceFixingParams`, COMPUTE_TASK_TYPE_FACE_ENHANCER).
     """
 
 class Strategy(_Strategy, metaclass=_StrategyEnumTypeWrapper):
     """What a generation does: the second axis. Each strategy has its own create
     RPC, its own parameters message and creates its own compute task type.
+    `GetCapabilities` lists which strategies a server runs; the create RPC of
+    one it does not run answers UNIMPLEMENTED.
     """
 
 STRATEGY_UNSPECIFIED: Strategy.ValueType  # 0
 """Not set. Never returned by the server."""
 STRATEGY_GENERATE: Strategy.ValueType  # 1
 """Create new images from catalog entities and a shot description
-(`CreateGeneration`, `GenerateParams`, task type TASK_TYPE_GENERATION).
+(`CreateGenerateGeneration`, `GenerateParams`, task type
+COMPUTE_TASK_TYPE_GENERATION).
 """
 STRATEGY_EDITING: Strategy.ValueType  # 2
 """Edit an existing image with references and a tool
-(`CreateEditingGeneration`, `EditingParams`, TASK_TYPE_EDITING).
+(`CreateEditingGeneration`, `EditingParams`, COMPUTE_TASK_TYPE_EDITING,
+then COMPUTE_TASK_TYPE_DETAIL_ENHANCER when a detail pass is asked for).
 """
 STRATEGY_REFINE: Strategy.ValueType  # 3
 """Upscale and/or refine faces of an existing image
-(`CreateRefineGeneration`, `RefineParams`, TASK_TYPE_REFINE).
+(`CreateRefineGeneration`, `RefineParams`, COMPUTE_TASK_TYPE_REFINE).
 """
 STRATEGY_VIDEO: Strategy.ValueType  # 4
 """Turn a still image into a short video
-(`CreateVideoGeneration`, `VideoParams`, TASK_TYPE_VIDEO_GENERATION).
+(`CreateVideoGeneration`, `VideoParams`,
+COMPUTE_TASK_TYPE_VIDEO_GENERATION).
 """
 STRATEGY_BACKGROUND_FIXING: Strategy.ValueType  # 5
-"""Replace the background of an image
+"""Replace or clean the background of an image
 (`CreateBackgroundFixingGeneration`, `BackgroundFixingParams`,
-TASK_TYPE_BACKGROUND_FIX).
+COMPUTE_TASK_TYPE_BACKGROUND_FIX).
 """
 STRATEGY_IMAGE_ADJUSTING: Strategy.ValueType  # 6
 """Adjust brightness, contrast and saturation of an image
 (`CreateImageAdjustingGeneration`, `ImageAdjustingParams`,
-TASK_TYPE_IMAGE_ADJUSTER).
+COMPUTE_TASK_TYPE_IMAGE_ADJUSTER).
 """
 STRATEGY_FACE_FIXING: Strategy.ValueType  # 7
-"""Detect and enhance faces in an image
-(`CreateFaceFixingGeneration`, `FaceFixingParams`, TASK_TYPE_FACE_ENHANCER).
+"""Detect and enhance faces in an image (`CreateFaceFixingGeneration`,
+`FaceFixingParams`, COMPUTE_TASK_TYPE_FACE_ENHANCER).
 """
 Global___Strategy: _TypeAlias = Strategy  # noqa: Y015
 
@@ -166,20 +183,24 @@ class _GenerationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Gene
     says why (e.g. NO_PREDICTION_COMPLETED, DEADLINE_EXCEEDED).
     """
     GENERATION_STATUS_CANCELLING: _GenerationStatus.ValueType  # 6
-    """Cancellation was requested; outstanding compute tasks are being cancelled.
-    Moves to CANCELLED once compute confirmed the release.
+    """Cancellation was requested; outstanding compute tasks are being
+    released. Not terminal: it ends CANCELLED.
     """
     GENERATION_STATUS_CANCELLED: _GenerationStatus.ValueType  # 7
-    """Terminal. Cancelled by the caller before it finished."""
+    """Terminal. Cancelled by a `CancelGeneration` call; `error.reason` is
+    CANCELLED. Predictions that completed before the cancel keep their
+    artifacts.
+    """
 
 class GenerationStatus(_GenerationStatus, metaclass=_GenerationStatusEnumTypeWrapper):
     """Lifecycle of a `Generation`.
 
     PENDING -> PROCESSING -> COMPLETED | PARTIALLY_COMPLETED | FAILED, and from
-    any non-terminal state CANCELLING -> CANCELLED. COMPLETED,
-    PARTIALLY_COMPLETED, FAILED and CANCELLED are terminal and never change
-    again. A generation in which no prediction completed is FAILED (never
-    COMPLETED with nothing), with `Generation.error` set.
+    any non-terminal state CANCELLING -> CANCELLED (or straight to CANCELLED).
+    COMPLETED, PARTIALLY_COMPLETED, FAILED and CANCELLED are terminal and
+    never change again; `Generation.done` is true exactly in those. A
+    generation in which no prediction completed is FAILED (never COMPLETED
+    with nothing), with `Generation.error` set.
     """
 
 GENERATION_STATUS_UNSPECIFIED: GenerationStatus.ValueType  # 0
@@ -201,11 +222,14 @@ GENERATION_STATUS_FAILED: GenerationStatus.ValueType  # 5
 says why (e.g. NO_PREDICTION_COMPLETED, DEADLINE_EXCEEDED).
 """
 GENERATION_STATUS_CANCELLING: GenerationStatus.ValueType  # 6
-"""Cancellation was requested; outstanding compute tasks are being cancelled.
-Moves to CANCELLED once compute confirmed the release.
+"""Cancellation was requested; outstanding compute tasks are being
+released. Not terminal: it ends CANCELLED.
 """
 GENERATION_STATUS_CANCELLED: GenerationStatus.ValueType  # 7
-"""Terminal. Cancelled by the caller before it finished."""
+"""Terminal. Cancelled by a `CancelGeneration` call; `error.reason` is
+CANCELLED. Predictions that completed before the cancel keep their
+artifacts.
+"""
 Global___GenerationStatus: _TypeAlias = GenerationStatus  # noqa: Y015
 
 class _PredictionStatus:
@@ -217,135 +241,191 @@ class _PredictionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Pred
     PREDICTION_STATUS_UNSPECIFIED: _PredictionStatus.ValueType  # 0
     """Not set. Never returned by the server."""
     PREDICTION_STATUS_PENDING: _PredictionStatus.ValueType  # 1
-    """Waiting for a compute slot."""
+    """Waiting for compute capacity."""
     PREDICTION_STATUS_GENERATING: _PredictionStatus.ValueType  # 2
-    """A compute task for this prediction is queued or running."""
+    """A compute task for it is running."""
     PREDICTION_STATUS_EVALUATING: _PredictionStatus.ValueType  # 3
-    """AGENTIC only: the latest attempt's output is being scored."""
+    """AGENTIC only: the latest attempt's output is being evaluated."""
     PREDICTION_STATUS_COMPLETED: _PredictionStatus.ValueType  # 4
     """Terminal. `Prediction.artifact` holds the result."""
     PREDICTION_STATUS_ERROR: _PredictionStatus.ValueType  # 5
-    """Terminal. `Prediction.error` says why."""
+    """Terminal. It failed; `Prediction.error` says why."""
     PREDICTION_STATUS_CANCELLED: _PredictionStatus.ValueType  # 6
-    """Terminal. The generation was cancelled before this prediction finished."""
+    """Terminal. The generation was cancelled (or its deadline passed) before
+    this prediction completed.
+    """
 
 class PredictionStatus(_PredictionStatus, metaclass=_PredictionStatusEnumTypeWrapper):
-    """Lifecycle of a `Prediction` (one output slot of a generation).
+    """Lifecycle of a `Prediction` (one output slot).
 
-    PENDING -> GENERATING -> (EVALUATING, AGENTIC only) -> COMPLETED | ERROR |
-    CANCELLED. COMPLETED, ERROR and CANCELLED are terminal. Under AGENTIC a
-    prediction goes back from EVALUATING to GENERATING for each retry.
+    PENDING -> GENERATING -> (EVALUATING under AGENTIC, possibly back to
+    GENERATING for a retry) -> COMPLETED | ERROR | CANCELLED. The last three
+    are terminal; `Prediction.done` is true exactly in those.
     """
 
 PREDICTION_STATUS_UNSPECIFIED: PredictionStatus.ValueType  # 0
 """Not set. Never returned by the server."""
 PREDICTION_STATUS_PENDING: PredictionStatus.ValueType  # 1
-"""Waiting for a compute slot."""
+"""Waiting for compute capacity."""
 PREDICTION_STATUS_GENERATING: PredictionStatus.ValueType  # 2
-"""A compute task for this prediction is queued or running."""
+"""A compute task for it is running."""
 PREDICTION_STATUS_EVALUATING: PredictionStatus.ValueType  # 3
-"""AGENTIC only: the latest attempt's output is being scored."""
+"""AGENTIC only: the latest attempt's output is being evaluated."""
 PREDICTION_STATUS_COMPLETED: PredictionStatus.ValueType  # 4
 """Terminal. `Prediction.artifact` holds the result."""
 PREDICTION_STATUS_ERROR: PredictionStatus.ValueType  # 5
-"""Terminal. `Prediction.error` says why."""
+"""Terminal. It failed; `Prediction.error` says why."""
 PREDICTION_STATUS_CANCELLED: PredictionStatus.ValueType  # 6
-"""Terminal. The generation was cancelled before this prediction finished."""
+"""Terminal. The generation was cancelled (or its deadline passed) before
+this prediction completed.
+"""
 Global___PredictionStatus: _TypeAlias = PredictionStatus  # noqa: Y015
 
-class _TaskStatus:
+class _ComputeTaskStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus.ValueType], _builtins.type):
+class _ComputeTaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ComputeTaskStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    TASK_STATUS_UNSPECIFIED: _TaskStatus.ValueType  # 0
+    COMPUTE_TASK_STATUS_UNSPECIFIED: _ComputeTaskStatus.ValueType  # 0
     """Not set. Never returned by the server."""
-    TASK_STATUS_PENDING: _TaskStatus.ValueType  # 1
-    """Created; not yet picked up by the compute server."""
-    TASK_STATUS_RUNNING: _TaskStatus.ValueType  # 2
-    """The compute server is working on it; `Task.progress` advances."""
-    TASK_STATUS_COMPLETED: _TaskStatus.ValueType  # 3
-    """Terminal. Produced its output."""
-    TASK_STATUS_FAILED: _TaskStatus.ValueType  # 4
-    """Terminal. `Task.error` carries the compute error category and message."""
-    TASK_STATUS_CANCELLED: _TaskStatus.ValueType  # 5
-    """Terminal. Cancelled, and the compute server confirmed the release."""
+    COMPUTE_TASK_STATUS_PENDING: _ComputeTaskStatus.ValueType  # 1
+    """Created; not yet accepted by the compute server."""
+    COMPUTE_TASK_STATUS_RUNNING: _ComputeTaskStatus.ValueType  # 2
+    """Accepted by the compute server (queued there or running)."""
+    COMPUTE_TASK_STATUS_COMPLETED: _ComputeTaskStatus.ValueType  # 3
+    """Terminal. Finished with an output."""
+    COMPUTE_TASK_STATUS_FAILED: _ComputeTaskStatus.ValueType  # 4
+    """Terminal. Failed; `ComputeTask.error` carries the compute server's error
+    category in `metadata["category"]` and its message.
+    """
+    COMPUTE_TASK_STATUS_CANCELLED: _ComputeTaskStatus.ValueType  # 5
+    """Terminal. Cancelled; `ComputeTask.error.message` says whether compute
+    confirmed the release.
+    """
 
-class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper):
-    """Lifecycle of a `Task` (one unit of work sent to the compute server).
+class ComputeTaskStatus(_ComputeTaskStatus, metaclass=_ComputeTaskStatusEnumTypeWrapper):
+    """Lifecycle of a `ComputeTask`.
 
     PENDING -> RUNNING -> COMPLETED | FAILED | CANCELLED. The last three are
-    terminal.
+    terminal; `ComputeTask.done` is true exactly in those.
     """
 
-TASK_STATUS_UNSPECIFIED: TaskStatus.ValueType  # 0
+COMPUTE_TASK_STATUS_UNSPECIFIED: ComputeTaskStatus.ValueType  # 0
 """Not set. Never returned by the server."""
-TASK_STATUS_PENDING: TaskStatus.ValueType  # 1
-"""Created; not yet picked up by the compute server."""
-TASK_STATUS_RUNNING: TaskStatus.ValueType  # 2
-"""The compute server is working on it; `Task.progress` advances."""
-TASK_STATUS_COMPLETED: TaskStatus.ValueType  # 3
-"""Terminal. Produced its output."""
-TASK_STATUS_FAILED: TaskStatus.ValueType  # 4
-"""Terminal. `Task.error` carries the compute error category and message."""
-TASK_STATUS_CANCELLED: TaskStatus.ValueType  # 5
-"""Terminal. Cancelled, and the compute server confirmed the release."""
-Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
+COMPUTE_TASK_STATUS_PENDING: ComputeTaskStatus.ValueType  # 1
+"""Created; not yet accepted by the compute server."""
+COMPUTE_TASK_STATUS_RUNNING: ComputeTaskStatus.ValueType  # 2
+"""Accepted by the compute server (queued there or running)."""
+COMPUTE_TASK_STATUS_COMPLETED: ComputeTaskStatus.ValueType  # 3
+"""Terminal. Finished with an output."""
+COMPUTE_TASK_STATUS_FAILED: ComputeTaskStatus.ValueType  # 4
+"""Terminal. Failed; `ComputeTask.error` carries the compute server's error
+category in `metadata["category"]` and its message.
+"""
+COMPUTE_TASK_STATUS_CANCELLED: ComputeTaskStatus.ValueType  # 5
+"""Terminal. Cancelled; `ComputeTask.error.message` says whether compute
+confirmed the release.
+"""
+Global___ComputeTaskStatus: _TypeAlias = ComputeTaskStatus  # noqa: Y015
 
-class _TaskType:
+class _ComputeTaskType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _TaskTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskType.ValueType], _builtins.type):
+class _ComputeTaskTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ComputeTaskType.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    TASK_TYPE_UNSPECIFIED: _TaskType.ValueType  # 0
+    COMPUTE_TASK_TYPE_UNSPECIFIED: _ComputeTaskType.ValueType  # 0
     """Not set. Never returned by the server."""
-    TASK_TYPE_GENERATION: _TaskType.ValueType  # 1
-    """Image generation (STRATEGY_GENERATE)."""
-    TASK_TYPE_EDITING: _TaskType.ValueType  # 2
-    """Image editing (STRATEGY_EDITING)."""
-    TASK_TYPE_REFINE: _TaskType.ValueType  # 3
-    """Upscale and face-detail refinement (STRATEGY_REFINE; AGENTIC attempts may
-    also add it as a corrective pass).
-    """
-    TASK_TYPE_VIDEO_GENERATION: _TaskType.ValueType  # 4
-    """Still-to-video rendering (STRATEGY_VIDEO)."""
-    TASK_TYPE_BACKGROUND_FIX: _TaskType.ValueType  # 5
-    """Background replacement (STRATEGY_BACKGROUND_FIXING)."""
-    TASK_TYPE_IMAGE_ADJUSTER: _TaskType.ValueType  # 6
-    """Brightness/contrast/saturation adjustment (STRATEGY_IMAGE_ADJUSTING;
-    AGENTIC attempts may also add it as a corrective pass).
-    """
-    TASK_TYPE_FACE_ENHANCER: _TaskType.ValueType  # 7
-    """Face detection and enhancement (STRATEGY_FACE_FIXING)."""
-
-class TaskType(_TaskType, metaclass=_TaskTypeEnumTypeWrapper):
-    """The kind of work a compute task performs. The names match the compute
-    server's task types.
+    COMPUTE_TASK_TYPE_GENERATION: _ComputeTaskType.ValueType  # 1
+    """STRATEGY_GENERATE: a new image from catalog entities and a prompt."""
+    COMPUTE_TASK_TYPE_EDITING: _ComputeTaskType.ValueType  # 2
+    """STRATEGY_EDITING: an edit of a base image."""
+    COMPUTE_TASK_TYPE_REFINE: _ComputeTaskType.ValueType  # 3
+    """STRATEGY_REFINE: upscale and/or face detail."""
+    COMPUTE_TASK_TYPE_VIDEO_GENERATION: _ComputeTaskType.ValueType  # 4
+    """STRATEGY_VIDEO: a video from a still."""
+    COMPUTE_TASK_TYPE_BACKGROUND_FIX: _ComputeTaskType.ValueType  # 5
+    """STRATEGY_BACKGROUND_FIXING: background replacement."""
+    COMPUTE_TASK_TYPE_IMAGE_ADJUSTER: _ComputeTaskType.ValueType  # 6
+    """STRATEGY_IMAGE_ADJUSTING: tonal adjustments."""
+    COMPUTE_TASK_TYPE_FACE_ENHANCER: _ComputeTaskType.ValueType  # 7
+    """STRATEGY_FACE_FIXING: face enhancement."""
+    COMPUTE_TASK_TYPE_DETAIL_ENHANCER: _ComputeTaskType.ValueType  # 8
+    """A fine-texture pass over another task's output: EDITING's optional
+    detail pass, and a corrective pass AGENTIC may add.
     """
 
-TASK_TYPE_UNSPECIFIED: TaskType.ValueType  # 0
+class ComputeTaskType(_ComputeTaskType, metaclass=_ComputeTaskTypeEnumTypeWrapper):
+    """The unit of work a compute server runs, one per `ComputeTask`."""
+
+COMPUTE_TASK_TYPE_UNSPECIFIED: ComputeTaskType.ValueType  # 0
 """Not set. Never returned by the server."""
-TASK_TYPE_GENERATION: TaskType.ValueType  # 1
-"""Image generation (STRATEGY_GENERATE)."""
-TASK_TYPE_EDITING: TaskType.ValueType  # 2
-"""Image editing (STRATEGY_EDITING)."""
-TASK_TYPE_REFINE: TaskType.ValueType  # 3
-"""Upscale and face-detail refinement (STRATEGY_REFINE; AGENTIC attempts may
-also add it as a corrective pass).
+COMPUTE_TASK_TYPE_GENERATION: ComputeTaskType.ValueType  # 1
+"""STRATEGY_GENERATE: a new image from catalog entities and a prompt."""
+COMPUTE_TASK_TYPE_EDITING: ComputeTaskType.ValueType  # 2
+"""STRATEGY_EDITING: an edit of a base image."""
+COMPUTE_TASK_TYPE_REFINE: ComputeTaskType.ValueType  # 3
+"""STRATEGY_REFINE: upscale and/or face detail."""
+COMPUTE_TASK_TYPE_VIDEO_GENERATION: ComputeTaskType.ValueType  # 4
+"""STRATEGY_VIDEO: a video from a still."""
+COMPUTE_TASK_TYPE_BACKGROUND_FIX: ComputeTaskType.ValueType  # 5
+"""STRATEGY_BACKGROUND_FIXING: background replacement."""
+COMPUTE_TASK_TYPE_IMAGE_ADJUSTER: ComputeTaskType.ValueType  # 6
+"""STRATEGY_IMAGE_ADJUSTING: tonal adjustments."""
+COMPUTE_TASK_TYPE_FACE_ENHANCER: ComputeTaskType.ValueType  # 7
+"""STRATEGY_FACE_FIXING: face enhancement."""
+COMPUTE_TASK_TYPE_DETAIL_ENHANCER: ComputeTaskType.ValueType  # 8
+"""A fine-texture pass over another task's output: EDITING's optional
+detail pass, and a corrective pass AGENTIC may add.
 """
-TASK_TYPE_VIDEO_GENERATION: TaskType.ValueType  # 4
-"""Still-to-video rendering (STRATEGY_VIDEO)."""
-TASK_TYPE_BACKGROUND_FIX: TaskType.ValueType  # 5
-"""Background replacement (STRATEGY_BACKGROUND_FIXING)."""
-TASK_TYPE_IMAGE_ADJUSTER: TaskType.ValueType  # 6
-"""Brightness/contrast/saturation adjustment (STRATEGY_IMAGE_ADJUSTING;
-AGENTIC attempts may also add it as a corrective pass).
-"""
-TASK_TYPE_FACE_ENHANCER: TaskType.ValueType  # 7
-"""Face detection and enhancement (STRATEGY_FACE_FIXING)."""
-Global___TaskType: _TypeAlias = TaskType  # noqa: Y015
+Global___ComputeTaskType: _TypeAlias = ComputeTaskType  # noqa: Y015
+
+class _AttemptStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttemptStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttemptStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTEMPT_STATUS_UNSPECIFIED: _AttemptStatus.ValueType  # 0
+    """Not set. Never returned by the server."""
+    ATTEMPT_STATUS_PENDING: _AttemptStatus.ValueType  # 1
+    """Created; its first task has not started."""
+    ATTEMPT_STATUS_RUNNING: _AttemptStatus.ValueType  # 2
+    """Its compute tasks are running."""
+    ATTEMPT_STATUS_EVALUATING: _AttemptStatus.ValueType  # 3
+    """Its output is being evaluated."""
+    ATTEMPT_STATUS_EVALUATED: _AttemptStatus.ValueType  # 4
+    """Terminal. Evaluated; `Attempt.evaluation` holds the score."""
+    ATTEMPT_STATUS_FAILED: _AttemptStatus.ValueType  # 5
+    """Terminal. A task failed; counts as score 0. `Attempt.error` says why."""
+    ATTEMPT_STATUS_CANCELLED: _AttemptStatus.ValueType  # 6
+    """Terminal. Stopped by a cancellation or the deadline."""
+
+class AttemptStatus(_AttemptStatus, metaclass=_AttemptStatusEnumTypeWrapper):
+    """Lifecycle of an AGENTIC `Attempt`.
+
+    PENDING -> RUNNING -> EVALUATING -> EVALUATED, or FAILED / CANCELLED from
+    any earlier state. EVALUATED, FAILED and CANCELLED are terminal;
+    `Attempt.done` is true exactly in those. Which attempt was accepted is
+    `OrchestratedShot.best_attempt` once the prediction is done.
+    """
+
+ATTEMPT_STATUS_UNSPECIFIED: AttemptStatus.ValueType  # 0
+"""Not set. Never returned by the server."""
+ATTEMPT_STATUS_PENDING: AttemptStatus.ValueType  # 1
+"""Created; its first task has not started."""
+ATTEMPT_STATUS_RUNNING: AttemptStatus.ValueType  # 2
+"""Its compute tasks are running."""
+ATTEMPT_STATUS_EVALUATING: AttemptStatus.ValueType  # 3
+"""Its output is being evaluated."""
+ATTEMPT_STATUS_EVALUATED: AttemptStatus.ValueType  # 4
+"""Terminal. Evaluated; `Attempt.evaluation` holds the score."""
+ATTEMPT_STATUS_FAILED: AttemptStatus.ValueType  # 5
+"""Terminal. A task failed; counts as score 0. `Attempt.error` says why."""
+ATTEMPT_STATUS_CANCELLED: AttemptStatus.ValueType  # 6
+"""Terminal. Stopped by a cancellation or the deadline."""
+Global___AttemptStatus: _TypeAlias = AttemptStatus  # noqa: Y015
 
 class _StopReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -354,37 +434,37 @@ class _StopReason:
 class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     STOP_REASON_UNSPECIFIED: _StopReason.ValueType  # 0
-    """Still attempting (the prediction is not terminal yet)."""
+    """Still attempting (or not AGENTIC)."""
     STOP_REASON_THRESHOLD_MET: _StopReason.ValueType  # 1
-    """An attempt scored at least `min_confidence_score`; it was accepted."""
+    """An attempt scored at least `AgenticConfig.min_confidence_score`; it was
+    accepted.
+    """
     STOP_REASON_ATTEMPTS_EXHAUSTED: _StopReason.ValueType  # 2
-    """`max_attempts` were made without reaching the threshold; the best-scoring
-    attempt was accepted.
+    """`AgenticConfig.max_attempts` attempts were made without reaching the
+    threshold; the best-scoring one (the earliest on ties) was accepted.
     """
     STOP_REASON_CANCELLED: _StopReason.ValueType  # 3
-    """The generation was cancelled."""
+    """The generation was cancelled, or its deadline passed."""
     STOP_REASON_FAILED: _StopReason.ValueType  # 4
-    """No attempt produced a usable output (compute failed, or the deadline
-    passed); the prediction ended in PREDICTION_STATUS_ERROR.
-    """
+    """Every attempt failed; the prediction ended in ERROR."""
 
 class StopReason(_StopReason, metaclass=_StopReasonEnumTypeWrapper):
-    """Why an AGENTIC prediction stopped attempting (`OrchestratedShot.stop_reason`)."""
+    """Why an AGENTIC prediction stopped attempting."""
 
 STOP_REASON_UNSPECIFIED: StopReason.ValueType  # 0
-"""Still attempting (the prediction is not terminal yet)."""
+"""Still attempting (or not AGENTIC)."""
 STOP_REASON_THRESHOLD_MET: StopReason.ValueType  # 1
-"""An attempt scored at least `min_confidence_score`; it was accepted."""
+"""An attempt scored at least `AgenticConfig.min_confidence_score`; it was
+accepted.
+"""
 STOP_REASON_ATTEMPTS_EXHAUSTED: StopReason.ValueType  # 2
-"""`max_attempts` were made without reaching the threshold; the best-scoring
-attempt was accepted.
+"""`AgenticConfig.max_attempts` attempts were made without reaching the
+threshold; the best-scoring one (the earliest on ties) was accepted.
 """
 STOP_REASON_CANCELLED: StopReason.ValueType  # 3
-"""The generation was cancelled."""
+"""The generation was cancelled, or its deadline passed."""
 STOP_REASON_FAILED: StopReason.ValueType  # 4
-"""No attempt produced a usable output (compute failed, or the deadline
-passed); the prediction ended in PREDICTION_STATUS_ERROR.
-"""
+"""Every attempt failed; the prediction ended in ERROR."""
 Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
 
 class _EditingTool:
@@ -394,32 +474,38 @@ class _EditingTool:
 class _EditingToolEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EditingTool.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EDITING_TOOL_UNSPECIFIED: _EditingTool.ValueType  # 0
-    """Not set. Rejected with INVALID_ARGUMENT: the tool is required."""
+    """Not set. INVALID_ARGUMENT on create."""
     EDITING_TOOL_EDIT: _EditingTool.ValueType  # 1
-    """Free-form edit of the base image guided by `prompt` and the references."""
+    """Composite the reference images onto the base image, guided by the
+    prompt. Requires at least one of `reference_images` and `prompt`.
+    """
     EDITING_TOOL_SUBJECT_SWAP: _EditingTool.ValueType  # 2
-    """Replace the person in the base image with the subject given by
-    `subject_id` and/or the reference images.
+    """Replace the person in the base image with the catalog subject. Requires
+    `subject_id`.
     """
     EDITING_TOOL_PRODUCT_ENHANCEMENT: _EditingTool.ValueType  # 3
-    """Replace or enhance the product in the base image using the product given
-    by `product_id` and/or the reference images.
+    """Sharpen and lift the product region of the base image, guided by the
+    catalog product. Requires `product_id`.
     """
 
 class EditingTool(_EditingTool, metaclass=_EditingToolEnumTypeWrapper):
-    """The editing operation applied by STRATEGY_EDITING (`EditingParams.tool`)."""
+    """The operation of a STRATEGY_EDITING generation. What each one requires is
+    stated on `EditingParams`.
+    """
 
 EDITING_TOOL_UNSPECIFIED: EditingTool.ValueType  # 0
-"""Not set. Rejected with INVALID_ARGUMENT: the tool is required."""
+"""Not set. INVALID_ARGUMENT on create."""
 EDITING_TOOL_EDIT: EditingTool.ValueType  # 1
-"""Free-form edit of the base image guided by `prompt` and the references."""
+"""Composite the reference images onto the base image, guided by the
+prompt. Requires at least one of `reference_images` and `prompt`.
+"""
 EDITING_TOOL_SUBJECT_SWAP: EditingTool.ValueType  # 2
-"""Replace the person in the base image with the subject given by
-`subject_id` and/or the reference images.
+"""Replace the person in the base image with the catalog subject. Requires
+`subject_id`.
 """
 EDITING_TOOL_PRODUCT_ENHANCEMENT: EditingTool.ValueType  # 3
-"""Replace or enhance the product in the base image using the product given
-by `product_id` and/or the reference images.
+"""Sharpen and lift the product region of the base image, guided by the
+catalog product. Requires `product_id`.
 """
 Global___EditingTool: _TypeAlias = EditingTool  # noqa: Y015
 
@@ -431,38 +517,60 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     DESCRIPTOR: _descriptor.EnumDescriptor
     EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
     """Not set. Never returned by the server."""
-    EVENT_KIND_GENERATION: _EventKind.ValueType  # 1
-    """The generation was created or its status changed; payload `generation`."""
-    EVENT_KIND_PREDICTION: _EventKind.ValueType  # 2
-    """A prediction changed status, got its artifact or score; payload
-    `prediction`.
+    EVENT_KIND_GENERATION_CREATED: _EventKind.ValueType  # 1
+    """The generation was created. Payload: `generation`, the whole tree as
+    `GetGeneration` returned it at that moment. Always sequence 1.
     """
-    EVENT_KIND_TASK: _EventKind.ValueType  # 3
-    """A task was created or changed status; payload `task`."""
-    EVENT_KIND_TASK_PROGRESS: _EventKind.ValueType  # 4
-    """A running task reported progress (coalesced, so not every compute tick
-    becomes an event); payload `task`.
+    EVENT_KIND_GENERATION_CHANGED: _EventKind.ValueType  # 2
+    """The generation's own fields changed (status, error, times). Payload:
+    `generation`, without its children and creation-time inputs (see
+    `GenerationEvent`).
     """
-    EVENT_KIND_ATTEMPT: _EventKind.ValueType  # 5
-    """An AGENTIC attempt was started or evaluated; payload `attempt`."""
+    EVENT_KIND_PREDICTION_CHANGED: _EventKind.ValueType  # 3
+    """A prediction changed (status, artifact, score, error, times, AGENTIC
+    bookkeeping). Payload: `prediction`, without its children.
+    """
+    EVENT_KIND_TASK_CHANGED: _EventKind.ValueType  # 4
+    """A compute task was added or changed status, compute id or attempt.
+    Payload: `task` (its `parameters` only when the task is new).
+    """
+    EVENT_KIND_TASK_PROGRESS: _EventKind.ValueType  # 5
+    """A compute task reported progress. Payload: `task`, as for
+    EVENT_KIND_TASK_CHANGED. Coalesced: at most a few per second per task.
+    """
+    EVENT_KIND_ATTEMPT_CHANGED: _EventKind.ValueType  # 6
+    """An AGENTIC attempt was added or changed (status, evaluation, artifact).
+    Payload: `attempt`.
+    """
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
-    """What a `GenerationEvent` describes; tells which `payload` field is set."""
+    """What a `GenerationEvent` describes; tells which payload field is set."""
 
 EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
 """Not set. Never returned by the server."""
-EVENT_KIND_GENERATION: EventKind.ValueType  # 1
-"""The generation was created or its status changed; payload `generation`."""
-EVENT_KIND_PREDICTION: EventKind.ValueType  # 2
-"""A prediction changed status, got its artifact or score; payload
-`prediction`.
+EVENT_KIND_GENERATION_CREATED: EventKind.ValueType  # 1
+"""The generation was created. Payload: `generation`, the whole tree as
+`GetGeneration` returned it at that moment. Always sequence 1.
 """
-EVENT_KIND_TASK: EventKind.ValueType  # 3
-"""A task was created or changed status; payload `task`."""
-EVENT_KIND_TASK_PROGRESS: EventKind.ValueType  # 4
-"""A running task reported progress (coalesced, so not every compute tick
-becomes an event); payload `task`.
+EVENT_KIND_GENERATION_CHANGED: EventKind.ValueType  # 2
+"""The generation's own fields changed (status, error, times). Payload:
+`generation`, without its children and creation-time inputs (see
+`GenerationEvent`).
 """
-EVENT_KIND_ATTEMPT: EventKind.ValueType  # 5
-"""An AGENTIC attempt was started or evaluated; payload `attempt`."""
+EVENT_KIND_PREDICTION_CHANGED: EventKind.ValueType  # 3
+"""A prediction changed (status, artifact, score, error, times, AGENTIC
+bookkeeping). Payload: `prediction`, without its children.
+"""
+EVENT_KIND_TASK_CHANGED: EventKind.ValueType  # 4
+"""A compute task was added or changed status, compute id or attempt.
+Payload: `task` (its `parameters` only when the task is new).
+"""
+EVENT_KIND_TASK_PROGRESS: EventKind.ValueType  # 5
+"""A compute task reported progress. Payload: `task`, as for
+EVENT_KIND_TASK_CHANGED. Coalesced: at most a few per second per task.
+"""
+EVENT_KIND_ATTEMPT_CHANGED: EventKind.ValueType  # 6
+"""An AGENTIC attempt was added or changed (status, evaluation, artifact).
+Payload: `attempt`.
+"""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015

@@ -6,6 +6,11 @@ Enumerations shared by the Sartiq generation API.
 Every enum reserves 0 for `*_UNSPECIFIED`. The server never returns an
 UNSPECIFIED value in a resource it produced; on input, UNSPECIFIED means
 "not set" and the field's documented default applies.
+
+Forward compatibility: new values may be added to any enum. A client that
+meets a value it does not know must treat it as unknown rather than fail;
+in particular, to tell whether a resource is finished read its `done`
+field instead of comparing its status with a fixed list.
 """
 
 from collections import abc as _abc

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from sartiq_grpc.sartiq.catalog.v1 import catalog_pb2 as sartiq_dot_catalog_dot_v1_dot_catalog__pb2
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2 as sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in sartiq/catalog/v1/catalog_pb2_grpc.py depends on'
+        + ' but the generated code in sartiq/catalog/v1/catalog_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -27,16 +27,13 @@ if _version_not_supported:
 
 class CatalogServiceStub:
     """Manages the catalog entities a generation refers to: subjects, products and
-    styles. Every entity belongs to the caller's organization (taken from the
-    bearer token in the `authorization` call metadata) and is invisible to
-    others.
-
-    Errors use the canonical gRPC codes with `google.rpc.Status` details:
-    INVALID_ARGUMENT with a `google.rpc.BadRequest` naming every offending
-    field (paths such as `name` or `reference_images[2].data`); NOT_FOUND for
-    an unknown id or one of another organization; UNAUTHENTICATED /
-    PERMISSION_DENIED for credentials; INTERNAL with a generic message and a
-    correlation id.
+    styles. Every entity belongs to the caller's organization and is invisible
+    to others. Authentication (`authorization: Bearer <token>`), tenancy and
+    errors are exactly as described on
+    `sartiq.generation.v1.GenerationService`: the same codes, the same
+    `google.rpc.ErrorInfo` domain "generation.sartiq" and reasons, and
+    `google.rpc.BadRequest` field paths such as `name` or
+    `reference_images[2].data`.
 
     Lists are ordered newest first (by `create_time`, then `id`) and paginated
     with an opaque `page_token`; only an empty `next_page_token` means the end.
@@ -50,78 +47,75 @@ class CatalogServiceStub:
         """
         self.CreateSubject = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/CreateSubject',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateSubjectRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateSubjectResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateSubjectRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateSubjectResponse.FromString,
                 _registered_method=True)
         self.GetSubject = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/GetSubject',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetSubjectRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetSubjectResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetSubjectRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetSubjectResponse.FromString,
                 _registered_method=True)
         self.ListSubjects = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/ListSubjects',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListSubjectsRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListSubjectsResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListSubjectsRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListSubjectsResponse.FromString,
                 _registered_method=True)
         self.DeleteSubject = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/DeleteSubject',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteSubjectRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteSubjectResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteSubjectRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteSubjectResponse.FromString,
                 _registered_method=True)
         self.CreateProduct = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/CreateProduct',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateProductRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateProductResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateProductRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateProductResponse.FromString,
                 _registered_method=True)
         self.GetProduct = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/GetProduct',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetProductRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetProductResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetProductRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetProductResponse.FromString,
                 _registered_method=True)
         self.ListProducts = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/ListProducts',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListProductsRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListProductsResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListProductsRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListProductsResponse.FromString,
                 _registered_method=True)
         self.DeleteProduct = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/DeleteProduct',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteProductRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteProductResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteProductRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteProductResponse.FromString,
                 _registered_method=True)
         self.CreateStyle = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/CreateStyle',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateStyleRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateStyleResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateStyleRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateStyleResponse.FromString,
                 _registered_method=True)
         self.GetStyle = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/GetStyle',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetStyleRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetStyleResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetStyleRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetStyleResponse.FromString,
                 _registered_method=True)
         self.ListStyles = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/ListStyles',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListStylesRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListStylesResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListStylesRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListStylesResponse.FromString,
                 _registered_method=True)
         self.DeleteStyle = channel.unary_unary(
                 '/sartiq.catalog.v1.CatalogService/DeleteStyle',
-                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteStyleRequest.SerializeToString,
-                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteStyleResponse.FromString,
+                request_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteStyleRequest.SerializeToString,
+                response_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteStyleResponse.FromString,
                 _registered_method=True)
 
 
 class CatalogServiceServicer:
     """Manages the catalog entities a generation refers to: subjects, products and
-    styles. Every entity belongs to the caller's organization (taken from the
-    bearer token in the `authorization` call metadata) and is invisible to
-    others.
-
-    Errors use the canonical gRPC codes with `google.rpc.Status` details:
-    INVALID_ARGUMENT with a `google.rpc.BadRequest` naming every offending
-    field (paths such as `name` or `reference_images[2].data`); NOT_FOUND for
-    an unknown id or one of another organization; UNAUTHENTICATED /
-    PERMISSION_DENIED for credentials; INTERNAL with a generic message and a
-    correlation id.
+    styles. Every entity belongs to the caller's organization and is invisible
+    to others. Authentication (`authorization: Bearer <token>`), tenancy and
+    errors are exactly as described on
+    `sartiq.generation.v1.GenerationService`: the same codes, the same
+    `google.rpc.ErrorInfo` domain "generation.sartiq" and reasons, and
+    `google.rpc.BadRequest` field paths such as `name` or
+    `reference_images[2].data`.
 
     Lists are ordered newest first (by `create_time`, then `id`) and paginated
     with an opaque `page_token`; only an empty `next_page_token` means the end.
@@ -222,63 +216,63 @@ def add_CatalogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateSubject': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSubject,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateSubjectRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateSubjectResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateSubjectRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateSubjectResponse.SerializeToString,
             ),
             'GetSubject': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSubject,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetSubjectRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetSubjectResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetSubjectRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetSubjectResponse.SerializeToString,
             ),
             'ListSubjects': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSubjects,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListSubjectsRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListSubjectsResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListSubjectsRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListSubjectsResponse.SerializeToString,
             ),
             'DeleteSubject': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSubject,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteSubjectRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteSubjectResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteSubjectRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteSubjectResponse.SerializeToString,
             ),
             'CreateProduct': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateProduct,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateProductRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateProductResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateProductRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateProductResponse.SerializeToString,
             ),
             'GetProduct': grpc.unary_unary_rpc_method_handler(
                     servicer.GetProduct,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetProductRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetProductResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetProductRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetProductResponse.SerializeToString,
             ),
             'ListProducts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListProducts,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListProductsRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListProductsResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListProductsRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListProductsResponse.SerializeToString,
             ),
             'DeleteProduct': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteProduct,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteProductRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteProductResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteProductRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteProductResponse.SerializeToString,
             ),
             'CreateStyle': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateStyle,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateStyleRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateStyleResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateStyleRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateStyleResponse.SerializeToString,
             ),
             'GetStyle': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStyle,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetStyleRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetStyleResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetStyleRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetStyleResponse.SerializeToString,
             ),
             'ListStyles': grpc.unary_unary_rpc_method_handler(
                     servicer.ListStyles,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListStylesRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListStylesResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListStylesRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListStylesResponse.SerializeToString,
             ),
             'DeleteStyle': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteStyle,
-                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteStyleRequest.FromString,
-                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteStyleResponse.SerializeToString,
+                    request_deserializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteStyleRequest.FromString,
+                    response_serializer=sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteStyleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -290,16 +284,13 @@ def add_CatalogServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class CatalogService:
     """Manages the catalog entities a generation refers to: subjects, products and
-    styles. Every entity belongs to the caller's organization (taken from the
-    bearer token in the `authorization` call metadata) and is invisible to
-    others.
-
-    Errors use the canonical gRPC codes with `google.rpc.Status` details:
-    INVALID_ARGUMENT with a `google.rpc.BadRequest` naming every offending
-    field (paths such as `name` or `reference_images[2].data`); NOT_FOUND for
-    an unknown id or one of another organization; UNAUTHENTICATED /
-    PERMISSION_DENIED for credentials; INTERNAL with a generic message and a
-    correlation id.
+    styles. Every entity belongs to the caller's organization and is invisible
+    to others. Authentication (`authorization: Bearer <token>`), tenancy and
+    errors are exactly as described on
+    `sartiq.generation.v1.GenerationService`: the same codes, the same
+    `google.rpc.ErrorInfo` domain "generation.sartiq" and reasons, and
+    `google.rpc.BadRequest` field paths such as `name` or
+    `reference_images[2].data`.
 
     Lists are ordered newest first (by `create_time`, then `id`) and paginated
     with an opaque `page_token`; only an empty `next_page_token` means the end.
@@ -320,8 +311,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/CreateSubject',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateSubjectRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateSubjectResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateSubjectRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateSubjectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -347,8 +338,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/GetSubject',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetSubjectRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetSubjectResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetSubjectRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetSubjectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -374,8 +365,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/ListSubjects',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListSubjectsRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListSubjectsResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListSubjectsRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListSubjectsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -401,8 +392,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/DeleteSubject',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteSubjectRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteSubjectResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteSubjectRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteSubjectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -428,8 +419,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/CreateProduct',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateProductRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateProductResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateProductRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateProductResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -455,8 +446,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/GetProduct',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetProductRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetProductResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetProductRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetProductResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -482,8 +473,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/ListProducts',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListProductsRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListProductsResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListProductsRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListProductsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -509,8 +500,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/DeleteProduct',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteProductRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteProductResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteProductRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteProductResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -536,8 +527,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/CreateStyle',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateStyleRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.CreateStyleResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateStyleRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.CreateStyleResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -563,8 +554,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/GetStyle',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetStyleRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.GetStyleResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetStyleRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.GetStyleResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -590,8 +581,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/ListStyles',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListStylesRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.ListStylesResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListStylesRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.ListStylesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -617,8 +608,8 @@ class CatalogService:
             request,
             target,
             '/sartiq.catalog.v1.CatalogService/DeleteStyle',
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteStyleRequest.SerializeToString,
-            sartiq_dot_catalog_dot_v1_dot_catalog__pb2.DeleteStyleResponse.FromString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteStyleRequest.SerializeToString,
+            sartiq_dot_catalog_dot_v1_dot_catalog__service__pb2.DeleteStyleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,28 +28,31 @@ class ImageInput(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DATA_FIELD_NUMBER: _builtins.int
-    URI_FIELD_NUMBER: _builtins.int
+    ARTIFACT_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The encoded image: PNG, JPEG or WebP, at most 20 MiB and at most 40
     megapixels. Other formats, corrupt data or larger images are
-    INVALID_ARGUMENT.
+    INVALID_ARGUMENT. For larger images upload them first
+    (`sartiq.generation.v1.ArtifactService.UploadArtifact`) and use
+    `artifact`.
     """
-    uri: _builtins.str
-    """`artifact:<sha256>` of an image already stored by the service (e.g. a
-    generation's output or another entity's reference image). Max 2048
-    characters. An unknown artifact is NOT_FOUND.
+    artifact: _builtins.str
+    """`artifact:<sha256>` of an image the caller's organization owns: an
+    upload, a generation's output or another entity's reference image. Max
+    2048 characters. An unknown (or other organization's) artifact is
+    NOT_FOUND; a video is INVALID_ARGUMENT.
     """
     def __init__(
         self,
         *,
         data: _builtins.bytes = ...,
-        uri: _builtins.str = ...,
+        artifact: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "source", b"source", "uri", b"uri"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "data", b"data", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "source", b"source", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "data", b"data", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "uri"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "artifact"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
@@ -77,8 +80,8 @@ class ReferenceImage(_message.Message):
     height: _builtins.int
     """Height in pixels."""
     uri: _builtins.str
-    """Where the content can be read, as configured on the server (for example
-    a `file://` path or an `https://` URL).
+    """Where the server keeps the content. Informational only; download the
+    bytes with `sartiq.generation.v1.ArtifactService.DownloadArtifact`.
     """
     def __init__(
         self,
@@ -106,9 +109,10 @@ class Lora(_message.Message):
     URI_FIELD_NUMBER: _builtins.int
     DEFAULT_WEIGHT_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
-    """Required when `lora` is set. Location of the LoRA weights as understood
-    by the compute backend (a path or a URI such as `https://...`); passed on
-    as is. 1-2048 characters.
+    """Required: a `lora` without `uri` is INVALID_ARGUMENT (field `lora.uri`).
+    Location of the LoRA weights as understood by the compute backend (a
+    path or a URI such as `https://...`); passed on as is. 1-2048
+    characters.
     """
     default_weight: _builtins.float
     """Weight used when a generation does not set one, 0-2. Unset means 0.8."""

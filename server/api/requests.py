@@ -1,0 +1,142 @@
+"""Request messages to plain domain inputs, range-checked before any conversion.
+
+A value that cannot be converted (an unknown enum number, a Duration or Timestamp out of
+range) is recorded as a field violation next to the others, never raised on its own.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
+from server.api.enums import from_proto
+from server.domain.enums import GenerationStatus, GenerationType, Strategy
+from server.domain.errors import Violations
+from server.domain.filters import GenerationFilter
+from server.strategies.inputs import AgenticInput, CreateOptions, GenerateInput
+
+MAX_FILTER_VALUES = 16
+# What a Timestamp may hold (0001-01-01 to 9999-12-31, as the protobuf spec says).
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+_MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def duration_seconds(value: duration_pb2.Duration, field: str, v: Violations) -> float | None:
+    """The Duration in seconds, or None (and a violation) when it is malformed."""
+    seconds, nanos = value.seconds, value.nanos
+    well_formed = (
+        abs(seconds) <= _MAX_DURATION_SECONDS
+        and abs(nanos) <= 999_999_999
+        and (seconds == 0 or nanos == 0 or (seconds > 0) == (nanos > 0))
+    )
+    if not well_formed:
+        v.add(field, "is not a valid Duration (seconds and nanos out of range or of mixed sign)")
+        return None
+    return seconds + nanos / 1e9
+
+
+def timestamp_value(value: timestamp_pb2.Timestamp, field: str, v: Violations) -> datetime | None:
+    """The Timestamp as an aware datetime, or None (and a violation) when out of range."""
+    if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos <= 999_999_999):
+        v.add(field, "is not a valid Timestamp (years 1 to 9999)")
+        return None
+    base = datetime(1970, 1, 1, tzinfo=UTC)
+    return base + timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+
+
+def _optional(message: Message, name: str) -> Any:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def create_options(request: Any) -> CreateOptions:
+    """The options every create request shares; decoding problems ride along as violations."""
+    v = Violations()
+    orchestration = request.orchestration
+    agentic = None
+    if orchestration.HasField("agentic"):
+        config = orchestration.agentic
+        agentic = AgenticInput(
+            max_attempts=_optional(config, "max_attempts"),
+            min_confidence_score=_optional(config, "min_confidence_score"),
+            evaluation_provider=config.evaluation_provider,
+        )
+    timeout = None
+    if request.HasField("timeout"):
+        timeout = duration_seconds(request.timeout, "timeout", v)
+    kind = from_proto(orchestration.type, GenerationType)
+    if kind is None and orchestration.type != enums_pb2.GENERATION_TYPE_UNSPECIFIED:
+        v.add("orchestration.type", f"unknown value {orchestration.type}")
+    return CreateOptions(
+        request_id=request.request_id,
+        type=kind,
+        agentic=agentic,
+        labels=dict(request.labels),
+        timeout_s=timeout,
+        validate_only=request.validate_only,
+        problems=tuple(v.items),
+    )
+
+
+def generate_input(params: resources_pb2.GenerateParams) -> GenerateInput:
+    """The GENERATE parameters as the strategy reads them."""
+    return GenerateInput(
+        batch_size=params.batch_size,
+        subject_id=params.subject_id,
+        product_id=params.product_id,
+        style_id=params.style_id,
+        shot_type_string=params.shot_type_string,
+        generated_prompt=params.generated_prompt,
+        auto_generate_prompt=params.auto_generate_prompt,
+        width=params.width,
+        height=params.height,
+        seed=_optional(params, "seed"),
+        subject_lora_weight=_optional(params, "subject_lora_weight"),
+        product_lora_weight=_optional(params, "product_lora_weight"),
+        style_lora_weight=_optional(params, "style_lora_weight"),
+        negative_prompt=params.negative_prompt,
+        steps=params.steps,
+    )
+
+
+def generation_filter(message: generation_service_pb2.GenerationFilter) -> GenerationFilter:
+    """The list filter, every offending value named.
+
+    Raises:
+        InvalidArgumentError: unknown enum values, too many values, or bad times.
+    """
+    v = Violations()
+
+    def values(field: str, numbers: Any, kind: type[StrEnum]) -> frozenset[str]:
+        if len(numbers) > MAX_FILTER_VALUES:
+            v.add(f"filter.{field}", f"must have at most {MAX_FILTER_VALUES} values")
+            return frozenset()
+        out = set()
+        for i, number in enumerate(numbers):
+            value = from_proto(number, kind)
+            if value is None:
+                v.add(f"filter.{field}[{i}]", "must be a specified, known value")
+            else:
+                out.add(value.value)
+        return frozenset(out)
+
+    after = before = None
+    if message.HasField("create_time_after"):
+        after = timestamp_value(message.create_time_after, "filter.create_time_after", v)
+    if message.HasField("create_time_before"):
+        before = timestamp_value(message.create_time_before, "filter.create_time_before", v)
+    result = GenerationFilter(
+        statuses=values("statuses", message.statuses, GenerationStatus),
+        strategies=values("strategies", message.strategies, Strategy),
+        types=values("types", message.types, GenerationType),
+        labels=dict(message.labels),
+        created_after=after,
+        created_before=before,
+    )
+    v.raise_if_any()
+    return result

@@ -1,0 +1,1 @@
+"""Artifacts: uploads and downloads by content hash, per organization."""

@@ -1,0 +1,148 @@
+"""Uploading and downloading artifacts, scoped to the caller's organization."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+
+from server.config import MediaSettings
+from server.domain import model
+from server.domain.errors import InvalidArgumentError, NotFoundError, Violations
+from server.media.artifacts import FileArtifactStore, Upload
+from server.media.images import InvalidImageError, probe_image
+from server.store import mapping, repository
+from server.store.models import Artifact, utcnow
+from server.store.uow import Store
+
+CHUNK_BYTES = 1024 * 1024
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class UploadHeader:
+    """What an upload announced before its bytes: size and digest, 0/"" when unknown."""
+
+    size_bytes: int = 0
+    sha256: str = ""
+
+
+class ArtifactService:
+    """Content-addressed artifacts: bytes are shared, visibility is per organization."""
+
+    def __init__(self, store: Store, files: FileArtifactStore, *, media: MediaSettings) -> None:
+        self._store = store
+        self._files = files
+        self._media = media
+
+    async def upload(
+        self, org: str, header: UploadHeader, chunks: AsyncIterator[bytes]
+    ) -> model.Artifact:
+        """Store an uploaded image and make ``org`` its owner.
+
+        Raises:
+            InvalidArgumentError: bad header, chunk, size, digest or content.
+        """
+        limit = self._media.max_upload_bytes
+        v = Violations()
+        if not 0 <= header.size_bytes <= limit:
+            v.add("header.size_bytes", f"must be between 0 and {limit}")
+        if header.sha256 and not SHA256_RE.fullmatch(header.sha256):
+            v.add("header.sha256", "must be 64 lowercase hex digits")
+        v.raise_if_any()
+        upload = await asyncio.to_thread(self._files.begin_upload)
+        try:
+            digest = await self._receive(upload, chunks, limit)
+            if header.size_bytes and header.size_bytes != upload.size_bytes:
+                raise InvalidArgumentError.of(
+                    "header.size_bytes",
+                    f"announced {header.size_bytes} bytes but {upload.size_bytes} arrived",
+                )
+            if header.sha256 and header.sha256 != digest:
+                raise InvalidArgumentError.of(
+                    "header.sha256", "does not match the content received"
+                )
+            try:
+                info = await asyncio.to_thread(
+                    probe_image,
+                    upload.path,
+                    max_bytes=limit,
+                    max_pixels=self._media.max_input_pixels,
+                )
+            except InvalidImageError as exc:
+                raise InvalidArgumentError.of("content", str(exc)) from None
+            blob = await asyncio.to_thread(upload.commit, info.mime_type)
+        except BaseException:
+            await asyncio.to_thread(upload.discard)
+            raise
+        async with self._store.write() as uow:
+            row = await repository.ensure_artifact(
+                uow.session,
+                blob.sha256,
+                lambda: Artifact(
+                    sha256=blob.sha256,
+                    mime_type=info.mime_type,
+                    size_bytes=blob.size_bytes,
+                    width=info.width,
+                    height=info.height,
+                    frame_count=0,
+                    uri=blob.uri,
+                    created_at=utcnow(),
+                ),
+            )
+            await repository.own_artifact(uow.session, org, blob.sha256)
+            return mapping.artifact(row)
+
+    @staticmethod
+    async def _receive(upload: Upload, chunks: AsyncIterator[bytes], limit: int) -> str:
+        async for chunk in chunks:
+            if not 1 <= len(chunk) <= CHUNK_BYTES:
+                raise InvalidArgumentError.of(
+                    "chunk", f"must be 1 to {CHUNK_BYTES} bytes, got {len(chunk)}"
+                )
+            if upload.size_bytes + len(chunk) > limit:
+                raise InvalidArgumentError.of("content", f"must be at most {limit} bytes")
+            await asyncio.to_thread(upload.write, chunk)
+        if not upload.size_bytes:
+            raise InvalidArgumentError.of("content", "is empty")
+        return await asyncio.to_thread(upload.close)
+
+    async def get(self, org: str, sha256: str) -> model.Artifact:
+        """An artifact ``org`` owns, with ``org``'s recipe for it.
+
+        Raises:
+            NotFoundError: unknown digest, or one ``org`` does not own.
+        """
+        if SHA256_RE.fullmatch(sha256):
+            async with self._store.read() as session:
+                owned = await repository.get_owned_artifact(session, org, sha256)
+            if owned is not None:
+                return mapping.artifact(*owned)
+        raise NotFoundError.of("artifact", {"sha256": sha256})
+
+    async def download(
+        self, org: str, sha256: str, offset: int
+    ) -> tuple[model.Artifact, AsyncGenerator[tuple[int, bytes], None]]:
+        """The artifact and its bytes from ``offset``, as (offset, chunk) pairs.
+
+        Raises:
+            NotFoundError: unknown digest, or one ``org`` does not own.
+            InvalidArgumentError: ``offset`` is negative or beyond the end.
+        """
+        artifact = await self.get(org, sha256)
+        if not 0 <= offset <= artifact.size_bytes:
+            raise InvalidArgumentError.of("offset", f"must be between 0 and {artifact.size_bytes}")
+        return artifact, self._chunks(artifact, offset)
+
+    async def _chunks(
+        self, artifact: model.Artifact, offset: int
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
+        while offset < artifact.size_bytes:
+            chunk = await asyncio.to_thread(
+                self._files.read_chunk, artifact.sha256, artifact.mime_type, offset, CHUNK_BYTES
+            )
+            if not chunk:
+                return  # the file is shorter than recorded: end rather than spin
+            yield offset, chunk
+            offset += len(chunk)
