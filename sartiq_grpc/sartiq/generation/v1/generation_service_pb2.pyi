@@ -1000,11 +1000,17 @@ Global___WatchGenerationRequest: _TypeAlias = WatchGenerationRequest  # noqa: Y0
 
 @_typing.final
 class Heartbeat(_message.Message):
-    """Keep-alive sent on a `WatchGeneration` stream while no event is due."""
+    """Keep-alive sent on a watch stream while no event is due."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEND_TIME_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.int
+    """On `WatchGenerations` streams: the cursor the server has looked up to
+    (resume from it to skip what did not match the filter); 0 on
+    `WatchGeneration` streams.
+    """
     @_builtins.property
     def send_time(self) -> _timestamp_pb2.Timestamp:
         """Server time when the heartbeat was sent."""
@@ -1013,10 +1019,11 @@ class Heartbeat(_message.Message):
         self,
         *,
         send_time: _timestamp_pb2.Timestamp | None = ...,
+        cursor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["send_time", b"send_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["send_time", b"send_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "send_time", b"send_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1053,6 +1060,71 @@ class WatchGenerationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
 Global___WatchGenerationResponse: _TypeAlias = WatchGenerationResponse  # noqa: Y015
+
+@_typing.final
+class WatchGenerationsRequest(_message.Message):
+    """Request of `WatchGenerations`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    after_cursor: _builtins.int
+    """Only events with `cursor` greater than this are sent: 0 replays every
+    stored event of the organization that matches; -1 sends only events
+    committed after the call. Other negative values are INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def filter(self) -> Global___GenerationFilter:
+        """Which generations' events to send; unset means all of the caller's. The
+        same bounds as `ListGenerationsRequest.filter`.
+        """
+
+    def __init__(
+        self,
+        *,
+        filter: Global___GenerationFilter | None = ...,
+        after_cursor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchGenerationsRequest: _TypeAlias = WatchGenerationsRequest  # noqa: Y015
+
+@_typing.final
+class WatchGenerationsResponse(_message.Message):
+    """One item of the `WatchGenerations` stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _resources_pb2.GenerationEvent:
+        """The next matching event (its `cursor` orders it)."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat:
+        """A keep-alive with the cursor looked up to; may be ignored."""
+
+    def __init__(
+        self,
+        *,
+        event: _resources_pb2.GenerationEvent | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "item", b"item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "item", b"item"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["event", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___WatchGenerationsResponse: _TypeAlias = WatchGenerationsResponse  # noqa: Y015
 
 @_typing.final
 class GetCapabilitiesRequest(_message.Message):

@@ -48,7 +48,8 @@ class GenerationServiceStub:
     standard `grpc.health.v1.Health` and reflection services need no token.
 
     Send `x-request-id` (1-128 characters of [A-Za-z0-9._:-]) to correlate
-    logs; the server echoes it, or a new one, in the initial metadata.
+    logs; the server echoes it, or a new one: in the trailing metadata of unary
+    answers (errors included) and in the initial metadata of streams.
 
     Errors
     ------
@@ -154,6 +155,11 @@ class GenerationServiceStub:
                 request_serializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationRequest.SerializeToString,
                 response_deserializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationResponse.FromString,
                 _registered_method=True)
+        self.WatchGenerations = channel.unary_stream(
+                '/sartiq.generation.v1.GenerationService/WatchGenerations',
+                request_serializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationsRequest.SerializeToString,
+                response_deserializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationsResponse.FromString,
+                _registered_method=True)
         self.GetCapabilities = channel.unary_unary(
                 '/sartiq.generation.v1.GenerationService/GetCapabilities',
                 request_serializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.GetCapabilitiesRequest.SerializeToString,
@@ -184,7 +190,8 @@ class GenerationServiceServicer:
     standard `grpc.health.v1.Health` and reflection services need no token.
 
     Send `x-request-id` (1-128 characters of [A-Za-z0-9._:-]) to correlate
-    logs; the server echoes it, or a new one, in the initial metadata.
+    logs; the server echoes it, or a new one: in the trailing metadata of unary
+    answers (errors included) and in the initial metadata of streams.
 
     Errors
     ------
@@ -330,6 +337,21 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchGenerations(self, request, context):
+        """Streams the events of every generation of the caller's organization that
+        matches `filter`, in the order they were committed: first the stored ones
+        with `cursor > after_cursor`, then live ones, with no gap and no
+        duplicate at the seam. For dashboards and workers that follow many
+        generations. It never ends by itself; heartbeats carry the cursor the
+        server has looked up to, so a client resuming after a quiet period need
+        not scan again. After a disconnect, call again with the last cursor
+        received (event or heartbeat) to miss nothing. The status filter matches
+        the generation's status right after each event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCapabilities(self, request, context):
         """Says what this server runs now: strategies (with their limits),
         orchestration types, evaluation providers and the compute backend.
@@ -396,6 +418,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     request_deserializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationRequest.FromString,
                     response_serializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationResponse.SerializeToString,
             ),
+            'WatchGenerations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchGenerations,
+                    request_deserializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationsRequest.FromString,
+                    response_serializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationsResponse.SerializeToString,
+            ),
             'GetCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCapabilities,
                     request_deserializer=sartiq_dot_generation_dot_v1_dot_generation__service__pb2.GetCapabilitiesRequest.FromString,
@@ -432,7 +459,8 @@ class GenerationService:
     standard `grpc.health.v1.Health` and reflection services need no token.
 
     Send `x-request-id` (1-128 characters of [A-Za-z0-9._:-]) to correlate
-    logs; the server echoes it, or a new one, in the initial metadata.
+    logs; the server echoes it, or a new one: in the trailing metadata of unary
+    answers (errors included) and in the initial metadata of streams.
 
     Errors
     ------
@@ -764,6 +792,33 @@ class GenerationService:
             '/sartiq.generation.v1.GenerationService/WatchGeneration',
             sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationRequest.SerializeToString,
             sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchGenerations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sartiq.generation.v1.GenerationService/WatchGenerations',
+            sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationsRequest.SerializeToString,
+            sartiq_dot_generation_dot_v1_dot_generation__service__pb2.WatchGenerationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,7 +51,8 @@ class GenerationServiceStub:
     standard `grpc.health.v1.Health` and reflection services need no token.
 
     Send `x-request-id` (1-128 characters of [A-Za-z0-9._:-]) to correlate
-    logs; the server echoes it, or a new one, in the initial metadata.
+    logs; the server echoes it, or a new one: in the trailing metadata of unary
+    answers (errors included) and in the initial metadata of streams.
 
     Errors
     ------
@@ -157,6 +158,17 @@ class GenerationServiceStub:
     (this also holds across server restarts). A subscriber that falls far
     behind is caught up from the stored log, never silently skipped.
     """
+    WatchGenerations: _grpc.UnaryStreamMultiCallable[_generation_service_pb2.WatchGenerationsRequest, _generation_service_pb2.WatchGenerationsResponse]
+    """Streams the events of every generation of the caller's organization that
+    matches `filter`, in the order they were committed: first the stored ones
+    with `cursor > after_cursor`, then live ones, with no gap and no
+    duplicate at the seam. For dashboards and workers that follow many
+    generations. It never ends by itself; heartbeats carry the cursor the
+    server has looked up to, so a client resuming after a quiet period need
+    not scan again. After a disconnect, call again with the last cursor
+    received (event or heartbeat) to miss nothing. The status filter matches
+    the generation's status right after each event.
+    """
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_generation_service_pb2.GetCapabilitiesRequest, _generation_service_pb2.GetCapabilitiesResponse]
     """Says what this server runs now: strategies (with their limits),
     orchestration types, evaluation providers and the compute backend.
@@ -186,7 +198,8 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     standard `grpc.health.v1.Health` and reflection services need no token.
 
     Send `x-request-id` (1-128 characters of [A-Za-z0-9._:-]) to correlate
-    logs; the server echoes it, or a new one, in the initial metadata.
+    logs; the server echoes it, or a new one: in the trailing metadata of unary
+    answers (errors included) and in the initial metadata of streams.
 
     Errors
     ------
@@ -289,6 +302,17 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     (this also holds across server restarts). A subscriber that falls far
     behind is caught up from the stored log, never silently skipped.
     """
+    WatchGenerations: _aio.UnaryStreamMultiCallable[_generation_service_pb2.WatchGenerationsRequest, _generation_service_pb2.WatchGenerationsResponse]  # type: ignore[assignment]
+    """Streams the events of every generation of the caller's organization that
+    matches `filter`, in the order they were committed: first the stored ones
+    with `cursor > after_cursor`, then live ones, with no gap and no
+    duplicate at the seam. For dashboards and workers that follow many
+    generations. It never ends by itself; heartbeats carry the cursor the
+    server has looked up to, so a client resuming after a quiet period need
+    not scan again. After a disconnect, call again with the last cursor
+    received (event or heartbeat) to miss nothing. The status filter matches
+    the generation's status right after each event.
+    """
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_generation_service_pb2.GetCapabilitiesRequest, _generation_service_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
     """Says what this server runs now: strategies (with their limits),
     orchestration types, evaluation providers and the compute backend.
@@ -317,7 +341,8 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     standard `grpc.health.v1.Health` and reflection services need no token.
 
     Send `x-request-id` (1-128 characters of [A-Za-z0-9._:-]) to correlate
-    logs; the server echoes it, or a new one, in the initial metadata.
+    logs; the server echoes it, or a new one: in the trailing metadata of unary
+    answers (errors included) and in the initial metadata of streams.
 
     Errors
     ------
@@ -483,6 +508,23 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         disconnect, call again with the last `sequence` received to miss nothing
         (this also holds across server restarts). A subscriber that falls far
         behind is caught up from the stored log, never silently skipped.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchGenerations(
+        self,
+        request: _generation_service_pb2.WatchGenerationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_generation_service_pb2.WatchGenerationsResponse], _abc.AsyncIterator[_generation_service_pb2.WatchGenerationsResponse]]:
+        """Streams the events of every generation of the caller's organization that
+        matches `filter`, in the order they were committed: first the stored ones
+        with `cursor > after_cursor`, then live ones, with no gap and no
+        duplicate at the seam. For dashboards and workers that follow many
+        generations. It never ends by itself; heartbeats carry the cursor the
+        server has looked up to, so a client resuming after a quiet period need
+        not scan again. After a disconnect, call again with the last cursor
+        received (event or heartbeat) to miss nothing. The status filter matches
+        the generation's status right after each event.
         """
 
     @_abc_1.abstractmethod

@@ -1538,6 +1538,7 @@ class GenerationEvent(_message.Message):
     TERMINAL_FIELD_NUMBER: _builtins.int
     PREDICTION_COUNTS_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     PREDICTION_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
@@ -1558,6 +1559,12 @@ class GenerationEvent(_message.Message):
     """Why the change happened when the resource alone does not say, e.g. that
     compute lost a task and a new attempt is being submitted. For humans;
     empty otherwise.
+    """
+    cursor: _builtins.int
+    """Position of the event in its organization's stream
+    (`WatchGenerations`): larger for every later event of the organization,
+    with gaps. Pass the last one received as
+    `WatchGenerationsRequest.after_cursor` to resume.
     """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
@@ -1595,6 +1602,7 @@ class GenerationEvent(_message.Message):
         terminal: _builtins.bool = ...,
         prediction_counts: Global___PredictionCounts | None = ...,
         note: _builtins.str = ...,
+        cursor: _builtins.int = ...,
         generation: Global___Generation | None = ...,
         prediction: Global___Prediction | None = ...,
         task: Global___ComputeTask | None = ...,
@@ -1602,7 +1610,7 @@ class GenerationEvent(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "event_time", b"event_time", "generation", b"generation", "payload", b"payload", "prediction", b"prediction", "prediction_counts", b"prediction_counts", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "event_time", b"event_time", "generation", b"generation", "generation_id", b"generation_id", "kind", b"kind", "note", b"note", "payload", b"payload", "prediction", b"prediction", "prediction_counts", b"prediction_counts", "sequence", b"sequence", "task", b"task", "terminal", b"terminal"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cursor", b"cursor", "event_time", b"event_time", "generation", b"generation", "generation_id", b"generation_id", "kind", b"kind", "note", b"note", "payload", b"payload", "prediction", b"prediction", "prediction_counts", b"prediction_counts", "sequence", b"sequence", "task", b"task", "terminal", b"terminal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["generation", "prediction", "task", "attempt"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
