@@ -7,6 +7,8 @@ python -m benchmarks.servers sartiq DIR
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import signal
 import sys
 from pathlib import Path
@@ -16,7 +18,13 @@ import grpc
 
 from server.app import App
 from server.compute.fake import FakeComputeBackend
-from server.config import DatabaseSettings, MediaSettings, ServerSettings, Settings
+from server.config import (
+    DatabaseSettings,
+    MediaSettings,
+    OrchestrationSettings,
+    ServerSettings,
+    Settings,
+)
 
 ECHO_SERVICE = "bench.Echo"
 
@@ -57,10 +65,16 @@ async def _serve_sartiq(stop: asyncio.Event, root: Path, *, hold: bool) -> None:
         server=ServerSettings(port=0, grace_period=0.5),
         database=DatabaseSettings(url=f"sqlite+aiosqlite:///{root / 'bench.db'}"),
         media=MediaSettings(artifact_dir=root / "artifacts"),
+        # Creates against a holding backend pile up live generations: measure the service,
+        # not the admission bound (the harness still counts back-pressure if it comes).
+        orchestration=OrchestrationSettings(max_queued_generations=1_000_000),
     )
     async with App(settings, compute=FakeComputeBackend(hold=hold)) as app:
         print(app.port, flush=True)
         await stop.wait()
+        stats = app.writer_stats
+    # What the store did, for the harness: one JSON line after the port.
+    print(json.dumps(dataclasses.asdict(stats)), flush=True)
 
 
 async def _main(argv: list[str]) -> None:

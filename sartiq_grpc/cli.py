@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sartiq_grpc import errors
 from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2
 
@@ -158,7 +159,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         asyncio.run(_run(args))
-    except grpc.aio.AioRpcError as error:
+    except errors.InvalidArgumentError as error:
+        print(f"error: {error}", file=sys.stderr)
+        for field, why in sorted(error.violations.items()):
+            print(f"  {field}: {why}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except errors.SartiqError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except grpc.aio.AioRpcError as error:  # calls the client makes without its wrapper
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -17,13 +17,16 @@ access to the server's disk.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from sartiq_grpc import errors
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2, catalog_service_pb2_grpc
 from sartiq_grpc.sartiq.generation.v1 import (
     artifact_service_pb2,
@@ -44,6 +47,18 @@ if TYPE_CHECKING:
 
 CHUNK_BYTES = 1024 * 1024
 _CATALOG_KINDS = ("subject", "product", "style")
+T = TypeVar("T")
+# Codes after which a watch reconnects and resumes: the server went away or is
+# shutting down, or the connection was cut.
+_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+async def _checked(call: Awaitable[T]) -> T:
+    """Await a call, turning a failure into the client's exception for it."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise errors.from_rpc_error(error) from None
 
 
 class SartiqClient:
@@ -96,7 +111,9 @@ class SartiqClient:
                 chunk = data[start : start + CHUNK_BYTES]
                 yield artifact_service_pb2.UploadArtifactRequest(chunk=chunk)
 
-        response = await self.artifacts.UploadArtifact(requests(), metadata=self._metadata)
+        response = await _checked(
+            self.artifacts.UploadArtifact(requests(), metadata=self._metadata)
+        )
         return response.artifact
 
     async def download(self, sha256: str, destination: Path) -> resources_pb2.Artifact:
@@ -147,13 +164,15 @@ class SartiqClient:
             labels=labels or {},
             params=resources_pb2.GenerateParams(**params),
         )
-        response = await self.generations.CreateGenerateGeneration(request, metadata=self._metadata)
+        response = await _checked(
+            self.generations.CreateGenerateGeneration(request, metadata=self._metadata)
+        )
         return response.generation
 
     async def get(self, generation_id: str) -> resources_pb2.Generation:
         """Read a generation with its predictions and tasks."""
         request = generation_service_pb2.GetGenerationRequest(generation_id=generation_id)
-        response = await self.generations.GetGeneration(request, metadata=self._metadata)
+        response = await _checked(self.generations.GetGeneration(request, metadata=self._metadata))
         return response.generation
 
     async def list(self, page_size: int = 20, page_token: str = "") -> tuple[list[Any], str]:
@@ -161,28 +180,119 @@ class SartiqClient:
         request = generation_service_pb2.ListGenerationsRequest(
             page_size=page_size, page_token=page_token
         )
-        response = await self.generations.ListGenerations(request, metadata=self._metadata)
+        response = await _checked(
+            self.generations.ListGenerations(request, metadata=self._metadata)
+        )
         return list(response.generations), response.next_page_token
 
     async def cancel(self, generation_id: str) -> resources_pb2.Generation:
         """Cancel a generation."""
         request = generation_service_pb2.CancelGenerationRequest(generation_id=generation_id)
-        response = await self.generations.CancelGeneration(request, metadata=self._metadata)
+        response = await _checked(
+            self.generations.CancelGeneration(request, metadata=self._metadata)
+        )
         return response.generation
 
     async def capabilities(self) -> generation_service_pb2.GetCapabilitiesResponse:
         """What the server runs: strategies and their limits, orchestration types, backend."""
-        return await self.generations.GetCapabilities(
-            generation_service_pb2.GetCapabilitiesRequest(), metadata=self._metadata
+        return await _checked(
+            self.generations.GetCapabilities(
+                generation_service_pb2.GetCapabilitiesRequest(), metadata=self._metadata
+            )
         )
 
     async def watch(
-        self, generation_id: str, after_sequence: int = 0
+        self, generation_id: str, after_sequence: int = 0, *, resume_for: float = 60.0
     ) -> AsyncIterator[resources_pb2.GenerationEvent]:
-        """Yield the generation's events until its terminal one (heartbeats are skipped)."""
-        request = generation_service_pb2.WatchGenerationRequest(
-            generation_id=generation_id, after_sequence=after_sequence
-        )
-        async for item in self.generations.WatchGeneration(request, metadata=self._metadata):
+        """Yield the generation's events after ``after_sequence`` until its terminal one.
+
+        Heartbeats are skipped. When the server goes away (it restarts, shuts down, or the
+        connection is cut) the watch reconnects with the last sequence received, so every
+        event arrives exactly once; it gives up with ``TransportError`` after
+        ``resume_for`` seconds without progress.
+
+        Raises:
+            ApiError: the server refused the watch (unknown id, bad cursor, ...).
+            TransportError: the server stayed unreachable.
+        """
+
+        def open_stream(after: int) -> Any:
+            request = generation_service_pb2.WatchGenerationRequest(
+                generation_id=generation_id, after_sequence=after
+            )
+            return self.generations.WatchGeneration(
+                request, metadata=self._metadata, wait_for_ready=True
+            )
+
+        def position(item: Any) -> int | None:
+            return int(item.event.sequence) if item.HasField("event") else None
+
+        async for item in self._resuming(open_stream, after_sequence, position, resume_for):
             if item.HasField("event"):
                 yield item.event
+                if item.event.terminal:
+                    return
+
+    async def watch_generations(
+        self,
+        flt: generation_service_pb2.GenerationFilter | None = None,
+        after_cursor: int = -1,
+        *,
+        resume_for: float = 60.0,
+    ) -> AsyncIterator[resources_pb2.GenerationEvent]:
+        """Yield the events of the organization's generations matching ``flt``, for ever.
+
+        ``after_cursor`` -1 starts from now; pass the last ``event.cursor`` to resume.
+        Reconnects by itself like ``watch``, from the last cursor seen (heartbeats
+        advance it too).
+
+        Raises:
+            ApiError: the server refused the watch (a bad filter, ...).
+            TransportError: the server stayed unreachable.
+        """
+
+        def open_stream(after: int) -> Any:
+            request = generation_service_pb2.WatchGenerationsRequest(filter=flt, after_cursor=after)
+            return self.generations.WatchGenerations(
+                request, metadata=self._metadata, wait_for_ready=True
+            )
+
+        def position(item: Any) -> int | None:
+            if item.HasField("event"):
+                return int(item.event.cursor)
+            return int(item.heartbeat.cursor) or None
+
+        async for item in self._resuming(open_stream, after_cursor, position, resume_for):
+            if item.HasField("event"):
+                yield item.event
+
+    async def _resuming(
+        self,
+        open_stream: Callable[[int], Any],
+        start: int,
+        position: Callable[[Any], int | None],
+        resume_for: float,
+    ) -> AsyncIterator[Any]:
+        """Items of a stream, reopened from the last position whenever it breaks."""
+        last = start
+        delay = 0.1
+        deadline = time.monotonic() + resume_for
+        while True:
+            try:
+                async for item in open_stream(last):
+                    moved = position(item)
+                    if moved is not None:
+                        last = moved
+                    deadline = time.monotonic() + resume_for
+                    delay = 0.1
+                    yield item
+                return  # the server ended the stream normally
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RESUMABLE:
+                    raise errors.from_rpc_error(error) from None
+                if time.monotonic() > deadline:
+                    raise errors.TransportError(
+                        f"the server stayed unreachable for {resume_for:g} s: {error.details()}"
+                    ) from None
+            await asyncio.sleep(delay)  # back off before reconnecting
+            delay = min(delay * 2, 2.0)

@@ -20,14 +20,24 @@ from server.compute.base import ComputeBackend
 from server.compute.local import LocalComputeBackend
 from server.compute.processors.tasks import default_registry
 from server.config import Settings
+from server.domain.enums import GenerationType
 from server.media.artifacts import FileArtifactStore
+from server.orchestration.base_flow import BaseWorkflow
 from server.orchestration.engine import Engine
 from server.orchestration.service import GenerationService
+from server.orchestration.steps import TaskRunner
 from server.orchestration.watch import Watcher
-from server.store.db import create_engine, create_session_factory, is_sqlite
+from server.orchestration.workflows import WorkflowRegistry
+from server.store.db import (
+    create_engine,
+    create_session_factory,
+    is_sqlite,
+    sqlite_path,
+)
 from server.store.events import EventBus
 from server.store.migrate import upgrade_to_head
-from server.store.uow import Store
+from server.store.sessions import Store
+from server.store.writer import Writer, WriterStats
 from server.strategies.base import StrategyRegistry
 from server.strategies.generate import GenerateStrategy
 
@@ -77,10 +87,11 @@ class App:
         self.settings = settings
         self._compute_override = compute
         self._db: AsyncEngine | None = None
+        self._bus: EventBus | None = None
+        self._writer: Writer | None = None
         self._compute: ComputeBackend | None = None
         self._engine: Engine | None = None
         self._grpc: GrpcServer | None = None
-        self._bus: EventBus | None = None
         self._stopped = False
 
     @property
@@ -90,6 +101,13 @@ class App:
             raise RuntimeError("the app is not started")
         return self._grpc.port
 
+    @property
+    def writer_stats(self) -> WriterStats:
+        """What the store's writer has done (transactions, statements, driver calls)."""
+        if self._writer is None:
+            raise RuntimeError("the app is not started")
+        return self._writer.stats
+
     async def start(self) -> None:
         """Migrate the database, build everything, resume unfinished work, and serve."""
         s = self.settings
@@ -97,30 +115,67 @@ class App:
         await upgrade_to_head(s.database)
         self._db = create_engine(s.database)
         self._bus = EventBus(s.server.watch_buffer)
-        store = Store(
-            create_session_factory(self._db),
-            self._bus,
-            single_writer=is_sqlite(s.database.url),
-        )
-        artifacts = FileArtifactStore(s.media.artifact_dir)
-        swept = await asyncio.to_thread(artifacts.sweep_temporary, max_age=s.media.stale_temp_after)
+        store = Store(create_session_factory(self._db), self._bus)
+        lease = s.orchestration.lease_seconds
+        if is_sqlite(s.database.url):
+            self._writer = Writer.for_sqlite(
+                sqlite_path(s.database.url),
+                self._bus,
+                busy_timeout_ms=s.database.busy_timeout_ms,
+                lease_seconds=lease,
+            )
+        else:
+            self._writer = Writer.for_async(self._db, self._bus, lease_seconds=lease)
+        await self._writer.start()
+        files = FileArtifactStore(s.media.artifact_dir)
+        swept = await asyncio.to_thread(files.sweep_temporary, max_age=s.media.stale_temp_after)
         if swept:
             log.info("removed %d stale temporary artifact files", swept)
-        self._compute = self._compute_override or _local_backend(s, artifacts)
-        self._engine = Engine(store, self._compute, artifacts, settings=s.orchestration)
+        self._compute = self._compute_override or _local_backend(s, files)
+        self._engine = self._build_engine(store, self._writer, self._compute, files)
+        catalog = CatalogService(store, self._writer, files, media=s.media)
         services = Services(
             generations=GenerationService(
                 store,
                 self._engine,
                 StrategyRegistry([GenerateStrategy()]),
+                catalog,
                 settings=s.orchestration,
                 media=s.media,
                 compute_backend=self._compute.name,
             ),
             watcher=Watcher(store, heartbeat_interval=s.server.heartbeat_interval),
-            artifacts=ArtifactService(store, artifacts, media=s.media),
-            catalog=CatalogService(store, artifacts, media=s.media),
+            artifacts=ArtifactService(store, self._writer, files, media=s.media),
+            catalog=catalog,
         )
+        self._grpc = build_server(s.server, services, self._authenticator())
+        await self._grpc.server.start()
+        await self._engine.start()
+        await self._grpc.mark_serving()
+        if s.server.port_file is not None:
+            _write_atomically(s.server.port_file, f"{self._grpc.port}\n")
+        log.info("serving on %s:%d", s.server.host, self._grpc.port)
+
+    def _build_engine(
+        self, store: Store, writer: Writer, compute: ComputeBackend, files: FileArtifactStore
+    ) -> Engine:
+        s = self.settings
+        slots = asyncio.Semaphore(s.orchestration.max_tasks_in_flight)
+        runner = TaskRunner(compute, files, slots, settings=s.orchestration)
+        workflows = WorkflowRegistry({GenerationType.BASE: BaseWorkflow(runner)})
+        # One process per SQLite file: any other holder of a lease is our dead predecessor.
+        return Engine(
+            store,
+            writer,
+            compute,
+            workflows,
+            # Enough workflows to keep every compute slot busy; the rest wait as data.
+            max_running=2 * s.orchestration.max_tasks_in_flight,
+            take_over_live_leases=is_sqlite(s.database.url),
+        )
+
+    def _authenticator(self) -> Authenticator:
+        s = self.settings
         auth = Authenticator(
             load_keys(s.auth), development_organization=s.server.default_organization
         )
@@ -129,13 +184,7 @@ class App:
                 "no API keys configured: development mode, every call is organization %r",
                 s.server.default_organization,
             )
-        self._grpc = build_server(s.server, services, auth)
-        await self._grpc.server.start()
-        await self._engine.start()
-        await self._grpc.mark_serving()
-        if s.server.port_file is not None:
-            _write_atomically(s.server.port_file, f"{self._grpc.port}\n")
-        log.info("serving on %s:%d", s.server.host, self._grpc.port)
+        return auth
 
     async def wait(self) -> None:
         """Block until the server stops."""
@@ -143,7 +192,7 @@ class App:
             await self._grpc.server.wait_for_termination()
 
     async def shutdown(self) -> None:
-        """Stop accepting calls, end watch streams, drain, stop engine and compute, close the DB.
+        """Stop accepting calls, end watch streams, drain, stop the engine, commit, close.
 
         Idempotent; parts never started are skipped.
         """
@@ -160,6 +209,8 @@ class App:
             await self._grpc.stop(self.settings.server.grace_period)
         if self._engine is not None:
             await self._engine.shutdown()
+        if self._writer is not None:
+            await self._writer.shutdown()  # what workflows queued is committed first
         if self._compute is not None:
             await self._compute.aclose()
         if self._db is not None:

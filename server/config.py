@@ -109,6 +109,11 @@ class OrchestrationSettings(BaseModel):
     progress_interval: float = Field(
         default=0.5, ge=0, description="minimum seconds between stored progress events per task"
     )
+    lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long this process's claim on a live generation holds unless renewed",
+    )
 
 
 class Settings(BaseSettings):

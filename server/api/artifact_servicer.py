@@ -10,10 +10,10 @@ import grpc
 
 from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2 as pb
 from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2_grpc as pb_grpc
-from server.api import convert
 from server.api.context import current_organization
 from server.api.errors import streaming, unary
 from server.artifacts.service import ArtifactService, UploadHeader
+from server.contract import encode
 from server.domain.errors import InvalidArgumentError
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -53,7 +53,7 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
         header, chunks = await _decode(request_iterator)
         async with contextlib.aclosing(chunks):
             artifact = await self._service.upload(current_organization(), header, chunks)
-        return pb.UploadArtifactResponse(artifact=convert.artifact(artifact))
+        return pb.UploadArtifactResponse(artifact=encode.artifact(artifact))
 
     @streaming
     async def DownloadArtifact(
@@ -67,14 +67,14 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
         async with contextlib.aclosing(chunks):
             async for offset, chunk in chunks:
                 yield pb.DownloadArtifactResponse(
-                    artifact=convert.artifact(artifact) if first else None,
+                    artifact=encode.artifact(artifact) if first else None,
                     offset=offset,
                     chunk=chunk,
                 )
                 first = False
         if first:  # nothing left to send: still tell the client what it asked for
             yield pb.DownloadArtifactResponse(
-                artifact=convert.artifact(artifact), offset=request.offset
+                artifact=encode.artifact(artifact), offset=request.offset
             )
 
     @unary
@@ -83,4 +83,4 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
     ) -> pb.GetArtifactResponse:
         """An artifact's metadata."""
         artifact = await self._service.get(current_organization(), request.sha256)
-        return pb.GetArtifactResponse(artifact=convert.artifact(artifact))
+        return pb.GetArtifactResponse(artifact=encode.artifact(artifact))

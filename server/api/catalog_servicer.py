@@ -9,9 +9,9 @@ import grpc
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2 as pb
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2_grpc
 from server.api.context import current_organization
-from server.api.convert import timestamp
 from server.api.errors import unary
 from server.catalog.service import CatalogService, EntityInput, ImageInput, LoraInput
+from server.contract.encode import timestamp
 from server.domain.enums import CatalogKind
 from server.domain.model import CatalogEntity
 

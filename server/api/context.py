@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass
 
+# Call metadata carrying the id that correlates a call with the server's log lines.
+REQUEST_ID_HEADER = "x-request-id"
+
 
 @dataclass(frozen=True, slots=True)
 class CallContext:

@@ -1,313 +1,41 @@
-"""Domain records to protobuf resources; translation only, no logic.
-
-Stored parameters are mapped field by field onto their proto message: a stored key the
-message does not have (written by a newer release, say) is skipped, never an error.
-"""
+"""Stream items to messages: events (encoded once, shared by every watcher) and heartbeats."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
-
-from google.protobuf import struct_pb2, timestamp_pb2
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
-
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2
-from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as service_pb2
-from sartiq_grpc.sartiq.generation.v1 import resources_pb2 as pb
-from server.api.enums import proto_name, to_proto
-from server.domain import model
-from server.domain.enums import (
-    AttemptStatus,
-    EditingTool,
-    EventKind,
-    GenerationStatus,
-    GenerationType,
-    PredictionStatus,
-    StopReason,
-    Strategy,
-    TaskStatus,
-    TaskType,
-)
+from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
+from sartiq_grpc.sartiq.generation.v1 import resources_pb2
+from server.contract.encode import event, timestamp
 from server.domain.events import GenerationEvent
 from server.orchestration.watch import Heartbeat
 
-PARAMS_FIELD = {
-    Strategy.GENERATE: "generate",
-    Strategy.EDITING: "editing",
-    Strategy.REFINE: "refine",
-    Strategy.VIDEO: "video",
-    Strategy.BACKGROUND_FIXING: "background_fixing",
-    Strategy.IMAGE_ADJUSTING: "image_adjusting",
-    Strategy.FACE_FIXING: "face_fixing",
-}
-# Stored enum values (plain names) inside parameters, by the proto enum they belong to.
-_PARAM_ENUMS = {"EditingTool": EditingTool}
+
+def encoded(item: GenerationEvent) -> resources_pb2.GenerationEvent:
+    """The event's contract message, made once (stored events arrive with it made)."""
+    if not isinstance(item.encoded, resources_pb2.GenerationEvent):
+        item.encoded = event(item)
+    return item.encoded
 
 
-def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    """A Timestamp for ``value``, or None."""
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+def _wire_event(item: GenerationEvent) -> resources_pb2.GenerationEvent:
+    message = resources_pb2.GenerationEvent()
+    message.CopyFrom(encoded(item))
+    message.cursor = item.cursor
+    return message
 
 
-def struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
-    """A Struct holding a JSON-like dict."""
-    result = struct_pb2.Struct()
-    if value:
-        result.update(value)
-    return result
-
-
-def resource_error(error: model.ResourceError | None) -> pb.ResourceError | None:
-    """The ResourceError message, or None."""
-    if error is None:
-        return None
-    return pb.ResourceError(
-        code=int(error.code),
-        reason=error.reason,
-        domain=model.ERROR_DOMAIN,
-        message=error.message,
-        metadata=error.metadata,
-    )
-
-
-def recipe(value: model.Recipe | None) -> pb.Recipe | None:
-    """The Recipe message, or None."""
-    if value is None:
-        return None
-    return pb.Recipe(
-        task_type=to_proto(value.task_type, TaskType),
-        parameters=struct(value.parameters),
-        seed=value.seed,
-        backend=value.backend,
-        input_sha256=value.input_sha256,
-    )
-
-
-def artifact(value: model.Artifact | None) -> pb.Artifact | None:
-    """The Artifact message, or None."""
-    if value is None:
-        return None
-    result = pb.Artifact(
-        sha256=value.sha256,
-        mime_type=value.mime_type,
-        size_bytes=value.size_bytes,
-        width=value.width,
-        height=value.height,
-        uri=value.uri,
-        recipe=recipe(value.recipe),
-        frame_count=value.frame_count,
-        create_time=timestamp(value.created_at),
-    )
-    if value.duration_s is not None:
-        result.duration.FromNanoseconds(round(value.duration_s * 1e9))
-    return result
-
-
-def task(value: model.ComputeTask) -> pb.ComputeTask:
-    """The ComputeTask message."""
-    return pb.ComputeTask(
-        id=value.id,
-        prediction_id=value.prediction_id,
-        task_type=to_proto(value.task_type, TaskType),
-        status=to_proto(value.status, TaskStatus),
-        done=value.done,
-        progress=value.progress,
-        attempt=value.attempt,
-        compute_task_id=value.compute_task_id,
-        previous_compute_task_ids=value.previous_compute_task_ids,
-        attempt_id=value.attempt_id,
-        step=value.step,
-        parameters=struct(value.params),
-        error=resource_error(value.error),
-        create_time=timestamp(value.created_at),
-        start_time=timestamp(value.started_at),
-        finish_time=timestamp(value.finished_at),
-    )
-
-
-def attempt(value: model.Attempt) -> pb.Attempt:
-    """The Attempt message."""
-    evaluation = value.evaluation
-    return pb.Attempt(
-        id=value.id,
-        prediction_id=value.prediction_id,
-        number=value.number,
-        status=to_proto(value.status, AttemptStatus),
-        done=value.done,
-        task_ids=value.task_ids,
-        seed=value.seed,
-        adjustments=struct(value.adjustments),
-        adjustment_reason=value.adjustment_reason,
-        evaluation=None
-        if evaluation is None
-        else pb.Evaluation(
-            score=evaluation.score,
-            criteria=evaluation.criteria,
-            feedback=evaluation.feedback,
-            provider=evaluation.provider,
-        ),
-        artifact=artifact(value.artifact),
-        error=resource_error(value.error),
-        create_time=timestamp(value.created_at),
-        start_time=timestamp(value.started_at),
-        finish_time=timestamp(value.finished_at),
-    )
-
-
-def _agentic_config(config: model.AgenticConfig) -> pb.AgenticConfig:
-    return pb.AgenticConfig(
-        max_attempts=config.max_attempts,
-        min_confidence_score=config.min_confidence_score,
-        evaluation_provider=config.evaluation_provider,
-    )
-
-
-def shot(value: model.OrchestratedShot | None) -> pb.OrchestratedShot | None:
-    """The OrchestratedShot message, or None."""
-    if value is None:
-        return None
-    return pb.OrchestratedShot(
-        config=_agentic_config(value.config),
-        attempt_count=value.attempt_count,
-        best_attempt=value.best_attempt,
-        stop_reason=(
-            to_proto(value.stop_reason, StopReason)
-            if value.stop_reason
-            else enums_pb2.STOP_REASON_UNSPECIFIED
-        ),
-        attempts=[attempt(a) for a in value.attempts],
-    )
-
-
-def prediction(value: model.Prediction) -> pb.Prediction:
-    """The Prediction message (with whatever tasks the record holds)."""
-    return pb.Prediction(
-        id=value.id,
-        index=value.index,
-        seed=value.seed,
-        status=to_proto(value.status, PredictionStatus),
-        done=value.done,
-        artifact=artifact(value.artifact),
-        score=value.score,
-        tasks=[task(t) for t in value.tasks],
-        agentic=shot(value.agentic),
-        error=resource_error(value.error),
-        create_time=timestamp(value.created_at),
-        start_time=timestamp(value.started_at),
-        finish_time=timestamp(value.finished_at),
-    )
-
-
-def counts(value: model.PredictionCounts) -> pb.PredictionCounts:
-    """The PredictionCounts message."""
-    return pb.PredictionCounts(
-        pending_count=value.pending,
-        generating_count=value.generating,
-        evaluating_count=value.evaluating,
-        completed_count=value.completed,
-        error_count=value.error,
-        cancelled_count=value.cancelled,
-    )
-
-
-def orchestration(value: model.Orchestration) -> pb.Orchestration:
-    """The Orchestration message."""
-    result = pb.Orchestration(type=to_proto(value.type, GenerationType))
-    if value.agentic is not None:
-        result.agentic.CopyFrom(_agentic_config(value.agentic))
-    return result
-
-
-def generation(value: model.Generation) -> pb.Generation:
-    """The Generation message with whatever children the record holds."""
-    result = pb.Generation(
-        id=value.id,
-        organization=value.organization,
-        type=to_proto(value.type, GenerationType),
-        strategy=to_proto(value.strategy, Strategy),
-        status=to_proto(value.status, GenerationStatus),
-        done=value.done,
-        request_id=value.request_id,
-        labels=value.labels,
-        orchestration=orchestration(value.orchestration),
-        predictions=[prediction(p) for p in value.predictions],
-        prediction_counts=counts(value.counts),
-        error=resource_error(value.error),
-        create_time=timestamp(value.created_at),
-        start_time=timestamp(value.started_at),
-        finish_time=timestamp(value.finished_at),
-        deadline_time=timestamp(value.deadline_at),
-        last_event_sequence=value.event_seq,
-    )
-    if value.params:
-        fill(getattr(result, PARAMS_FIELD[value.strategy]), value.params)
-    return result
-
-
-def fill(message: Message, stored: dict[str, Any]) -> None:
-    """Set every field of ``message`` that ``stored`` names; other keys are skipped.
-
-    ``None`` leaves a field unset (an absent ``optional``); a Duration is stored as
-    seconds; enums are stored by their name without the prefix.
-    """
-    for field in message.DESCRIPTOR.fields:
-        value = stored.get(field.name)
-        if value is None:
-            continue
-        if field.message_type is not None and field.message_type.full_name == (
-            "google.protobuf.Duration"
-        ):
-            getattr(message, field.name).FromNanoseconds(round(float(value) * 1e9))
-        elif field.type == FieldDescriptor.TYPE_ENUM and field.enum_type is not None:
-            enum = _PARAM_ENUMS[field.enum_type.name]
-            setattr(message, field.name, to_proto(value, enum))
-        elif field.is_repeated:
-            getattr(message, field.name).extend(value)
-        else:
-            setattr(message, field.name, value)
-
-
-def event(value: GenerationEvent) -> pb.GenerationEvent:
-    """The GenerationEvent message."""
-    result = pb.GenerationEvent(
-        generation_id=value.generation_id,
-        sequence=value.sequence,
-        event_time=timestamp(value.time),
-        kind=to_proto(value.kind, EventKind),
-        terminal=value.terminal,
-        prediction_counts=counts(value.counts),
-        note=value.note,
-    )
-    if value.generation is not None:
-        result.generation.CopyFrom(generation(value.generation))
-        # As Get would show it right after this change (a CHANGED event carries no
-        # predictions to count).
-        result.generation.prediction_counts.CopyFrom(result.prediction_counts)
-        result.generation.last_event_sequence = value.sequence
-    elif value.prediction is not None:
-        result.prediction.CopyFrom(prediction(value.prediction))
-    elif value.task is not None:
-        result.task.CopyFrom(task(value.task))
-    elif value.attempt is not None:
-        result.attempt.CopyFrom(attempt(value.attempt))
-    return result
-
-
-def watch_item(item: GenerationEvent | Heartbeat) -> service_pb2.WatchGenerationResponse:
+def watch_item(item: GenerationEvent | Heartbeat) -> pb.WatchGenerationResponse:
     """One message of a WatchGeneration stream."""
     if isinstance(item, Heartbeat):
-        return service_pb2.WatchGenerationResponse(
-            heartbeat=service_pb2.Heartbeat(send_time=timestamp(item.time))
-        )
-    return service_pb2.WatchGenerationResponse(event=event(item))
+        return pb.WatchGenerationResponse(heartbeat=pb.Heartbeat(send_time=timestamp(item.time)))
+    wire = item.wire
+    if not isinstance(wire, pb.WatchGenerationResponse):
+        wire = item.wire = pb.WatchGenerationResponse(event=_wire_event(item))
+    return wire
 
 
-def feature_name(strategy: Strategy) -> str:
-    """The proto name of a strategy, as UNIMPLEMENTED errors name features."""
-    return proto_name(Strategy, strategy)
+def watch_many_item(item: GenerationEvent | Heartbeat) -> pb.WatchGenerationsResponse:
+    """One message of a WatchGenerations stream."""
+    if isinstance(item, Heartbeat):
+        beat = pb.Heartbeat(send_time=timestamp(item.time), cursor=item.cursor)
+        return pb.WatchGenerationsResponse(heartbeat=beat)
+    return pb.WatchGenerationsResponse(event=watch_item(item).event)

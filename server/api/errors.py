@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from server.api.context import current_request_id
+from server.api.context import REQUEST_ID_HEADER, current_request_id
 from server.domain import errors
 from server.domain.model import ERROR_DOMAIN
 
@@ -95,7 +95,10 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
     await context.abort(
         code,
         status.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+        trailing_metadata=(
+            ("grpc-status-details-bin", status.SerializeToString()),
+            (REQUEST_ID_HEADER, current_request_id()),
+        ),
     )
     raise AssertionError("context.abort returned")  # pragma: no cover
 

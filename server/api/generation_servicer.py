@@ -12,8 +12,9 @@ from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2_grpc as pb_grpc
 from server.api import convert, requests
 from server.api.context import current_organization
-from server.api.enums import to_proto
 from server.api.errors import streaming, unary
+from server.contract import encode
+from server.contract.enums import to_proto
 from server.domain.enums import GenerationType, Strategy, TaskType
 from server.orchestration.service import Capabilities, GenerationService
 from server.orchestration.watch import Watcher
@@ -43,7 +44,7 @@ def _create_rpc(strategy: Strategy, response: type[Any], decode: Any) -> Any:
             requests.create_options(request),
             decode(request.params) if decode is not None else request.params,
         )
-        return response(generation=convert.generation(generation))
+        return response(generation=encode.generation(generation))
 
     create.__name__ = CREATE_METHODS[strategy]
     create.__doc__ = f"Create a {strategy.value} generation."
@@ -83,7 +84,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.GetGenerationResponse:
         """Read one generation with its predictions and tasks."""
         generation = await self._service.get(current_organization(), request.generation_id)
-        return pb.GetGenerationResponse(generation=convert.generation(generation))
+        return pb.GetGenerationResponse(generation=encode.generation(generation))
 
     @unary
     async def ListGenerations(
@@ -97,7 +98,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             request.page_token,
         )
         return pb.ListGenerationsResponse(
-            generations=[convert.generation(g) for g in page.items],
+            generations=[encode.generation(g) for g in page.items],
             next_page_token=page.next_page_token,
         )
 
@@ -107,7 +108,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.CancelGenerationResponse:
         """Cancel a generation; a finished one is returned unchanged."""
         generation = await self._service.cancel(current_organization(), request.generation_id)
-        return pb.CancelGenerationResponse(generation=convert.generation(generation))
+        return pb.CancelGenerationResponse(generation=encode.generation(generation))
 
     @streaming
     async def WatchGeneration(
@@ -120,6 +121,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async with contextlib.aclosing(items):
             async for item in items:
                 yield convert.watch_item(item)
+
+    @streaming
+    async def WatchGenerations(
+        self, request: pb.WatchGenerationsRequest, context: Context
+    ) -> AsyncGenerator[pb.WatchGenerationsResponse, None]:
+        """Stream the organization's events that match a filter, from a cursor."""
+        flt, after = requests.watch_generations(request)
+        items = self._watcher.watch_organization(current_organization(), flt, after)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                yield convert.watch_many_item(item)
 
     @unary
     async def GetCapabilities(

@@ -14,31 +14,30 @@ import contextlib
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from server.api.auth import Authenticator
-from server.api.context import CallContext, bind, unbind
+from server.api.context import REQUEST_ID_HEADER, CallContext, bind, unbind
 from server.api.errors import abort_with
 from server.domain.errors import UnauthenticatedError
+from server.domain.ids import IdSource
 
 log = logging.getLogger("sartiq.access")
 
-REQUEST_ID_HEADER = "x-request-id"
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Behavior = Callable[[Any, Context], Any]
 
 
-def _request_id(context: Context) -> str:
+def _request_id(context: Context, ids: IdSource) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _VALID_ID.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return ids.hex()
 
 
 class _CallLog:
@@ -48,10 +47,19 @@ class _CallLog:
     call was cancelled (a cancelled call's context may already be torn down).
     """
 
-    def __init__(self, method: str, context: Context, auth: Authenticator | None) -> None:
+    def __init__(
+        self,
+        method: str,
+        context: Context,
+        auth: Authenticator | None,
+        ids: IdSource,
+        *,
+        streaming: bool,
+    ) -> None:
         self.method = method
+        self.streaming = streaming
         self.context = context
-        self.request_id = _request_id(context)
+        self.request_id = _request_id(context, ids)
         self.peer = context.peer()
         self.auth = auth
         self.start = time.perf_counter()
@@ -65,7 +73,14 @@ class _CallLog:
             except UnauthenticatedError as exc:
                 self.problem = exc
         self.token = bind(CallContext(self.request_id, organization))
-        await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        echo = ((REQUEST_ID_HEADER, self.request_id),)
+        if self.streaming:
+            # A stream's client wants it before the stream ends, in the initial metadata.
+            await self.context.send_initial_metadata(echo)
+        else:
+            # A unary answer carries it in its trailing metadata, which travels with the
+            # status: no extra send for the call.
+            self.context.set_trailing_metadata(echo)
         return self
 
     async def admit(self) -> None:
@@ -104,22 +119,26 @@ async def _write_all(items: AsyncGenerator[Any, None], context: Context) -> None
             await context.write(item)
 
 
-def _wrap_unary_response(method: str, behavior: Behavior, auth: Authenticator | None) -> Behavior:
+def _wrap_unary_response(
+    method: str, behavior: Behavior, auth: Authenticator | None, ids: IdSource
+) -> Behavior:
     """Wrap a handler that returns one response (unary-unary, stream-unary)."""
 
     async def wrapped(request: Any, context: Context) -> Any:
-        async with _CallLog(method, context, auth) as call:
+        async with _CallLog(method, context, auth, ids, streaming=False) as call:
             await call.admit()
             return await behavior(request, context)
 
     return wrapped
 
 
-def _wrap_stream_response(method: str, behavior: Behavior, auth: Authenticator | None) -> Behavior:
+def _wrap_stream_response(
+    method: str, behavior: Behavior, auth: Authenticator | None, ids: IdSource
+) -> Behavior:
     """Wrap a handler that streams responses, as a coroutine that writes them itself."""
 
     async def wrapped(request: Any, context: Context) -> None:
-        async with _CallLog(method, context, auth) as call:
+        async with _CallLog(method, context, auth, ids, streaming=True) as call:
             await call.admit()
             result = behavior(request, context)
             if isinstance(result, AsyncGenerator):
@@ -140,6 +159,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, auth: Authenticator, *, open_services: frozenset[str]) -> None:
         self._auth = auth
         self._open = open_services
+        self._ids = IdSource()
 
     async def intercept_service(
         self,
@@ -158,13 +178,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            wrapped = _wrap_unary_response(method, handler.unary_unary, auth)
+            wrapped = _wrap_unary_response(method, handler.unary_unary, auth, self._ids)
             return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
         if handler.unary_stream is not None:
-            wrapped = _wrap_stream_response(method, handler.unary_stream, auth)
+            wrapped = _wrap_stream_response(method, handler.unary_stream, auth, self._ids)
             return grpc.unary_stream_rpc_method_handler(wrapped, **codec)
         if handler.stream_unary is not None:
-            wrapped = _wrap_unary_response(method, handler.stream_unary, auth)
+            wrapped = _wrap_unary_response(method, handler.stream_unary, auth, self._ids)
             return grpc.stream_unary_rpc_method_handler(wrapped, **codec)
-        wrapped = _wrap_stream_response(method, handler.stream_stream, auth)
+        wrapped = _wrap_stream_response(method, handler.stream_stream, auth, self._ids)
         return grpc.stream_stream_rpc_method_handler(wrapped, **codec)

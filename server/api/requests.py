@@ -14,10 +14,11 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
-from server.api.enums import from_proto
+from server.contract.enums import from_proto
 from server.domain.enums import GenerationStatus, GenerationType, Strategy
 from server.domain.errors import Violations
 from server.domain.filters import GenerationFilter
+from server.strategies.common import check_labels
 from server.strategies.inputs import AgenticInput, CreateOptions, GenerateInput
 
 MAX_FILTER_VALUES = 16
@@ -104,6 +105,23 @@ def generate_input(params: resources_pb2.GenerateParams) -> GenerateInput:
     )
 
 
+def watch_generations(
+    request: generation_service_pb2.WatchGenerationsRequest,
+) -> tuple[GenerationFilter, int]:
+    """The filter and cursor of a WatchGenerations call.
+
+    Raises:
+        InvalidArgumentError: a bad filter or cursor, every fault named.
+    """
+    v = Violations()
+    if request.after_cursor < -1:
+        v.add("after_cursor", "must be -1 (from now on) or a cursor, 0 or more")
+    flt = _filter(request.filter, v)
+    check_labels(v, flt.labels, "filter.labels")
+    v.raise_if_any()
+    return flt, request.after_cursor
+
+
 def generation_filter(message: generation_service_pb2.GenerationFilter) -> GenerationFilter:
     """The list filter, every offending value named.
 
@@ -111,6 +129,12 @@ def generation_filter(message: generation_service_pb2.GenerationFilter) -> Gener
         InvalidArgumentError: unknown enum values, too many values, or bad times.
     """
     v = Violations()
+    result = _filter(message, v)
+    v.raise_if_any()
+    return result
+
+
+def _filter(message: generation_service_pb2.GenerationFilter, v: Violations) -> GenerationFilter:
 
     def values(field: str, numbers: Any, kind: type[StrEnum]) -> frozenset[str]:
         if len(numbers) > MAX_FILTER_VALUES:
@@ -130,7 +154,7 @@ def generation_filter(message: generation_service_pb2.GenerationFilter) -> Gener
         after = timestamp_value(message.create_time_after, "filter.create_time_after", v)
     if message.HasField("create_time_before"):
         before = timestamp_value(message.create_time_before, "filter.create_time_before", v)
-    result = GenerationFilter(
+    return GenerationFilter(
         statuses=values("statuses", message.statuses, GenerationStatus),
         strategies=values("strategies", message.strategies, Strategy),
         types=values("types", message.types, GenerationType),
@@ -138,5 +162,3 @@ def generation_filter(message: generation_service_pb2.GenerationFilter) -> Gener
         created_after=after,
         created_before=before,
     )
-    v.raise_if_any()
-    return result

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from server.config import MediaSettings
 from server.domain import model
 from server.domain.errors import InvalidArgumentError, NotFoundError, Violations
+from server.domain.model import Artifact
+from server.domain.recorder import utcnow
 from server.media.artifacts import FileArtifactStore, Upload
 from server.media.images import InvalidImageError, probe_image
-from server.store import mapping, repository
-from server.store.models import Artifact, utcnow
-from server.store.uow import Store
+from server.store import mapping, repository, rows
+from server.store.sessions import Store
+from server.store.writer import Writer
 
 CHUNK_BYTES = 1024 * 1024
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -31,8 +33,11 @@ class UploadHeader:
 class ArtifactService:
     """Content-addressed artifacts: bytes are shared, visibility is per organization."""
 
-    def __init__(self, store: Store, files: FileArtifactStore, *, media: MediaSettings) -> None:
+    def __init__(
+        self, store: Store, writer: Writer, files: FileArtifactStore, *, media: MediaSettings
+    ) -> None:
         self._store = store
+        self._writer = writer
         self._files = files
         self._media = media
 
@@ -76,23 +81,17 @@ class ArtifactService:
         except BaseException:
             await asyncio.to_thread(upload.discard)
             raise
-        async with self._store.write() as uow:
-            row = await repository.ensure_artifact(
-                uow.session,
-                blob.sha256,
-                lambda: Artifact(
-                    sha256=blob.sha256,
-                    mime_type=info.mime_type,
-                    size_bytes=blob.size_bytes,
-                    width=info.width,
-                    height=info.height,
-                    frame_count=0,
-                    uri=blob.uri,
-                    created_at=utcnow(),
-                ),
-            )
-            await repository.own_artifact(uow.session, org, blob.sha256)
-            return mapping.artifact(row)
+        artifact = Artifact(
+            sha256=blob.sha256,
+            mime_type=info.mime_type,
+            size_bytes=blob.size_bytes,
+            width=info.width,
+            height=info.height,
+            uri=blob.uri,
+            created_at=utcnow(),
+        )
+        await self._writer.write(rows.upload_ops(org, artifact))
+        return await self.get(org, blob.sha256)  # as first stored, if it was already
 
     @staticmethod
     async def _receive(upload: Upload, chunks: AsyncIterator[bytes], limit: int) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import re
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,11 +16,12 @@ from server.domain import model
 from server.domain.enums import CatalogKind
 from server.domain.errors import NotFoundError, Violations
 from server.domain.paging import Cursor, paginate, query_key
-from server.media.artifacts import FileArtifactStore, StoredBlob
+from server.domain.recorder import utcnow
+from server.media.artifacts import FileArtifactStore
 from server.media.images import InvalidImageError, probe_image
-from server.store import mapping, repository
-from server.store.models import Artifact, CatalogEntity, CatalogReferenceImage, utcnow
-from server.store.uow import Store
+from server.store import mapping, repository, rows
+from server.store.sessions import Store
+from server.store.writer import Writer
 
 MAX_REFERENCE_IMAGES = 8
 DEFAULT_PAGE_SIZE = 50
@@ -60,15 +62,25 @@ class _Image:
     mime_type: str
     width: int
     height: int
+    uri: str
 
 
 class CatalogService:
     """Every catalog use case, scoped to the caller's organization."""
 
-    def __init__(self, store: Store, artifacts: FileArtifactStore, *, media: MediaSettings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        writer: Writer,
+        artifacts: FileArtifactStore,
+        *,
+        media: MediaSettings,
+    ) -> None:
         self._store = store
+        self._writer = writer
         self._artifacts = artifacts
         self._media = media
+        self._cache = _EntityCache()
 
     async def create(self, org: str, kind: CatalogKind, entity: EntityInput) -> model.CatalogEntity:
         """Validate and store a new entity with its reference images.
@@ -113,7 +125,8 @@ class CatalogService:
                     v.add(f"{path}.data", str(exc))
                     continue
                 sha = await asyncio.to_thread(_sha256, image.data)
-                images.append(_Image(sha, image.data, info.mime_type, info.width, info.height))
+                uri = self._artifacts.path_for(sha, info.mime_type).as_uri()
+                images.append(_Image(sha, image.data, info.mime_type, info.width, info.height, uri))
                 continue
             match = _ARTIFACT_URI.fullmatch(image.artifact)
             if match is None:
@@ -128,42 +141,67 @@ class CatalogService:
                 v.add(f"{path}.artifact", f"must be an image, not {artifact.mime_type}")
                 continue
             images.append(
-                _Image(artifact.sha256, None, artifact.mime_type, artifact.width, artifact.height)
+                _Image(
+                    artifact.sha256,
+                    None,
+                    artifact.mime_type,
+                    artifact.width,
+                    artifact.height,
+                    artifact.uri,
+                )
             )
         return images
 
     async def _insert(
         self, org: str, kind: CatalogKind, name: str, entity: EntityInput, images: list[_Image]
     ) -> model.CatalogEntity:
-        blobs = {
-            image.sha256: await self._artifacts.put(image.data, image.mime_type)
-            for image in images
-            if image.data is not None
-        }
-        async with self._store.write() as uow:
-            row = CatalogEntity(
-                id=str(uuid.uuid4()),
-                organization=org,
-                kind=kind.value,
-                name=name,
-                description=entity.description,
-                lora_uri=entity.lora.uri if entity.lora else "",
-                lora_default_weight=entity.lora.default_weight if entity.lora else None,
-                created_at=utcnow(),
-                reference_images=[],
-            )
-            for position, image in enumerate(images):
-                artifact = await repository.ensure_artifact(
-                    uow.session, image.sha256, functools.partial(_new_artifact, image, blobs)
+        stored: dict[str, model.Artifact] = {}
+        now = utcnow()
+        for image in images:
+            if image.data is not None and image.sha256 not in stored:
+                blob = await self._artifacts.put(image.data, image.mime_type)
+                stored[image.sha256] = model.Artifact(
+                    sha256=blob.sha256,
+                    mime_type=image.mime_type,
+                    size_bytes=blob.size_bytes,
+                    width=image.width,
+                    height=image.height,
+                    uri=blob.uri,
+                    created_at=now,
                 )
-                await repository.own_artifact(uow.session, org, artifact.sha256)
-                row.reference_images.append(
-                    CatalogReferenceImage(
-                        position=position, artifact_sha256=artifact.sha256, artifact=artifact
-                    )
+        created = model.CatalogEntity(
+            id=str(uuid.uuid4()),
+            organization=org,
+            kind=kind.value,
+            name=name,
+            description=entity.description,
+            created_at=now,
+            reference_images=[
+                model.ReferenceImage(
+                    image.sha256, image.mime_type, image.width, image.height, image.uri
                 )
-            uow.session.add(row)
-            return mapping.catalog_entity(row)
+                for image in images
+            ],
+            lora_uri=entity.lora.uri if entity.lora else "",
+            lora_default_weight=entity.lora.default_weight if entity.lora else None,
+        )
+        await self._writer.write(rows.catalog_ops(created, list(stored.values())))
+        self._cache.put(created)
+        return created
+
+    async def entity(
+        self, org: str, kind: CatalogKind, entity_id: str
+    ) -> model.CatalogEntity | None:
+        """The entity, or None; served from a cache a delete here invalidates."""
+        cached = self._cache.get(org, kind, entity_id)
+        if cached is not None:
+            return cached
+        async with self._store.read() as session:
+            row = await repository.get_entity(session, org, kind, entity_id)
+            found = None if row is None else mapping.catalog_entity(row)
+        if found is not None:
+            self._cache.put(found)
+        return found
 
     async def get(self, org: str, kind: CatalogKind, entity_id: str) -> model.CatalogEntity:
         """One entity.
@@ -171,11 +209,10 @@ class CatalogService:
         Raises:
             NotFoundError: unknown id, or another organization's.
         """
-        async with self._store.read() as session:
-            row = await repository.get_entity(session, org, kind, entity_id)
-            if row is None:
-                raise _not_found(kind, entity_id)
-            return mapping.catalog_entity(row)
+        found = await self.entity(org, kind, entity_id)
+        if found is None:
+            raise _not_found(kind, entity_id)
+        return found
 
     async def list(
         self, org: str, kind: CatalogKind, page_size: int, page_token: str
@@ -202,29 +239,48 @@ class CatalogService:
         Raises:
             NotFoundError: unknown id, or another organization's.
         """
-        async with self._store.write() as uow:
-            row = await repository.get_entity(uow.session, org, kind, entity_id)
-            if row is None:
-                raise _not_found(kind, entity_id)
-            await uow.session.delete(row)
+        if await self.entity(org, kind, entity_id) is None:
+            raise _not_found(kind, entity_id)
+        self._cache.forget(entity_id)
+        await self._writer.write([rows.delete_entity_op(entity_id)])
+
+
+class _EntityCache:
+    """Recently used entities by id; a delete here forgets one at once, the rest expire.
+
+    Expiry bounds how long another process's delete can go unseen.
+    """
+
+    def __init__(self, *, size: int = 10_000, ttl: float = 30.0) -> None:
+        self._items: OrderedDict[str, tuple[float, model.CatalogEntity]] = OrderedDict()
+        self._size = size
+        self._ttl = ttl
+
+    def get(self, org: str, kind: CatalogKind, entity_id: str) -> model.CatalogEntity | None:
+        item = self._items.get(entity_id)
+        if item is None:
+            return None
+        loaded, entity = item
+        if time.monotonic() - loaded > self._ttl:
+            del self._items[entity_id]
+            return None
+        if entity.organization != org or entity.kind != kind.value:
+            return None
+        self._items.move_to_end(entity_id)
+        return entity
+
+    def put(self, entity: model.CatalogEntity) -> None:
+        self._items[entity.id] = (time.monotonic(), entity)
+        self._items.move_to_end(entity.id)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def forget(self, entity_id: str) -> None:
+        self._items.pop(entity_id, None)
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _new_artifact(image: _Image, blobs: dict[str, StoredBlob]) -> Artifact:
-    # Only inline images can be missing from the store: references were checked.
-    blob = blobs[image.sha256]
-    return Artifact(
-        sha256=image.sha256,
-        mime_type=image.mime_type,
-        size_bytes=blob.size_bytes,
-        width=image.width,
-        height=image.height,
-        uri=blob.uri,
-        created_at=utcnow(),
-    )
 
 
 def _not_found(kind: CatalogKind, entity_id: str) -> NotFoundError:

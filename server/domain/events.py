@@ -8,11 +8,11 @@ so logs written by a newer release still read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from server.domain.enums import EventKind
+from server.domain.enums import EventKind, GenerationStatus, GenerationType, Strategy
 from server.domain.model import (
     Attempt,
     ComputeTask,
@@ -45,6 +45,18 @@ class GenerationEvent:
     prediction: Prediction | None = None
     task: ComputeTask | None = None
     attempt: Attempt | None = None
+    # What WatchGenerations filters and orders on; stored in columns, not the payload.
+    organization: str = ""
+    status: GenerationStatus | None = None
+    strategy: Strategy | None = None
+    type: GenerationType | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    cursor: int = 0
+    # The event as the contract's message (made once, stored, and shared by every
+    # watcher), and the API's stream message around it.
+    encoded: Any = field(default=None, compare=False, repr=False)
+    wire: Any = field(default=None, compare=False, repr=False)
 
 
 _RESOURCES: tuple[tuple[str, type[Any]], ...] = (

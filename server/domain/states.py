@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import TypeVar
 
+from server.domain.enums import AttemptStatus as A
 from server.domain.enums import GenerationStatus as G
 from server.domain.enums import PredictionStatus as P
 from server.domain.enums import TaskStatus as T
@@ -40,6 +41,15 @@ TASK_TRANSITIONS: Mapping[T, frozenset[T]] = {
     T.CANCELLED: frozenset(),
 }
 
+ATTEMPT_TRANSITIONS: Mapping[A, frozenset[A]] = {
+    A.PENDING: frozenset({A.RUNNING, A.FAILED, A.CANCELLED}),
+    A.RUNNING: frozenset({A.EVALUATING, A.FAILED, A.CANCELLED}),
+    A.EVALUATING: frozenset({A.EVALUATED, A.FAILED, A.CANCELLED}),
+    A.EVALUATED: frozenset(),
+    A.FAILED: frozenset(),
+    A.CANCELLED: frozenset(),
+}
+
 S = TypeVar("S", bound=StrEnum)
 
 
@@ -61,3 +71,4 @@ def check_transition(table: Mapping[S, frozenset[S]], current: S, target: S) -> 
 GENERATION_TERMINAL = frozenset(s for s in G if is_terminal(GENERATION_TRANSITIONS, s))
 PREDICTION_TERMINAL = frozenset(s for s in P if is_terminal(PREDICTION_TRANSITIONS, s))
 TASK_TERMINAL = frozenset(s for s in T if is_terminal(TASK_TRANSITIONS, s))
+ATTEMPT_TERMINAL = frozenset(s for s in A if is_terminal(ATTEMPT_TRANSITIONS, s))

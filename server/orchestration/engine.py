@@ -1,7 +1,10 @@
-"""The orchestration engine: owns one workflow task per live generation, durable across restarts.
+"""The orchestration engine: one workflow task per live generation, durable across restarts.
 
-Everything a workflow needs lives in the database, so on start-up the engine resumes
-every generation that has not reached a terminal state.
+Each live generation's records live in memory, owned by its workflow; every change goes
+through its recorder to the single writer. On start-up the engine claims every generation
+left unfinished and resumes it from what the database holds. Every task it starts is
+kept and, on shutdown, cancelled and awaited (their generations resume at the next
+start); cancels and deadlines stop workflows through their tokens instead.
 """
 
 from __future__ import annotations
@@ -10,129 +13,175 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from datetime import datetime
+from collections import OrderedDict
 
 from server.compute.base import ComputeBackend
-from server.config import OrchestrationSettings
 from server.domain.enums import GenerationStatus
-from server.domain.model import ResourceError
-from server.domain.states import GENERATION_TERMINAL
-from server.media.artifacts import FileArtifactStore
-from server.orchestration.base_flow import BaseWorkflow
-from server.store import repository
-from server.store.models import Generation, utcnow
-from server.store.uow import Store
+from server.domain.model import Generation, ResourceError
+from server.domain.recorder import full_snapshot, utcnow
+from server.orchestration.closing import close
+from server.orchestration.live import LiveGeneration, Stop, Stopped
+from server.orchestration.workflows import WorkflowRegistry
+from server.store import mapping, repository
+from server.store.sessions import Store
+from server.store.writer import Writer
 
 log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Runs, resumes and cancels generations; every task it starts is awaited on shutdown."""
+    """Runs, resumes and stops generations."""
 
     def __init__(
         self,
         store: Store,
+        writer: Writer,
         compute: ComputeBackend,
-        artifacts: FileArtifactStore,
+        workflows: WorkflowRegistry,
         *,
-        settings: OrchestrationSettings,
+        max_running: int,
+        take_over_live_leases: bool,
     ) -> None:
         self._store = store
-        self._settings = settings
-        self._slots = asyncio.Semaphore(settings.max_tasks_in_flight)
-        self._workflow = BaseWorkflow(store, compute, artifacts, self._slots, settings=settings)
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._cancel_requested: set[str] = set()
-        self._started = False
+        self._writer = writer
+        self._compute = compute
+        self._workflows = workflows
+        self._max_running = max_running
+        self._take_over = take_over_live_leases
+        self._live: dict[str, LiveGeneration] = {}
+        # Generations waiting for capacity are data, not tasks: a workflow starts once
+        # fewer than ``max_running`` run (or at once when it must be closed).
+        self._waiting: OrderedDict[str, LiveGeneration] = OrderedDict()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closed = False
 
-    async def start(self) -> None:
-        """Resume every generation left unfinished by an earlier process."""
-        if self._started:
-            return
-        self._started = True
-        async with self._store.read() as session:
-            pending = await repository.non_terminal_generation_ids(session)
-        for generation_id in pending:
-            self.submit(generation_id)
-        if pending:
-            log.info("resumed %d unfinished generations", len(pending))
+    @property
+    def workflows(self) -> WorkflowRegistry:
+        """The workflow of each orchestration type this engine runs."""
+        return self._workflows
+
+    @property
+    def writer(self) -> Writer:
+        """The writer every change of a live generation goes through."""
+        return self._writer
 
     @property
     def in_flight(self) -> int:
-        """How many generations have a live workflow here."""
-        return len(self._running)
+        """How many generations are live here (running or waiting for capacity)."""
+        return len(self._live)
 
-    def submit(self, generation_id: str) -> None:
-        """Run the generation's workflow unless it runs already."""
-        if self._closed or generation_id in self._running:
+    @property
+    def waiting(self) -> int:
+        """How many live generations wait for a workflow to start."""
+        return len(self._waiting)
+
+    async def start(self) -> None:
+        """Claim every unfinished generation this process may run, and resume it."""
+        claimed = await self._writer.claim_unfinished(now=utcnow(), take_over=self._take_over)
+        async with self._store.read() as session:
+            rows = await repository.generations_by_id(session, claimed)
+            generations = [mapping.generation(row) for row in rows]
+        for generation in generations:
+            self.launch(LiveGeneration(generation, self._writer))
+        if generations:
+            log.info("resumed %d unfinished generations", len(generations))
+
+    def launch(self, live: LiveGeneration) -> None:
+        """Take charge of a generation whose records are durable: run it now or queue it."""
+        if self._closed or live.id in self._live:
             return
-        task = asyncio.create_task(self._guarded(generation_id), name=f"generation:{generation_id}")
-        self._running[generation_id] = task
-        task.add_done_callback(lambda _t: self._running.pop(generation_id, None))
+        generation = live.generation
+        self._live[live.id] = live
+        if generation.deadline_at is not None:
+            delay = max((generation.deadline_at - utcnow()).total_seconds(), 0.0)
+            loop = asyncio.get_running_loop()
+            self._timers[live.id] = loop.call_later(delay, live.token.stop, Stop.DEADLINE_EXCEEDED)
+        if generation.status is GenerationStatus.CANCELLING:
+            live.token.stop(Stop.CANCELLED)  # an interrupted cancel: finish it
+        if live.token.stopped or len(self._tasks) < self._max_running:
+            self._start(live)
+        else:
+            self._waiting[live.id] = live
+            live.token.on_stop(lambda: self._promote(live))
 
-    def request_cancel(self, generation_id: str) -> None:
-        """Have the engine record a cancellation the store already marked CANCELLING.
+    def get(self, organization: str, generation_id: str) -> LiveGeneration | None:
+        """The live generation with this id, if this process runs it for ``organization``."""
+        live = self._live.get(generation_id)
+        if live is None or live.generation.organization != organization:
+            return None
+        return live
 
-        A live workflow is stopped and records it; otherwise a workflow is started for
-        it, so the work never depends on the caller's RPC staying connected.
+    async def cancel(self, live: LiveGeneration) -> Generation:
+        """Stop a live generation: CANCELLING now, CANCELLED once compute released it.
+
+        Returns the generation as it stands once the CANCELLING state is durable (or
+        unchanged, if it had finished already).
         """
-        task = self._running.get(generation_id)
-        if task is None:
-            self.submit(generation_id)  # _run finishes a CANCELLING generation
-            return
-        self._cancel_requested.add(generation_id)
-        if not task.cancel():
-            # Already finished: its last transaction saw CANCELLING and settled it.
-            self._cancel_requested.discard(generation_id)
+        generation = live.generation
+        if not generation.done and generation.status is not GenerationStatus.CANCELLING:
+            live.recorder.generation_status(GenerationStatus.CANCELLING)
+        if not generation.done:
+            live.token.stop(Stop.CANCELLED)
+        await live.flush()
+        return full_snapshot(generation)
 
     async def shutdown(self) -> None:
-        """Stop every workflow, leaving its state for the next start to resume; idempotent."""
+        """Stop every workflow, leaving its generation for the next start; idempotent."""
         self._closed = True
-        tasks = list(self._running.values())
+        self._waiting.clear()
+        for timer in self._timers.values():
+            timer.cancel()
+        tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _guarded(self, generation_id: str) -> None:
+    def _start(self, live: LiveGeneration) -> None:
+        task = asyncio.create_task(self._drive(live), name=f"generation:{live.id}")
+        self._tasks[live.id] = task
+
+    def _promote(self, live: LiveGeneration) -> None:
+        """A waiting generation was stopped: start it now so it gets closed."""
+        if self._waiting.pop(live.id, None) is not None and not self._closed:
+            self._start(live)
+
+    def _start_waiting(self) -> None:
+        while self._waiting and len(self._tasks) < self._max_running and not self._closed:
+            _, live = self._waiting.popitem(last=False)
+            self._start(live)
+
+    async def _drive(self, live: LiveGeneration) -> None:
         try:
-            await self._run(generation_id)
+            await self._run(live)
+        finally:
+            timer = self._timers.pop(live.id, None)
+            if timer is not None:
+                timer.cancel()
+            self._live.pop(live.id, None)
+            self._tasks.pop(live.id, None)
+            self._start_waiting()
+
+    async def _run(self, live: LiveGeneration) -> None:
+        reason: Stop | ResourceError
+        try:
+            live.token.check()
+            await self._workflows.get(live.generation.type).run(live)
+            return
+        except Stopped as stopped:
+            reason = stopped.reason
         except asyncio.CancelledError:
-            if generation_id not in self._cancel_requested:
-                raise  # shutdown: leave the generation for the next start
-            # Not shielded: if shutdown interrupts this, the generation stays CANCELLING
-            # and the next start finishes it.
-            await self._workflow.finish_cancel(generation_id)
+            raise  # shutdown: the generation resumes at the next start
         except Exception:
             correlation_id = uuid.uuid4().hex
             log.exception(
-                "workflow of generation %s failed (correlation id %s)",
-                generation_id,
-                correlation_id,
+                "workflow of generation %s failed (correlation id %s)", live.id, correlation_id
             )
-            await self._workflow.fail(generation_id, ResourceError.internal(correlation_id))
-        finally:
-            self._cancel_requested.discard(generation_id)
-
-    async def _run(self, generation_id: str) -> None:
-        async with self._store.read() as session:
-            generation = await session.get(Generation, generation_id)
-        if generation is None or GenerationStatus(generation.status) in GENERATION_TERMINAL:
-            return
-        if generation.status == GenerationStatus.CANCELLING:
-            await self._workflow.finish_cancel(generation_id)
-            return
-        remaining = _seconds_left(generation.deadline_at)
+            reason = ResourceError.internal(correlation_id)
         try:
-            async with asyncio.timeout(remaining):
-                await self._workflow.run(generation)
-        except TimeoutError:
-            await self._workflow.expire(generation_id)
-
-
-def _seconds_left(expire_at: datetime | None) -> float | None:
-    if expire_at is None:
-        return None
-    return max((expire_at - utcnow()).total_seconds(), 0.0)
+            await close(live, self._compute, reason)
+        except Exception:
+            # Nothing more can be recorded now; the next start resumes the generation.
+            log.exception("closing generation %s failed", live.id)

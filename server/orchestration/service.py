@@ -2,42 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import uuid
+import asyncio
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from datetime import timedelta
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
-
 from server.config import MediaSettings, OrchestrationSettings
-from server.domain.enums import (
-    GenerationStatus,
-    GenerationType,
-    PredictionStatus,
-    Strategy,
-    TaskType,
-)
+from server.domain.enums import GenerationType, Strategy, TaskType
 from server.domain.errors import (
     AlreadyExistsError,
     NotFoundError,
     ResourceExhaustedError,
-    UnimplementedError,
     Violations,
 )
 from server.domain.filters import GenerationFilter
-from server.domain.model import Generation, Orchestration, to_json
+from server.domain.ids import IdSource
+from server.domain.model import Generation
 from server.domain.paging import Cursor, paginate, query_key
-from server.domain.states import GENERATION_TERMINAL
+from server.orchestration.blueprint import build_generation, fingerprint
 from server.orchestration.engine import Engine
+from server.orchestration.live import LiveGeneration
 from server.store import mapping, repository
-from server.store import models as rows
-from server.store.db import AsyncSession
-from server.store.models import utcnow
-from server.store.uow import Store
-from server.strategies.base import TASK_TYPES, FieldLimit, PlannedTask, StrategyRegistry
+from server.store.sessions import Store
+from server.store.writer import DuplicateKeyError
+from server.strategies.base import TASK_TYPES, CatalogLookup, FieldLimit, StrategyRegistry
 from server.strategies.common import check_labels, validate_options
 from server.strategies.inputs import CreateOptions
 
@@ -74,6 +62,7 @@ class GenerationService:
         store: Store,
         engine: Engine,
         strategies: StrategyRegistry,
+        catalog: CatalogLookup,
         *,
         settings: OrchestrationSettings,
         media: MediaSettings,
@@ -82,16 +71,20 @@ class GenerationService:
         self._store = store
         self._engine = engine
         self._strategies = strategies
+        self._catalog = catalog
         self._settings = settings
         self._media = media
         self._compute_backend = compute_backend
+        self._ids = IdSource()
+        # Creates in flight by idempotency key: a concurrent duplicate waits for the first.
+        self._creating: dict[tuple[str, str], asyncio.Future[Generation]] = {}
 
     def capabilities(self) -> Capabilities:
         """The strategies, orchestration types and limits this server runs now."""
         return Capabilities(
             strategies=self._strategies.available(),
             task_types=TASK_TYPES,
-            generation_types=(GenerationType.BASE,),
+            generation_types=self._engine.workflows.types,
             evaluation_providers=(),
             compute_backend=self._compute_backend,
             max_upload_bytes=self._media.max_upload_bytes,
@@ -101,13 +94,13 @@ class GenerationService:
     async def create(
         self, org: str, strategy: Strategy, options: CreateOptions, raw: Any
     ) -> Generation:
-        """Validate, record and start a generation; returns it in PENDING at once.
+        """Validate, record and start a generation; returns it in PENDING once it is durable.
 
         Raises:
             InvalidArgumentError: every offending field, at once.
             NotFoundError: a referenced catalog entity does not exist.
             AlreadyExistsError: the request_id was used for a different request.
-            ResourceExhaustedError: too many generations are queued.
+            ResourceExhaustedError: too many generations are in progress.
             UnimplementedError: the strategy or orchestration type is not available yet.
         """
         handler = self._strategies.get(strategy)
@@ -115,67 +108,79 @@ class GenerationService:
         orchestration = validate_options(options, v)
         params = handler.normalize(raw, v)
         v.raise_if_any()
-        if orchestration.type is GenerationType.AGENTIC:
-            raise UnimplementedError(
-                "AGENTIC orchestration is not available on this server yet; use BASE",
-                feature="GENERATION_TYPE_AGENTIC",
-            )
-        fingerprint = _fingerprint(strategy, options, params)
+        self._engine.workflows.get(orchestration.type)
+        digest = fingerprint(strategy, options, params)
         if options.validate_only:
-            async with self._store.read() as session:
-                planned = await handler.plan(session, org, params)
-            row = _build(org, strategy, options, orchestration, params, planned, fingerprint, "")
-            return mapping.generation(row)
-        try:
-            async with self._store.write() as uow:
-                existing = await self._existing(uow.session, org, options.request_id, fingerprint)
-                if existing is not None:
-                    return existing
-                self._admit()
-                planned = await handler.plan(uow.session, org, params)
-                row = _build(
-                    org,
-                    strategy,
-                    options,
-                    orchestration,
-                    params,
-                    planned,
-                    fingerprint,
-                    str(uuid.uuid4()),
-                )
-                uow.session.add(row)
-                uow.created(row)
-                created = mapping.generation(row)
-        except IntegrityError:
-            # Another create with this request_id committed first (PostgreSQL, several
-            # writers): answer as if this call had come second.
-            async with self._store.read() as session:
-                existing = await self._existing(session, org, options.request_id, fingerprint)
-            if existing is None:
-                raise
-            return existing
-        self._engine.submit(created.id)
-        return created
+            plan = await handler.plan(self._catalog, org, params)
+            return build_generation(
+                self._ids, org, strategy, options, orchestration, params, plan, digest, preview=True
+            )
+        key = (org, options.request_id)
+        if options.request_id:
+            existing = await self._existing(key, digest)
+            if existing is not None:
+                return existing
+        self._admit()
+        plan = await handler.plan(self._catalog, org, params)
+        generation = build_generation(
+            self._ids, org, strategy, options, orchestration, params, plan, digest
+        )
+        return await self._record(key, generation)
 
-    @staticmethod
-    async def _existing(
-        session: AsyncSession, org: str, request_id: str, fingerprint: str
-    ) -> Generation | None:
-        """The generation ``request_id`` created already, or None.
+    async def _record(self, key: tuple[str, str], generation: Generation) -> Generation:
+        """Commit a new generation, then start its workflow; the PENDING snapshot."""
+        live = LiveGeneration(generation, self._engine.writer, new=True)
+        snapshot = live.recorder.created()
+        creating: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
+        creating.add_done_callback(_retrieve)
+        if key[1]:
+            self._creating[key] = creating
+        try:
+            try:
+                await live.flush()
+            except DuplicateKeyError:
+                # Another process committed this request_id first: answer as the second.
+                existing = await self._stored(key, generation.fingerprint)
+                if existing is None:
+                    raise
+                snapshot = existing
+            else:
+                self._engine.launch(live)
+        except BaseException as exc:
+            creating.set_exception(exc)
+            raise
+        finally:
+            if self._creating.get(key) is creating:
+                del self._creating[key]
+        creating.set_result(snapshot)
+        return snapshot
+
+    async def _existing(self, key: tuple[str, str], digest: str) -> Generation | None:
+        """The generation this request_id created (or is creating right now), or None.
 
         Raises:
             AlreadyExistsError: it was created by a different request.
         """
-        if not request_id:
-            return None
-        row = await repository.get_generation_by_request_id(session, org, request_id)
-        if row is None:
-            return None
-        if row.fingerprint != fingerprint:
-            raise AlreadyExistsError(
-                "request_id was used for a different request", request_id=request_id
-            )
-        return mapping.generation(row)
+        creating = self._creating.get(key)
+        if creating is not None:
+            try:
+                first = await asyncio.shield(creating)
+            except Exception:
+                first = None  # the first attempt failed: this one tries afresh
+            if first is not None:
+                return _same_request(first, key[1], digest)
+        return await self._stored(key, digest)
+
+    async def _stored(self, key: tuple[str, str], digest: str) -> Generation | None:
+        org, request_id = key
+        async with self._store.read() as session:
+            found = await repository.request_fingerprint(session, org, request_id)
+            if found is None:
+                return None
+            row = await repository.get_generation(session, org, found[0])
+            if row is None:
+                return None
+            return _same_request(mapping.generation(row), request_id, digest)
 
     def _admit(self) -> None:
         # Every live generation has a workflow in this process's engine, so its count
@@ -187,7 +192,7 @@ class GenerationService:
             )
 
     async def get(self, org: str, generation_id: str) -> Generation:
-        """The generation with its predictions and tasks.
+        """The generation with its predictions and tasks, as committed.
 
         Raises:
             NotFoundError: unknown id, or another organization's.
@@ -224,100 +229,40 @@ class GenerationService:
         return Page(items, token)
 
     async def cancel(self, org: str, generation_id: str) -> Generation:
-        """Ask a generation to stop; a terminal one is returned unchanged.
+        """Ask a generation to stop; a finished one is returned unchanged.
 
         Raises:
             NotFoundError: unknown id, or another organization's.
         """
-        async with self._store.write() as uow:
-            row = await repository.get_generation(uow.session, org, generation_id, for_update=True)
-            if row is None:
-                raise generation_not_found(generation_id)
-            status = GenerationStatus(row.status)
-            if status in GENERATION_TERMINAL or status is GenerationStatus.CANCELLING:
-                return mapping.generation(row)
-            uow.set_generation_status(row, GenerationStatus.CANCELLING)
-            cancelling = mapping.generation(row)
-        self._engine.request_cancel(generation_id)
-        return cancelling
+        live = self._engine.get(org, generation_id)
+        if live is None:
+            stored = await self.get(org, generation_id)
+            if stored.done:
+                return stored
+            # Unfinished but run by no workflow here (its run just ended, or another
+            # process held it): take it over so the cancel is carried out.
+            live = LiveGeneration(stored, self._engine.writer)
+            self._engine.launch(live)
+        return await self._engine.cancel(live)
+
+
+def _retrieve(future: asyncio.Future[Generation]) -> None:
+    """Mark a failed create's error as seen: its own caller has it already."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _same_request(generation: Generation, request_id: str, digest: str) -> Generation:
+    if generation.fingerprint != digest:
+        raise AlreadyExistsError(
+            "request_id was used for a different request", request_id=request_id
+        )
+    return generation
 
 
 def generation_not_found(generation_id: str) -> NotFoundError:
     """The error for an unknown (or another tenant's) generation id."""
     return NotFoundError.of("generation", {"generation_id": generation_id})
-
-
-def _build(
-    org: str,
-    strategy: Strategy,
-    options: CreateOptions,
-    orchestration: Orchestration,
-    params: dict[str, Any],
-    planned: list[PlannedTask],
-    fingerprint: str,
-    generation_id: str,
-) -> rows.Generation:
-    """The rows of a new generation; with an empty id, a preview that is never stored."""
-    now = utcnow()
-    generation = rows.Generation(
-        id=generation_id,
-        organization=org,
-        type=orchestration.type.value,
-        strategy=strategy.value,
-        status=GenerationStatus.PENDING.value,
-        request_id=options.request_id or None,
-        fingerprint=fingerprint,
-        params=params,
-        orchestration=to_json(orchestration),
-        created_at=now,
-        deadline_at=now + timedelta(seconds=options.timeout_s) if options.timeout_s else None,
-        event_seq=0,
-        labels=[rows.GenerationLabel(key=k, value=v) for k, v in sorted(options.labels.items())],
-        predictions=[],
-    )
-    for index, plan in enumerate(planned):
-        prediction_id = str(uuid.uuid4()) if generation_id else ""
-        task = rows.Task(
-            id=str(uuid.uuid4()) if generation_id else "",
-            generation_id=generation_id,
-            prediction_id=prediction_id,
-            task_type=plan.task_type.value,
-            status="PENDING",
-            progress=0.0,
-            attempt=1,
-            previous_compute_task_ids=[],
-            attempt_id="",
-            attempt_number=1,
-            step=0,
-            params=plan.params,
-            created_at=now,
-        )
-        generation.predictions.append(
-            rows.Prediction(
-                id=prediction_id,
-                generation_id=generation_id,
-                index=index,
-                seed=plan.seed,
-                status=PredictionStatus.PENDING.value,
-                created_at=now,
-                tasks=[task],
-                artifact=None,
-                shot=None,
-            )
-        )
-    return generation
-
-
-def _fingerprint(strategy: Strategy, options: CreateOptions, params: dict[str, Any]) -> str:
-    body = {
-        "strategy": strategy.value,
-        "params": params,
-        "type": (options.type or GenerationType.BASE).value,
-        "agentic": asdict(options.agentic) if options.agentic else None,
-        "labels": options.labels,
-        "timeout": options.timeout_s,
-    }
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _filter_key(flt: GenerationFilter) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event, make_url
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
@@ -38,24 +38,39 @@ def create_engine(
     """
     engine = create_async_engine(settings.url, echo=settings.echo, **options)
     if is_sqlite(settings.url):
-        busy = int(settings.busy_timeout_ms)
-        keys = "ON" if foreign_keys else "OFF"
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _setup(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # autocommit at the driver; we say BEGIN
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute(f"PRAGMA busy_timeout={busy}")
-            cursor.execute(f"PRAGMA foreign_keys={keys}")
-            cursor.close()
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN")
-
+        _set_up_sqlite(engine.sync_engine, settings, foreign_keys=foreign_keys)
     return engine
+
+
+def sqlite_path(url: str) -> str:
+    """The file an SQLite URL names.
+
+    Raises:
+        ValueError: the URL names no file (an in-memory database).
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        raise ValueError("an SQLite database in a file is required")
+    return database
+
+
+def _set_up_sqlite(engine: Engine, settings: DatabaseSettings, *, foreign_keys: bool) -> None:
+    busy = int(settings.busy_timeout_ms)
+    keys = "ON" if foreign_keys else "OFF"
+
+    @event.listens_for(engine, "connect")
+    def _setup(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # autocommit at the driver; we say BEGIN
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={busy}")
+        cursor.execute(f"PRAGMA foreign_keys={keys}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

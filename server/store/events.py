@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 from server.domain.events import GenerationEvent
@@ -20,9 +20,13 @@ class BusClosedError(Exception):
 class Subscription:
     """A bounded buffer of live events for one watcher of one generation."""
 
-    def __init__(self, bus: EventBus, generation_id: str, maxsize: int) -> None:
+    def __init__(
+        self, bus: EventBus, generation_id: str, maxsize: int, *, organization: bool = False
+    ) -> None:
         self._bus = bus
+        # The generation followed, or the organization when ``organization`` is set.
         self.generation_id = generation_id
+        self.organization = organization
         self._items: deque[GenerationEvent] = deque()
         self._maxsize = maxsize
         self._wakeup = asyncio.Event()
@@ -69,24 +73,62 @@ class Subscription:
         self._wakeup.set()
 
 
-class EventBus:
-    """Fans committed events out to the subscribers of their generation.
+class RecentLogs:
+    """Whole event logs of the generations that changed last, to replay without a query.
 
-    It never blocks a publisher: a subscriber whose buffer is full is flagged as lagged
-    and resumes from the event store.
+    A log is kept only while it is complete from sequence 1; one that grows past
+    ``max_events`` is dropped (its watchers read the store), and the least recently
+    changed go first once ``max_generations`` are kept.
     """
 
-    def __init__(self, buffer_size: int = 256) -> None:
+    def __init__(self, *, max_generations: int = 2000, max_events: int = 200) -> None:
+        self._logs: OrderedDict[str, list[GenerationEvent]] = OrderedDict()
+        self._max_generations = max_generations
+        self._max_events = max_events
+
+    def record(self, event: GenerationEvent) -> None:
+        """Append a committed event to its generation's log, or start one at sequence 1."""
+        log = self._logs.get(event.generation_id)
+        if event.sequence == 1:
+            self._logs[event.generation_id] = [event]
+        elif log is not None and log[-1].sequence == event.sequence - 1:
+            if len(log) >= self._max_events:
+                del self._logs[event.generation_id]
+                return
+            log.append(event)
+            self._logs.move_to_end(event.generation_id)
+        else:
+            self._logs.pop(event.generation_id, None)
+            return
+        while len(self._logs) > self._max_generations:
+            self._logs.popitem(last=False)
+
+    def get(self, generation_id: str) -> list[GenerationEvent] | None:
+        """The whole log of ``generation_id`` if it is kept, else None."""
+        return self._logs.get(generation_id)
+
+
+class EventBus:
+    """Fans committed events out to the subscribers of their generation or organization.
+
+    It never blocks a publisher: a subscriber whose buffer is full is flagged as lagged
+    and resumes from the event store. It also keeps the recent logs watchers replay.
+    """
+
+    def __init__(self, buffer_size: int = 256, *, recent: RecentLogs | None = None) -> None:
         self._buffer_size = buffer_size
         self._subscribers: dict[str, set[Subscription]] = {}
+        self._organizations: dict[str, set[Subscription]] = {}
+        self.recent = recent or RecentLogs()
         self.closed = False
 
     def close(self) -> None:
         """Wake every subscriber with BusClosedError, now and for later subscriptions."""
         self.closed = True
-        for subs in self._subscribers.values():
-            for sub in subs:
-                sub.shut()
+        for group in (self._subscribers, self._organizations):
+            for subs in group.values():
+                for sub in subs:
+                    sub.shut()
 
     def subscribe(self, generation_id: str) -> Subscription:
         """Start buffering the live events of ``generation_id``."""
@@ -94,18 +136,28 @@ class EventBus:
         self._subscribers.setdefault(generation_id, set()).add(sub)
         return sub
 
+    def subscribe_organization(self, organization: str) -> Subscription:
+        """Start buffering the live events of every generation of ``organization``."""
+        sub = Subscription(self, organization, self._buffer_size, organization=True)
+        self._organizations.setdefault(organization, set()).add(sub)
+        return sub
+
     def unsubscribe(self, sub: Subscription) -> None:
         """Forget ``sub``; idempotent."""
-        subs = self._subscribers.get(sub.generation_id)
+        group = self._organizations if sub.organization else self._subscribers
+        subs = group.get(sub.generation_id)
         if subs is not None:
             subs.discard(sub)
             if not subs:
-                del self._subscribers[sub.generation_id]
+                del group[sub.generation_id]
 
     def publish(self, events: Iterable[GenerationEvent]) -> None:
-        """Deliver committed events to every subscriber of their generation."""
+        """Deliver committed events to every subscriber of their generation and org."""
         for event in events:
+            self.recent.record(event)
             for sub in self._subscribers.get(event.generation_id, ()):
+                sub.push(event)
+            for sub in self._organizations.get(event.organization, ()):
                 sub.push(event)
 
     def subscriber_count(self, generation_id: str) -> int:

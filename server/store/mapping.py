@@ -68,6 +68,7 @@ def task(row: rows.Task) -> model.ComputeTask:
         compute_task_id=row.compute_task_id or "",
         previous_compute_task_ids=list(row.previous_compute_task_ids),
         attempt_id=row.attempt_id,
+        attempt_number=row.attempt_number,
         step=row.step,
         error=error(row.error),
         started_at=row.started_at,

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -154,6 +155,10 @@ class Generation(Base):
     finished_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # Which process runs the live generation, and until when its claim holds unless
+    # renewed; unset once the generation is terminal.
+    owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
     # Loaded only where a response needs them (repository.WITH_LABELS).
     labels: Mapped[list[GenerationLabel]] = relationship(
         cascade="all, delete-orphan", lazy="raise", order_by="GenerationLabel.key"
@@ -299,9 +304,14 @@ class Refine(Base):
 
 
 class GenerationEvent(Base):
-    """Append-only log of a generation's state changes, gap-free per generation."""
+    """Append-only log of a generation's state changes, gap-free per generation.
+
+    ``cursor`` orders the events of all generations as they were committed, for
+    WatchGenerations; the other copied columns are what its filters match.
+    """
 
     __tablename__ = "generation_events"
+    __table_args__ = (Index("ix_generation_events_org_cursor", "organization", "cursor"),)
 
     # (generation, sequence) is the key: no surrogate id, so a transaction's events
     # go to the database as one batched insert.
@@ -312,4 +322,12 @@ class GenerationEvent(Base):
     time: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))
     terminal: Mapped[bool] = mapped_column(Boolean, default=False)
-    payload: Mapped[dict[str, Any]]
+    # The event as the contract's GenerationEvent message; events written before it
+    # was stored this way have their payload as JSON instead (server.domain.events).
+    payload: Mapped[dict[str, Any] | None]
+    payload_proto: Mapped[bytes | None] = mapped_column(LargeBinary)
+    organization: Mapped[str] = mapped_column(String(128), server_default=text("''"))
+    cursor: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    generation_status: Mapped[str] = mapped_column(String(32), server_default=text("''"))
+    strategy: Mapped[str] = mapped_column(String(32), server_default=text("''"))
+    type: Mapped[str] = mapped_column(String(16), server_default=text("''"))

@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute, selectinload
 
+from server.contract import encode as contract
 from server.domain import events
-from server.domain.enums import CatalogKind
+from server.domain.enums import CatalogKind, GenerationStatus, GenerationType, Strategy
 from server.domain.filters import GenerationFilter
 from server.domain.paging import Cursor
-from server.domain.states import GENERATION_TERMINAL
 from server.store.models import (
     Artifact,
     ArtifactOwner,
     CatalogEntity,
     Generation,
-    GenerationEvent,
     GenerationLabel,
-    utcnow,
 )
+from server.store.rows import EVENTS, GENERATIONS, LABELS
 
 WITH_LABELS = selectinload(Generation.labels)
 
@@ -50,21 +48,33 @@ async def generation_position(
     session: AsyncSession, org: str, generation_id: str
 ) -> tuple[str, int] | None:
     """The generation's status and last event sequence, without loading its tree."""
-    stmt = select(Generation.status, Generation.event_seq).where(
-        Generation.id == generation_id, Generation.organization == org
+    stmt = select(GENERATIONS.c.status, GENERATIONS.c.event_seq).where(
+        GENERATIONS.c.id == generation_id, GENERATIONS.c.organization == org
     )
     row = (await session.execute(stmt)).one_or_none()
     return None if row is None else (row.status, row.event_seq)
 
 
-async def lock_generation(session: AsyncSession, generation_id: str) -> Generation | None:
-    """Load a generation for an internal change, locking its row until the transaction ends.
+async def request_fingerprint(
+    session: AsyncSession, org: str, request_id: str
+) -> tuple[str, str] | None:
+    """The (id, fingerprint) of the generation an idempotency key created, or None."""
+    stmt = select(GENERATIONS.c.id, GENERATIONS.c.fingerprint).where(
+        GENERATIONS.c.organization == org, GENERATIONS.c.request_id == request_id
+    )
+    row = (await session.execute(stmt)).one_or_none()
+    return None if row is None else (row.id, row.fingerprint)
 
-    The lock serialises writers of one generation on PostgreSQL, keeping event
-    sequences gap-free; SQLite has a single writer already and ignores it.
-    """
-    stmt = select(Generation).where(Generation.id == generation_id).with_for_update(of=Generation)
-    return (await session.execute(stmt)).unique().scalar_one_or_none()
+
+async def generations_by_id(session: AsyncSession, ids: Sequence[str]) -> Sequence[Generation]:
+    """Whole generation trees (labels included) for ``ids``, in that order."""
+    found: dict[str, Generation] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        stmt = select(Generation).where(Generation.id.in_(chunk)).options(WITH_LABELS)
+        for row in (await session.execute(stmt)).unique().scalars():
+            found[row.id] = row
+    return [found[i] for i in ids if i in found]
 
 
 async def get_generation_by_request_id(
@@ -112,46 +122,75 @@ async def list_generations(
     return (await session.execute(stmt)).unique().scalars().all()
 
 
-async def non_terminal_generation_ids(session: AsyncSession) -> list[str]:
-    """Every generation that has not reached a terminal state, oldest first."""
-    terminal = [s.value for s in GENERATION_TERMINAL]
-    stmt = (
-        select(Generation.id)
-        .where(Generation.status.not_in(terminal))
-        .order_by(Generation.created_at, Generation.id)
-    )
-    return list((await session.execute(stmt)).scalars().all())
-
-
 async def events_after(
     session: AsyncSession, generation_id: str, after: int, limit: int
 ) -> list[events.GenerationEvent]:
     """Stored events of a generation with sequence > ``after``, in order."""
     stmt = (
-        select(GenerationEvent)
-        .where(GenerationEvent.generation_id == generation_id, GenerationEvent.sequence > after)
-        .order_by(GenerationEvent.sequence)
+        select(EVENTS)
+        .where(EVENTS.c.generation_id == generation_id, EVENTS.c.sequence > after)
+        .order_by(EVENTS.c.sequence)
         .limit(limit)
     )
-    rows = (await session.execute(stmt)).scalars().all()
-    return [
-        events.decode(r.generation_id, r.sequence, r.time, r.kind, r.terminal, r.payload)
-        for r in rows
-    ]
+    return [_event(row) for row in await session.execute(stmt)]
 
 
-async def ensure_artifact(
-    session: AsyncSession, sha256: str, make: Callable[[], Artifact]
-) -> Artifact:
-    """The stored artifact with this digest, adding the one ``make`` builds if there is none.
+def _event(row: Any) -> events.GenerationEvent:
+    if row.payload_proto is not None:
+        event = contract.decode_event(row.payload_proto)
+    else:  # written before events were stored as the contract's message
+        event = events.decode(
+            row.generation_id, row.sequence, row.time, row.kind, row.terminal, row.payload
+        )
+    event.organization = row.organization
+    event.cursor = row.cursor
+    event.status = GenerationStatus(row.generation_status) if row.generation_status else None
+    event.strategy = Strategy(row.strategy) if row.strategy else None
+    event.type = GenerationType(row.type) if row.type else None
+    return event
 
-    Content addressing: the first record of a digest (and its recipe) is the one kept.
+
+async def organization_events_after(
+    session: AsyncSession, org: str, flt: GenerationFilter, after: int, limit: int
+) -> tuple[list[events.GenerationEvent], int]:
+    """Stored events of ``org`` with cursor > ``after`` that match ``flt``, in cursor order.
+
+    Also returns the cursor scanned up to, so a caller whose filter matched nothing can
+    still move on.
     """
-    artifact = await session.get(Artifact, sha256)
-    if artifact is None:
-        artifact = make()
-        session.add(artifact)
-    return artifact
+    stmt = select(EVENTS).where(EVENTS.c.organization == org, EVENTS.c.cursor > after)
+    if flt.statuses:
+        stmt = stmt.where(EVENTS.c.generation_status.in_(flt.statuses))
+    if flt.strategies:
+        stmt = stmt.where(EVENTS.c.strategy.in_(flt.strategies))
+    if flt.types:
+        stmt = stmt.where(EVENTS.c.type.in_(flt.types))
+    for key, value in sorted(flt.labels.items()):
+        stmt = stmt.where(
+            exists().where(
+                LABELS.c.generation_id == EVENTS.c.generation_id,
+                LABELS.c.key == key,
+                LABELS.c.value == value,
+            )
+        )
+    if flt.created_after is not None or flt.created_before is not None:
+        created = select(GENERATIONS.c.id).where(GENERATIONS.c.id == EVENTS.c.generation_id)
+        if flt.created_after is not None:
+            created = created.where(GENERATIONS.c.created_at >= flt.created_after)
+        if flt.created_before is not None:
+            created = created.where(GENERATIONS.c.created_at < flt.created_before)
+        stmt = stmt.where(exists(created))
+    stmt = stmt.order_by(EVENTS.c.cursor).limit(limit)
+    found = [_event(row) for row in await session.execute(stmt)]
+    if len(found) == limit:
+        return found, found[-1].cursor
+    return found, max(await latest_cursor(session, org), after)
+
+
+async def latest_cursor(session: AsyncSession, org: str) -> int:
+    """The cursor of the organization's newest stored event (0 when it has none)."""
+    top = select(func.max(EVENTS.c.cursor)).where(EVENTS.c.organization == org)
+    return int((await session.execute(top)).scalar() or 0)
 
 
 async def get_artifact(session: AsyncSession, sha256: str) -> Artifact | None:
@@ -173,29 +212,6 @@ async def get_owned_artifact(
     )
     row = (await session.execute(stmt)).one_or_none()
     return None if row is None else (row[0], row[1])
-
-
-async def own_artifact(
-    session: AsyncSession, org: str, sha256: str, recipe: dict[str, Any] | None = None
-) -> None:
-    """Give ``org`` sight of the artifact, with its recipe when it is an output.
-
-    Idempotent, also under concurrent writers; an owner without a recipe (it uploaded
-    the bytes first) gains the recipe of a later output.
-    """
-    await session.flush()  # the artifact row this one refers to goes first
-    values = {"organization": org, "sha256": sha256, "recipe": recipe, "created_at": utcnow()}
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    module: Any = postgresql if dialect == "postgresql" else sqlite
-    stmt = module.insert(ArtifactOwner).values(**values)
-    if recipe is None:
-        stmt = stmt.on_conflict_do_nothing()
-    else:
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[ArtifactOwner.organization, ArtifactOwner.sha256],
-            set_={"recipe": func.coalesce(ArtifactOwner.recipe, stmt.excluded.recipe)},
-        )
-    await session.execute(stmt)
 
 
 async def get_entity(

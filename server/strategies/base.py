@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from server.domain.enums import Strategy, TaskType
+from server.domain.enums import CatalogKind, Strategy, TaskType
 from server.domain.errors import UnimplementedError, Violations
+from server.domain.model import CatalogEntity
 
 # The compute task types each strategy's predictions may run, in chain order.
 TASK_TYPES: dict[Strategy, tuple[TaskType, ...]] = {
@@ -35,27 +34,50 @@ class FieldLimit:
 
 @dataclass(frozen=True, slots=True)
 class PlannedTask:
-    """One prediction's first task, ready to be recorded."""
+    """One compute task of a prediction's chain, ready to be recorded."""
 
-    seed: int
     task_type: TaskType
     params: dict[str, Any]
 
 
-class StrategyHandler(Protocol):
+@dataclass(frozen=True, slots=True)
+class PlannedPrediction:
+    """One output slot: its seed and the chain of tasks that produces it, in order."""
+
+    seed: int
+    tasks: tuple[PlannedTask, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a validated request becomes: one chain of tasks per prediction."""
+
+    predictions: tuple[PlannedPrediction, ...]
+
+
+class CatalogLookup(Protocol):
+    """Where strategies find the catalog entities a request names."""
+
+    async def entity(self, org: str, kind: CatalogKind, entity_id: str) -> CatalogEntity | None:
+        """The entity, or None when ``org`` has none with this id and kind."""
+        ...
+
+
+InputT = TypeVar("InputT", contravariant=True)
+
+
+class StrategyHandler(Protocol[InputT]):
     """What a strategy knows: how to validate its input and which tasks to create."""
 
     strategy: Strategy
     limits: tuple[FieldLimit, ...]
 
-    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+    def normalize(self, raw: InputT, v: Violations) -> dict[str, Any]:
         """Validate ``raw`` into the stored parameters, defaults filled, recording violations."""
         ...
 
-    async def plan(
-        self, session: AsyncSession, org: str, params: dict[str, Any]
-    ) -> list[PlannedTask]:
-        """Load what the parameters reference and plan one task per prediction.
+    async def plan(self, catalog: CatalogLookup, org: str, params: dict[str, Any]) -> Plan:
+        """Load what the parameters reference and plan each prediction's task chain.
 
         Raises:
             NotFoundError: a referenced entity does not exist for ``org``.
@@ -66,14 +88,14 @@ class StrategyHandler(Protocol):
 class StrategyRegistry:
     """The strategies this service can run, registered by name at start-up."""
 
-    def __init__(self, handlers: Iterable[StrategyHandler]) -> None:
-        self._handlers: dict[Strategy, StrategyHandler] = {}
+    def __init__(self, handlers: Iterable[StrategyHandler[Any]]) -> None:
+        self._handlers: dict[Strategy, StrategyHandler[Any]] = {}
         for handler in handlers:
             if handler.strategy in self._handlers:
                 raise ValueError(f"strategy {handler.strategy} is registered twice")
             self._handlers[handler.strategy] = handler
 
-    def get(self, strategy: Strategy) -> StrategyHandler:
+    def get(self, strategy: Strategy) -> StrategyHandler[Any]:
         """The handler of ``strategy``.
 
         Raises:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from server.domain.enums import CatalogKind, Strategy, TaskType
 from server.domain.errors import NotFoundError, Violations
-from server.store import repository
-from server.store.models import CatalogEntity
-from server.strategies.base import FieldLimit, PlannedTask
+from server.domain.model import CatalogEntity
+from server.strategies.base import (
+    CatalogLookup,
+    FieldLimit,
+    Plan,
+    PlannedPrediction,
+    PlannedTask,
+)
 from server.strategies.common import (
     MAX_SEED,
     check_dimension,
@@ -93,11 +96,9 @@ class GenerateStrategy:
             "steps": steps,
         }
 
-    async def plan(
-        self, session: AsyncSession, org: str, params: dict[str, Any]
-    ) -> list[PlannedTask]:
+    async def plan(self, catalog: CatalogLookup, org: str, params: dict[str, Any]) -> Plan:
         """Load the catalog entities, build the prompt, and plan one task per prediction."""
-        entities = await _load_entities(session, org, params)
+        entities = await _load_entities(catalog, org, params)
         references = {
             name: _reference(entity, params[f"{name}_lora_weight"])
             for name, entity in entities.items()
@@ -113,15 +114,16 @@ class GenerateStrategy:
             "steps": params["steps"],
             **{name: references.get(name) for name, _ in _ENTITIES},
         }
-        planned = []
+        predictions = []
         for index in range(params["batch_size"]):
             seed = (params["seed"] + index) % (MAX_SEED + 1)
-            planned.append(PlannedTask(seed, TaskType.GENERATION, {**base, "seed": seed}))
-        return planned
+            task = PlannedTask(TaskType.GENERATION, {**base, "seed": seed})
+            predictions.append(PlannedPrediction(seed, (task,)))
+        return Plan(tuple(predictions))
 
 
 async def _load_entities(
-    session: AsyncSession, org: str, params: dict[str, Any]
+    catalog: CatalogLookup, org: str, params: dict[str, Any]
 ) -> dict[str, CatalogEntity]:
     found: dict[str, CatalogEntity] = {}
     missing: dict[str, str] = {}
@@ -129,7 +131,7 @@ async def _load_entities(
         entity_id = params[f"{name}_id"]
         if not entity_id:
             continue
-        entity = await repository.get_entity(session, org, kind, entity_id)
+        entity = await catalog.entity(org, kind, entity_id)
         if entity is None:
             missing[f"params.{name}_id"] = entity_id
         else:
@@ -145,7 +147,7 @@ def _reference(entity: CatalogEntity, weight: float | None) -> dict[str, Any]:
     return {
         "id": entity.id,
         "name": entity.name,
-        "images": [f"artifact:{ref.artifact_sha256}" for ref in entity.reference_images],
+        "images": [f"artifact:{ref.sha256}" for ref in entity.reference_images],
         "lora_uri": entity.lora_uri,
         "weight": DEFAULT_LORA_WEIGHT if weight is None else weight,
     }

@@ -53,11 +53,26 @@ async def test_request_id_is_echoed_and_generated(channel: grpc.aio.Channel) -> 
         generation_service_pb2.ListGenerationsRequest(), metadata=(("x-request-id", "abc-123"),)
     )
     await call
-    assert ("x-request-id", "abc-123") in list(await call.initial_metadata())
+    # Unary answers carry it in the trailing metadata, errors included.
+    assert ("x-request-id", "abc-123") in list(await call.trailing_metadata())
     call = stub.ListGenerations(generation_service_pb2.ListGenerationsRequest())
     await call
-    generated = dict(await call.initial_metadata())["x-request-id"]
+    generated = dict(await call.trailing_metadata())["x-request-id"]
     assert len(str(generated)) == 32
+    failing = stub.GetGeneration(
+        generation_service_pb2.GetGenerationRequest(generation_id="nope"),
+        metadata=(("x-request-id", "err-7"),),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await failing
+    trailers: Any = caught.value.trailing_metadata() or ()
+    assert ("x-request-id", "err-7") in list(trailers)
+    # Streams carry it in the initial metadata, before the first message.
+    stream = stub.WatchGeneration(
+        generation_service_pb2.WatchGenerationRequest(generation_id="nope"),
+        metadata=(("x-request-id", "watch-1"),),
+    )
+    assert ("x-request-id", "watch-1") in list(await stream.initial_metadata())
 
 
 async def test_shutdown_flips_health_to_not_serving(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import functools
 import logging
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -179,8 +180,25 @@ async def _complete_under_watchers(
     """Hold a generation's tasks, attach ``watchers`` streams, then complete every task."""
     fake.hold = True
     generation_id = await create_generation(stub, product_id, batch=batch)
-    calls = [asyncio.create_task(collect(stub, generation_id)) for _ in range(watchers)]
     await wait_submitted(fake, batch)
+    streams = [
+        stub.WatchGeneration(
+            generation_service_pb2.WatchGenerationRequest(generation_id=generation_id)
+        )
+        for _ in range(watchers)
+    ]
+    # Every watcher has its first event, so each is tailing live events when the burst of
+    # completions arrives.
+    firsts = [await stream.read() for stream in streams]
+
+    async def rest(stream: Any, first: Any) -> list[resources_pb2.GenerationEvent]:
+        events = [first.event]
+        while (item := await stream.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+            if item.HasField("event"):
+                events.append(item.event)
+        return events
+
+    calls = [asyncio.create_task(rest(s, f)) for s, f in zip(streams, firsts, strict=True)]
     for compute_id in list(fake.tasks):
         fake.complete(compute_id)
     return list(await asyncio.wait_for(asyncio.gather(*calls), 10))

@@ -6,6 +6,7 @@ each test creates and drops its own database next to that one.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -85,3 +86,28 @@ async def test_generation_end_to_end_on_postgres(pg_url: str, tmp_path: Path) ->
     # Eight predictions wrote concurrently without a process-wide lock: the row lock
     # alone kept the sequence gap-free.
     assert sequences == list(range(1, done.last_event_sequence + 1))
+
+
+async def test_two_replicas_make_one_generation_of_one_request_id(
+    pg_url: str, tmp_path: Path
+) -> None:
+    base = make_settings(tmp_path)
+    settings = base.model_copy(update={"database": DatabaseSettings(url=pg_url)})
+    async with (
+        App(settings, compute=FakeComputeBackend()) as one,
+        App(settings, compute=FakeComputeBackend()) as two,
+        grpc.aio.insecure_channel(f"127.0.0.1:{one.port}") as first,
+        grpc.aio.insecure_channel(f"127.0.0.1:{two.port}") as second,
+    ):
+        product_id = await create_product(CatalogStub(first), "coat")
+        request = generate_request(product_id)
+        request.request_id = "one-key"
+        stubs = [GenerationStub(first), GenerationStub(second)] * 10
+        answers = await asyncio.gather(*(s.CreateGenerateGeneration(request) for s in stubs))
+        ids = {a.generation.id for a in answers}
+        assert len(ids) == 1
+        for stub in stubs[:2]:
+            listed = await stub.ListGenerations(generation_service_pb2.ListGenerationsRequest())
+            assert [g.id for g in listed.generations] == list(ids)
+        done = await wait_terminal(GenerationStub(first), ids.pop())
+    assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED

@@ -1,0 +1,243 @@
+"""Running one compute task of a live generation: submit or re-attach, follow, record.
+
+Shared by every workflow. The stop token is checked between units of work and raced
+against every wait on compute; a submit is never interrupted, and its compute id is
+recorded the moment it returns, so a stopped workflow always knows what to release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from server.compute.base import (
+    ComputeBackend,
+    ComputeError,
+    TaskRequest,
+    TaskSnapshot,
+    UnknownComputeTaskError,
+)
+from server.config import OrchestrationSettings
+from server.domain.enums import EventKind, GenerationStatus, PredictionStatus, TaskStatus
+from server.domain.model import Artifact, ComputeTask, Prediction, Recipe, ResourceError
+from server.domain.recorder import utcnow
+from server.media.artifacts import FileArtifactStore
+from server.orchestration.live import LiveGeneration
+
+log = logging.getLogger(__name__)
+
+SUBMIT_ATTEMPTS = 5
+BACKOFF_BASE_S = 0.2
+BACKOFF_CAP_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """How a task ended: its output, or why it failed."""
+
+    artifact: Artifact | None = None
+    error: ResourceError | None = None
+
+
+class TaskRunner:
+    """Drives compute tasks; one per engine, shared by its workflows."""
+
+    def __init__(
+        self,
+        compute: ComputeBackend,
+        files: FileArtifactStore,
+        slots: asyncio.Semaphore,
+        *,
+        settings: OrchestrationSettings,
+    ) -> None:
+        self._compute = compute
+        self._files = files
+        self._slots = slots
+        self._progress_interval = settings.progress_interval
+
+    async def run(
+        self, live: LiveGeneration, prediction: Prediction, task: ComputeTask
+    ) -> TaskOutcome:
+        """Run ``task`` to its end within a compute slot.
+
+        Raises:
+            Stopped: the generation was cancelled or expired at a check point.
+        """
+        await live.token.race(self._slots.acquire())
+        try:
+            return await self._run(live, prediction, task)
+        finally:
+            self._slots.release()
+
+    async def _run(
+        self, live: LiveGeneration, prediction: Prediction, task: ComputeTask
+    ) -> TaskOutcome:
+        live.token.check()
+        compute_id = task.compute_task_id or await self._submit(live, task)
+        if isinstance(compute_id, ResourceError):
+            return self._failed(live, prediction, task, compute_id)
+        self._attached(live, prediction, task, compute_id)
+        try:
+            return await self._follow(live, prediction, task)
+        except UnknownComputeTaskError:
+            # Compute no longer knows the task (the local backend's work dies with the
+            # process; a remote one may have restarted): run it again as a new attempt.
+            self._lost(live, task)
+            compute_id = await self._submit(live, task)
+            if isinstance(compute_id, ResourceError):
+                return self._failed(live, prediction, task, compute_id)
+            self._attached(live, prediction, task, compute_id)
+            return await self._follow(live, prediction, task)
+
+    def _request(self, live: LiveGeneration, task: ComputeTask) -> TaskRequest:
+        return TaskRequest(
+            task_type=task.task_type,
+            params=task.params,
+            idempotency_key=task.id,  # a resubmission never starts a second task
+            organization=live.generation.organization,
+        )
+
+    async def _submit(self, live: LiveGeneration, task: ComputeTask) -> str | ResourceError:
+        """Submit with capped, jittered backoff on transient errors; the error otherwise."""
+        request = self._request(live, task)
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+            try:
+                return await self._compute.submit(request)
+            except ComputeError as exc:
+                if not exc.transient or attempt == SUBMIT_ATTEMPTS:
+                    return ResourceError.compute_failed(exc.category, exc.message, "")
+                delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+                await live.token.race(asyncio.sleep(delay * random.uniform(0.5, 1.0)))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attached(
+        self, live: LiveGeneration, prediction: Prediction, task: ComputeTask, compute_id: str
+    ) -> None:
+        """Record that compute holds the task: RUNNING, and the generation PROCESSING."""
+        recorder = live.recorder
+        if live.generation.status is GenerationStatus.PENDING:
+            recorder.generation_status(GenerationStatus.PROCESSING)
+        changed_id = task.compute_task_id != compute_id
+        task.compute_task_id = compute_id
+        if task.status is TaskStatus.PENDING:
+            recorder.task_status(task, TaskStatus.RUNNING)
+        elif changed_id:
+            recorder.task_changed(task)
+        if prediction.status is PredictionStatus.PENDING:
+            recorder.prediction_status(prediction, PredictionStatus.GENERATING)
+
+    def _lost(self, live: LiveGeneration, task: ComputeTask) -> None:
+        lost = task.compute_task_id
+        log.info("compute lost task %s (%s); submitting it again", task.id, lost)
+        task.previous_compute_task_ids = [*task.previous_compute_task_ids, lost]
+        task.compute_task_id = ""
+        task.attempt += 1
+        task.progress = 0.0
+        note = (
+            f"compute backend {self._compute.name!r} no longer knows task {lost} (its work "
+            f"was lost, e.g. it restarted); submitting attempt {task.attempt}"
+        )
+        live.recorder.task_changed(task, note=note)
+
+    async def _follow(
+        self, live: LiveGeneration, prediction: Prediction, task: ComputeTask
+    ) -> TaskOutcome:
+        snapshots: AsyncIterator[TaskSnapshot] = aiter(self._compute.watch(task.compute_task_id))
+        last_progress = 0.0
+        first = True
+        try:
+            while True:
+                snap = await live.token.race(anext(snapshots))
+                if snap.status is TaskStatus.COMPLETED:
+                    return await self._completed(live, prediction, task, snap)
+                if snap.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+                    category = snap.error_category or "internal"
+                    message = snap.error_message or f"compute reported {snap.status.lower()}"
+                    error = ResourceError.compute_failed(category, message, snap.compute_id)
+                    return self._failed(live, prediction, task, error)
+                now = time.monotonic()
+                if snap.progress > task.progress:
+                    task.progress = snap.progress
+                    if now - last_progress >= self._progress_interval:
+                        last_progress = now
+                        live.recorder.task_changed(task, kind=EventKind.TASK_PROGRESS)
+                if first or live.recorder.pending:
+                    # Still running: make the attachment durable (an instant result would
+                    # have been committed together with it instead).
+                    first = False
+                    live.flush_soon()
+        except StopAsyncIteration:
+            error = ResourceError.compute_failed(
+                "internal", "compute ended the task without a result", task.compute_task_id
+            )
+            return self._failed(live, prediction, task, error)
+        finally:
+            await _close(snapshots)
+
+    async def _completed(
+        self, live: LiveGeneration, prediction: Prediction, task: ComputeTask, snap: TaskSnapshot
+    ) -> TaskOutcome:
+        if not snap.outputs:
+            error = ResourceError.compute_failed(
+                "internal", "compute returned no output", snap.compute_id
+            )
+            return self._failed(live, prediction, task, error)
+        output = snap.outputs[0]
+        blob = await self._files.put(output.data, output.mime_type)
+        artifact = Artifact(
+            sha256=blob.sha256,
+            mime_type=output.mime_type,
+            size_bytes=blob.size_bytes,
+            width=output.width,
+            height=output.height,
+            uri=blob.uri,
+            created_at=utcnow(),
+            duration_s=output.duration_s,
+            frame_count=output.frame_count,
+            recipe=Recipe(
+                task_type=task.task_type,
+                parameters=task.params,
+                seed=int(task.params.get("seed", output.seed)),
+                backend=self._compute.name,
+                input_sha256=input_hashes(task.params),
+            ),
+        )
+        live.recorder.artifact_stored(artifact)
+        live.recorder.task_status(task, TaskStatus.COMPLETED)
+        return TaskOutcome(artifact=artifact)
+
+    @staticmethod
+    def _failed(
+        live: LiveGeneration, prediction: Prediction, task: ComputeTask, error: ResourceError
+    ) -> TaskOutcome:
+        live.recorder.task_status(task, TaskStatus.FAILED, error=error)
+        return TaskOutcome(error=error)
+
+
+async def _close(snapshots: AsyncIterator[TaskSnapshot]) -> None:
+    close = getattr(snapshots, "aclose", None)
+    if close is not None:
+        await close()
+
+
+def input_hashes(params: dict[str, Any]) -> list[str]:
+    """The sha256 of every ``artifact:`` input the parameters name, in order."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str) and value.startswith("artifact:"):
+            found.append(value.removeprefix("artifact:"))
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(params)
+    return found

@@ -1,0 +1,440 @@
+"""The single writer: queued changes of many generations, committed together, then published.
+
+Every write of the service goes through one task. It drains whatever is queued, writes
+it in one transaction with one ``executemany`` per table, then publishes the committed
+events and releases the callers waiting for durability. A caller that is cancelled while
+it waits does not stop its write: once queued, a write is committed and published, or
+fails as a whole.
+
+On SQLite the whole batch is one call into a dedicated thread that owns a plain
+(synchronous) connection, so a batch costs one hop to the driver however many rows it
+holds. Elsewhere (PostgreSQL) the batch runs on an async connection, one round trip per
+statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Table, and_, bindparam, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql import Executable
+
+from server.domain.events import GenerationEvent
+from server.domain.states import GENERATION_TERMINAL
+from server.store import sqlite_batch
+from server.store.events import EventBus
+from server.store.rows import EVENTS, GENERATIONS, TABLE_ORDER, Mode, Op
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 2000
+
+
+@dataclass
+class WriterStats:
+    """What the writer did, for the benchmark: writes, transactions, statements, hops."""
+
+    writes: int = 0
+    transactions: int = 0
+    statements: int = 0
+    driver_calls: int = 0
+    rows: int = 0
+    failed_batches: int = 0
+    busy_seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class _Write:
+    ops: list[Op]
+    events: list[GenerationEvent]
+    done: asyncio.Future[None]
+
+
+@dataclass
+class _Statements:
+    """Statements per (table, mode), compiled once per dialect."""
+
+    dialect: str
+    cache: dict[tuple[str, Mode], Executable] = field(default_factory=dict)
+
+    def get(self, op: Op) -> Executable:
+        key = (op.table.name, op.mode)
+        statement = self.cache.get(key)
+        if statement is None:
+            statement = self.cache[key] = self._build(op)
+        return statement
+
+    def _build(self, op: Op) -> Executable:
+        table = op.table
+        keys = [c.name for c in table.primary_key.columns]
+        if op.mode is Mode.INSERT:
+            return table.insert()
+        if op.mode is Mode.DELETE:
+            clause = [table.c[k] == bindparam(f"b_{k}") for k in keys]
+            return table.delete().where(*clause)
+        module: Any = postgresql if self.dialect == "postgresql" else sqlite
+        insert = module.insert(table)
+        built: Executable
+        if op.mode is Mode.IGNORE:
+            built = insert.on_conflict_do_nothing(index_elements=keys)
+        elif op.mode is Mode.OWN:
+            recipe = func.coalesce(table.c.recipe, insert.excluded.recipe)
+            built = insert.on_conflict_do_update(index_elements=keys, set_={"recipe": recipe})
+        else:
+            columns = [c.name for c in table.columns if c.name not in keys]
+            built = insert.on_conflict_do_update(
+                index_elements=keys, set_={c: insert.excluded[c] for c in columns}
+            )
+        return built
+
+
+def _key(op: Op) -> tuple[Any, ...]:
+    return tuple(op.row[c.name] for c in op.table.primary_key.columns)
+
+
+Group = tuple[Table, Mode, list[dict[str, Any]]]
+
+
+def group(ops: Sequence[Op]) -> list[Group]:
+    """The rows of a batch by (table, mode), in table order, the last row per key winning."""
+    grouped: dict[tuple[str, Mode], dict[tuple[Any, ...], Op]] = {}
+    for op in ops:
+        grouped.setdefault((op.table.name, op.mode), {})[_key(op)] = op
+    groups: list[Group] = []
+    for table, mode in TABLE_ORDER:
+        found = grouped.get((table.name, mode))
+        if found:
+            groups.append((table, mode, [op.row for op in found.values()]))
+    return groups
+
+
+class _Backend:
+    """Writes a batch in one transaction; how depends on the database."""
+
+    dialect = ""
+
+    async def write(self, groups: list[Group]) -> tuple[int, int]:
+        """Write the groups in one transaction; returns (statements, driver calls)."""
+        raise NotImplementedError
+
+    async def last_cursor(self) -> int:
+        """The largest event cursor stored."""
+        raise NotImplementedError
+
+    async def renew(self, owner: str, expiry: datetime) -> None:
+        """Extend the leases of every generation ``owner`` holds."""
+        raise NotImplementedError
+
+    async def claim(
+        self, owner: str, expiry: datetime, now: datetime, *, take_over: bool
+    ) -> list[str]:
+        """Make ``owner`` the runner of unfinished generations; their ids, oldest first."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the connection."""
+
+
+class _SqliteBackend(_Backend):
+    """SQLite: a batch runs on the loop in C (see ``sqlite_batch``): no hop at all."""
+
+    dialect = "sqlite"
+
+    def __init__(self, connection: sqlite_batch.Connection) -> None:
+        self._connection = connection
+        self._statements: dict[tuple[str, Mode], sqlite_batch.Statement] = {}
+
+    def _statement(self, table: Table, mode: Mode) -> sqlite_batch.Statement:
+        statement = self._statements.get((table.name, mode))
+        if statement is None:
+            statement = self._statements[(table.name, mode)] = sqlite_batch.Statement(table, mode)
+        return statement
+
+    async def write(self, groups: list[Group]) -> tuple[int, int]:
+        prepared = []
+        for table, mode, rows in groups:
+            statement = self._statement(table, mode)
+            prepared.append((statement.sql, [statement.parameters(row) for row in rows]))
+        self._connection.write(prepared)
+        return len(prepared), 1
+
+    async def last_cursor(self) -> int:
+        rows = self._connection.query("SELECT max(cursor) FROM generation_events")
+        return int(rows[0][0] or 0)
+
+    async def renew(self, owner: str, expiry: datetime) -> None:
+        self._connection.execute(
+            "UPDATE generations SET lease_expires_at = ? WHERE owner = ?",
+            (sqlite_batch.to_sqlite_datetime(expiry), owner),
+        )
+
+    async def claim(
+        self, owner: str, expiry: datetime, now: datetime, *, take_over: bool
+    ) -> list[str]:
+        terminal = ", ".join(f"'{s.value}'" for s in GENERATION_TERMINAL)
+        where = f"status NOT IN ({terminal})"
+        params: tuple[Any, ...] = ()
+        if not take_over:
+            where += " AND (owner IS NULL OR lease_expires_at < ?)"
+            params = (sqlite_batch.to_sqlite_datetime(now),)
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            rows = connection.query(
+                f"SELECT id FROM generations WHERE {where} ORDER BY created_at, id", params
+            )
+            connection.execute(
+                f"UPDATE generations SET owner = ?, lease_expires_at = ? WHERE {where}",
+                (owner, sqlite_batch.to_sqlite_datetime(expiry), *params),
+            )
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return [row[0] for row in rows]
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._connection.close)
+
+
+class _AsyncBackend(_Backend):
+    """PostgreSQL: SQLAlchemy Core on an async connection, one round trip per statement."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self.dialect = engine.dialect.name
+        self._statements = _Statements(self.dialect)
+
+    async def write(self, groups: list[Group]) -> tuple[int, int]:
+        statements = self._statements
+
+        def run(connection: Connection) -> None:
+            for table, mode, rows in groups:
+                params = rows
+                if mode is Mode.DELETE:
+                    params = [{f"b_{k}": v for k, v in row.items()} for row in rows]
+                connection.execute(statements.get(Op(table, mode, rows[0])), params)
+
+        async with self._engine.begin() as connection:
+            await connection.run_sync(run)
+        return len(groups), len(groups) + 2  # BEGIN and COMMIT are round trips too
+
+    async def last_cursor(self) -> int:
+        async with self._engine.connect() as connection:
+            found = (await connection.execute(select(func.max(EVENTS.c.cursor)))).scalar()
+        return int(found or 0)
+
+    async def renew(self, owner: str, expiry: datetime) -> None:
+        statement = (
+            update(GENERATIONS).where(GENERATIONS.c.owner == owner).values(lease_expires_at=expiry)
+        )
+        async with self._engine.begin() as connection:
+            await connection.execute(statement)
+
+    async def claim(
+        self, owner: str, expiry: datetime, now: datetime, *, take_over: bool
+    ) -> list[str]:
+        terminal = [s.value for s in GENERATION_TERMINAL]
+        condition: ColumnElement[bool] = GENERATIONS.c.status.not_in(terminal)
+        if not take_over:
+            condition = and_(
+                condition,
+                or_(GENERATIONS.c.owner.is_(None), GENERATIONS.c.lease_expires_at < now),
+            )
+        # Rows another replica is claiming right now are skipped, not waited for.
+        candidates = (
+            select(GENERATIONS.c.id, GENERATIONS.c.created_at)
+            .where(condition)
+            .with_for_update(skip_locked=True)
+        )
+        async with self._engine.begin() as connection:
+            rows = (await connection.execute(candidates)).all()
+            ids = [row.id for row in sorted(rows, key=lambda r: (r.created_at, r.id))]
+            if ids:
+                await connection.execute(
+                    update(GENERATIONS)
+                    .where(GENERATIONS.c.id.in_(ids))
+                    .values(owner=owner, lease_expires_at=expiry)
+                )
+        return ids
+
+
+class Writer:
+    """Owns every database write: group commits, then publishing, then releasing waiters.
+
+    Args:
+        backend: how batches reach the database (see ``for_sqlite`` / ``for_async``).
+        bus: where committed events are published.
+        lease_seconds: how long this process's claim on its live generations holds
+            unless renewed; the writer renews it every third of that.
+    """
+
+    def __init__(self, backend: _Backend, bus: EventBus, *, lease_seconds: float) -> None:
+        self._backend = backend
+        self._bus = bus
+        self._lease = lease_seconds
+        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+        self.stats = WriterStats()
+        self._queue: asyncio.Queue[_Write] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._cursor = 0
+        self._closed = False
+
+    @classmethod
+    def for_sqlite(
+        cls, path: str, bus: EventBus, *, busy_timeout_ms: int, lease_seconds: float
+    ) -> Writer:
+        """A writer with its own thread and connection on the SQLite file at ``path``."""
+        connection = sqlite_batch.Connection(path, busy_timeout_ms=busy_timeout_ms)
+        return cls(_SqliteBackend(connection), bus, lease_seconds=lease_seconds)
+
+    @classmethod
+    def for_async(cls, engine: AsyncEngine, bus: EventBus, *, lease_seconds: float) -> Writer:
+        """A writer over the service's async engine (PostgreSQL)."""
+        return cls(_AsyncBackend(engine), bus, lease_seconds=lease_seconds)
+
+    def lease_expiry(self) -> datetime:
+        """When a claim made now runs out unless renewed."""
+        return datetime.now(UTC) + timedelta(seconds=self._lease)
+
+    async def start(self) -> None:
+        """Learn where the event cursor stands and start writing."""
+        self._cursor = await self._backend.last_cursor()
+        self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    def submit(self, ops: list[Op], events: list[GenerationEvent]) -> asyncio.Future[None]:
+        """Queue a write; the future resolves once it is committed and its events published.
+
+        Raises:
+            RuntimeError: the writer is shut down.
+        """
+        if self._closed:
+            raise RuntimeError("the writer is shut down")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Write(ops, events, done))
+        return done
+
+    async def write(self, ops: list[Op], events: Sequence[GenerationEvent] = ()) -> None:
+        """Queue a write and wait until it is durable (cancelling the wait does not undo it)."""
+        await asyncio.shield(self.submit(ops, list(events)))
+
+    async def shutdown(self) -> None:
+        """Commit what is queued, then stop; idempotent."""
+        self._closed = True
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+            await self._backend.close()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                first = await asyncio.wait_for(self._queue.get(), timeout=self._lease / 3)
+            except TimeoutError:
+                await self._renew_leases()
+                continue
+            # One turn of the loop lets every ready task queue its write: they share the
+            # transaction (with SQLite the batch runs on the loop, so this is the window).
+            await asyncio.sleep(0)
+            batch = [first]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit(self, batch: list[_Write]) -> None:
+        try:
+            await self._transaction(batch)
+        except Exception as exc:
+            self.stats.failed_batches += 1
+            if len(batch) == 1:
+                log.warning("a write failed: %s", type(exc).__name__)
+                _fail(batch[0], exc)
+                return
+            # Isolate the culprit: each write again in a transaction of its own.
+            for write in batch:
+                try:
+                    await self._transaction([write])
+                except Exception as single:
+                    log.warning("a write failed: %s", type(single).__name__)
+                    _fail(write, single)
+                else:
+                    self._done([write])
+            return
+        self._done(batch)
+
+    async def _transaction(self, batch: list[_Write]) -> None:
+        cursor = self._cursor
+        ops: list[Op] = []
+        for write in batch:
+            for op in write.ops:
+                if op.table is EVENTS:
+                    cursor += 1
+                    op.row["cursor"] = cursor
+                ops.append(op)
+        started = time.perf_counter()
+        statements, calls = await self._backend.write(group(ops))
+        self.stats.busy_seconds += time.perf_counter() - started
+        self._cursor = cursor
+        self.stats.transactions += 1
+        self.stats.statements += statements
+        self.stats.driver_calls += calls
+        self.stats.rows += len(ops)
+
+    def _done(self, batch: list[_Write]) -> None:
+        """Publish what was committed, then release the waiters."""
+        for write in batch:
+            event_ops = [op for op in write.ops if op.table is EVENTS]
+            for event, op in zip(write.events, event_ops, strict=True):
+                event.cursor = int(op.row["cursor"])
+            self._bus.publish(write.events)
+            self.stats.writes += 1
+            if not write.done.done():
+                write.done.set_result(None)
+
+    async def claim_unfinished(self, *, now: datetime, take_over: bool) -> list[str]:
+        """Claim unfinished generations for this process; their ids, oldest first.
+
+        Generations nobody holds, or whose holder's lease ran out, are claimed; with
+        ``take_over`` (one process per database, as with SQLite) every one is, since any
+        other holder is this process's dead predecessor.
+        """
+        return await self._backend.claim(self.owner, self.lease_expiry(), now, take_over=take_over)
+
+    async def _renew_leases(self) -> None:
+        try:
+            await self._backend.renew(self.owner, self.lease_expiry())
+        except Exception:
+            log.exception("renewing the leases failed; retrying at the next interval")
+
+
+class DuplicateKeyError(Exception):
+    """A write broke a unique constraint: what it inserts exists already (either database)."""
+
+
+def _fail(write: _Write, exc: Exception) -> None:
+    if isinstance(exc, sqlite3.IntegrityError | IntegrityError):
+        failure: Exception = DuplicateKeyError(str(exc))
+        failure.__cause__ = exc
+    else:
+        failure = exc
+    if not write.done.done():
+        write.done.set_exception(failure)
