@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,12 +14,28 @@ from pathlib import Path
 from PIL import Image
 
 
-@dataclass(frozen=True)
+@dataclass
 class ServerProcess:
     """A server started by ``benchmarks.servers`` in its own process."""
 
     target: str
-    pid: int
+    process: asyncio.subprocess.Process
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.process.pid
+
+    async def stop(self) -> dict[str, float] | None:
+        """SIGTERM the server, wait for it, and return the store statistics it printed."""
+        if self.process.returncode is None:
+            self.process.terminate()
+        out = b""
+        if self.process.stdout is not None:
+            out = await self.process.stdout.read()
+        await self.process.wait()
+        line = out.decode().strip()
+        return json.loads(line) if line else None
 
     def rss_kib(self) -> int:
         """The process's resident memory, in KiB."""
@@ -37,11 +54,11 @@ async def server_process(*args: str) -> AsyncIterator[ServerProcess]:
     if process.stdout is None:
         raise RuntimeError("no stdout pipe")
     line = await asyncio.wait_for(process.stdout.readline(), 60)
+    server = ServerProcess(f"127.0.0.1:{int(line)}", process)
     try:
-        yield ServerProcess(f"127.0.0.1:{int(line)}", process.pid)
+        yield server
     finally:
-        process.terminate()
-        await process.wait()
+        await server.stop()
 
 
 def png() -> bytes:

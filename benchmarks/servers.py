@@ -43,13 +43,40 @@ async def _echo_stream(request: bytes, context: Any) -> Any:
         yield request
 
 
+class _Broadcast:
+    """The least a server can do to fan a message out: a queue per subscribed stream."""
+
+    def __init__(self) -> None:
+        self.queues: set[asyncio.Queue[bytes]] = set()
+
+    async def subscribe(self, request: bytes, context: Any) -> Any:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.queues.add(queue)
+        try:
+            while (message := await queue.get()) != b"end":
+                yield message
+        finally:
+            self.queues.discard(queue)
+
+    async def publish(self, request: bytes, context: Any) -> bytes:
+        """Hand the message to every stream (b"end" ends them); answers how many there are."""
+        for queue in self.queues:
+            queue.put_nowait(request)
+        return len(self.queues).to_bytes(4, "big")
+
+
 async def _serve_echo(stop: asyncio.Event) -> None:
     server = grpc.aio.server()
+    broadcast = _Broadcast()
     handler = grpc.method_handlers_generic_handler(
         ECHO_SERVICE,
         {
             "Unary": grpc.unary_unary_rpc_method_handler(_echo_unary, _identity, _identity),
             "Stream": grpc.unary_stream_rpc_method_handler(_echo_stream, _identity, _identity),
+            "Subscribe": grpc.unary_stream_rpc_method_handler(
+                broadcast.subscribe, _identity, _identity
+            ),
+            "Publish": grpc.unary_unary_rpc_method_handler(broadcast.publish, _identity, _identity),
         },
     )
     server.add_generic_rpc_handlers((handler,))
@@ -69,7 +96,7 @@ async def _serve_sartiq(stop: asyncio.Event, root: Path, *, hold: bool) -> None:
         # not the admission bound (the harness still counts back-pressure if it comes).
         orchestration=OrchestrationSettings(max_queued_generations=1_000_000),
     )
-    async with App(settings, compute=FakeComputeBackend(hold=hold)) as app:
+    async with App(settings, compute=FakeComputeBackend(hold=hold, retain_finished=1000)) as app:
         print(app.port, flush=True)
         await stop.wait()
         stats = app.writer_stats

@@ -11,8 +11,10 @@ import hashlib
 import itertools
 import struct
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.compute.base import (
     OutputFile,
@@ -60,12 +62,20 @@ class FakeTask(TaskCell):
 
 
 class FakeComputeBackend:
-    """In-memory backend whose behaviour each test scripts."""
+    """In-memory backend whose behaviour each test scripts.
+
+    Args:
+        hold: keep every task running until the test completes or fails it.
+        retain_finished: forget the oldest finished tasks beyond this many, and keep no
+            history of calls (for long benchmarks); None keeps everything to inspect.
+    """
 
     name = "fake"
 
-    def __init__(self, *, hold: bool = False) -> None:
+    def __init__(self, *, hold: bool = False, retain_finished: int | None = None) -> None:
         self.hold = hold
+        self._retain = retain_finished
+        self._finished: deque[str] = deque()
         self.tasks: dict[str, FakeTask] = {}
         self.submit_calls: list[TaskRequest] = []
         self.submitted: list[TaskRequest] = []
@@ -88,7 +98,8 @@ class FakeComputeBackend:
         Every call is recorded in ``submit_calls`` first, faults and repeated keys
         included; ``submitted`` holds the tasks actually created.
         """
-        self.submit_calls.append(request)
+        if self._retain is None:
+            self.submit_calls.append(request)
         if self.submit_faults:
             raise self.submit_faults.pop(0)
         if request.idempotency_key in self._by_key:
@@ -96,9 +107,10 @@ class FakeComputeBackend:
         task = FakeTask(id=f"fake-{next(self._ids)}", request=request)
         self.tasks[task.id] = task
         self._by_key[request.idempotency_key] = task.id
-        self.submitted.append(request)
+        if self._retain is None:
+            self.submitted.append(request)
         if self.fail_with is not None:
-            task.update(status=TaskStatus.FAILED, error=self.fail_with)
+            self._finish(task, status=TaskStatus.FAILED, error=self.fail_with)
         elif not self.hold:
             self.complete(task.id)
         if self.submit_gate is not None:
@@ -114,11 +126,21 @@ class FakeComputeBackend:
         task = self.tasks[compute_id]
         params = task.request.params
         output = tiny_png(task.id, int(params.get("width", 8)), int(params.get("height", 8)))
-        task.update(status=TaskStatus.COMPLETED, progress=1.0, outputs=(output,))
+        self._finish(task, status=TaskStatus.COMPLETED, progress=1.0, outputs=(output,))
 
     def fail(self, compute_id: str, category: str, message: str) -> None:
         """Fail a held task."""
-        self.tasks[compute_id].update(status=TaskStatus.FAILED, error=(category, message))
+        self._finish(self.tasks[compute_id], status=TaskStatus.FAILED, error=(category, message))
+
+    def _finish(self, task: FakeTask, **change: Any) -> None:
+        task.update(**change)
+        if self._retain is None:
+            return
+        self._finished.append(task.id)
+        while len(self._finished) > self._retain:
+            old = self.tasks.pop(self._finished.popleft(), None)
+            if old is not None:
+                self._by_key.pop(old.request.idempotency_key, None)
 
     def forget_all(self) -> None:
         """Lose every task, as a compute server that restarted would."""
