@@ -14,7 +14,14 @@ from __future__ import annotations
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2
 
 # Creation-time inputs change events do not repeat.
-_GENERATION_INPUTS = ("params", "labels", "orchestration", "request_id", "organization")
+_GENERATION_INPUTS = (
+    "params",
+    "refinement",
+    "labels",
+    "orchestration",
+    "request_id",
+    "organization",
+)
 
 
 def apply(
@@ -65,6 +72,10 @@ def _replace_generation(tree: resources_pb2.Generation, change: resources_pb2.Ge
             tree.labels.update(kept.labels)
         elif name == "orchestration":
             tree.orchestration.CopyFrom(kept.orchestration)
+        elif name == "refinement":
+            tree.ClearField("refinement")
+            if kept.HasField("refinement"):
+                tree.refinement.CopyFrom(kept.refinement)
         else:
             setattr(tree, name, getattr(kept, name))
 

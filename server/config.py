@@ -87,6 +87,18 @@ class MediaSettings(BaseModel):
         ge=0,
         description="seconds after which a temporary artifact file of another host is stale",
     )
+    input_roots: tuple[Path, ...] = Field(
+        default=(),
+        description="directories file:// image references may read from; none: refused",
+    )
+    allow_private_networks: bool = Field(
+        default=False,
+        description="let http(s) image references reach loopback, private and link-local hosts",
+    )
+    fetch_timeout: float = Field(
+        default=30.0, gt=0, le=600, description="seconds an http(s) image fetch may take in all"
+    )
+    max_redirects: int = Field(default=5, ge=0, le=20)
 
 
 class ComputeSettings(BaseModel):

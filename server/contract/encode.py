@@ -280,6 +280,24 @@ def _generation(value: model.Generation) -> pb.Generation:
     )
     if value.params:
         fill(getattr(result, PARAMS_FIELD[value.strategy]), value.params)
+    if value.refinement is not None:
+        refine = value.refinement
+        result.refinement.CopyFrom(
+            pb.Refine(
+                base_image_url=refine.base_image_url,
+                base_image_sha256=refine.base_image_sha256,
+                base_width=refine.base_width,
+                base_height=refine.base_height,
+                output_width=refine.output_width,
+                output_height=refine.output_height,
+                upscale_enabled=refine.upscale_enabled,
+                upscale_factor=refine.upscale_factor,
+                upscale_steps=refine.upscale_steps,
+                upscale_denoise=refine.upscale_denoise,
+                face_detail_enabled=refine.face_detail_enabled,
+                face_detail_steps=refine.face_detail_steps,
+            )
+        )
     return result
 
 

@@ -62,6 +62,17 @@ CATEGORY_CODES = {
     "not_found": Code.NOT_FOUND,
     "internal": Code.INTERNAL,
 }
+# The code each cause of an unavailable input implies (see INPUT_UNAVAILABLE in the protos).
+INPUT_CAUSE_CODES = {
+    "not_found": Code.NOT_FOUND,
+    "forbidden": Code.PERMISSION_DENIED,
+    "too_large": Code.INVALID_ARGUMENT,
+    "too_many_redirects": Code.INVALID_ARGUMENT,
+    "invalid_image": Code.INVALID_ARGUMENT,
+    "timeout": Code.DEADLINE_EXCEEDED,
+    "bad_status": Code.UNAVAILABLE,
+    "unreachable": Code.UNAVAILABLE,
+}
 
 
 @dataclass(slots=True)
@@ -91,6 +102,12 @@ class ResourceError:
             metadata["compute_task_id"] = compute_task_id
         code = CATEGORY_CODES.get(category, Code.INTERNAL)
         return cls(code, "COMPUTE_FAILED", message, metadata)
+
+    @classmethod
+    def input_unavailable(cls, field: str, cause: str, message: str) -> ResourceError:
+        """An image input fetched after create could not be used; ``cause`` says why."""
+        code = INPUT_CAUSE_CODES.get(cause, Code.UNAVAILABLE)
+        return cls(code, "INPUT_UNAVAILABLE", message, {"field": field, "cause": cause})
 
     @classmethod
     def internal(cls, correlation_id: str) -> ResourceError:
@@ -271,6 +288,24 @@ class PredictionCounts:
 _COUNT_SLOTS = {status: index for index, status in enumerate(PredictionStatus)}
 
 
+@dataclass(frozen=True, slots=True)
+class Refine:
+    """REFINE's record: its input as resolved at create and its effective settings."""
+
+    base_image_url: str
+    upscale_enabled: bool
+    upscale_factor: float
+    upscale_steps: int
+    upscale_denoise: float
+    face_detail_enabled: bool
+    face_detail_steps: int
+    base_image_sha256: str = ""
+    base_width: int = 0
+    base_height: int = 0
+    output_width: int = 0
+    output_height: int = 0
+
+
 @dataclass(slots=True)
 class Generation:
     """One request for imagery and everything that happened to it."""
@@ -292,6 +327,7 @@ class Generation:
     finished_at: datetime | None = None
     deadline_at: datetime | None = None
     event_seq: int = 0
+    refinement: Refine | None = None
 
     @property
     def done(self) -> bool:
@@ -377,7 +413,9 @@ def clone(record: T, **changes: Any) -> T:
 
 def without_children(generation: Generation) -> Generation:
     """The generation's own fields, without predictions or creation-time inputs."""
-    return dataclasses.replace(generation, predictions=[], params={}, labels={}, fingerprint="")
+    return dataclasses.replace(
+        generation, predictions=[], params={}, labels={}, fingerprint="", refinement=None
+    )
 
 
 def prediction_alone(prediction: Prediction) -> Prediction:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from server.domain.enums import (
     AttemptStatus,
@@ -181,6 +182,12 @@ class Recorder:
         """Record a change of a task that is not a status change (compute id, attempt)."""
         self._tasks[task.id] = task
         self._emit(kind, note=note, task=task_change(task, with_params=False))
+
+    def task_params(self, task: ComputeTask, params: dict[str, Any], *, note: str = "") -> None:
+        """Record new parameters of a task (an image input resolved), sent with the event."""
+        task.params = params
+        self._tasks[task.id] = task
+        self._emit(EventKind.TASK_CHANGED, note=note, task=task_change(task, with_params=True))
 
     def task_added(self, prediction: Prediction, task: ComputeTask) -> None:
         """Record a new task of a prediction's chain (with its parameters)."""

@@ -124,6 +124,9 @@ def generation(
         finished_at=row.finished_at,
         deadline_at=row.deadline_at,
         event_seq=row.event_seq,
+        refinement=None
+        if row.refinement is None
+        else model.from_json(model.Refine, row.refinement),
     )
 
 

@@ -155,6 +155,8 @@ class Generation(Base):
     finished_at: Mapped[datetime | None]
     deadline_at: Mapped[datetime | None]
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # REFINE's record (the JSON form of domain.model.Refine); unset for other strategies.
+    refinement: Mapped[dict[str, Any] | None]
     # Which process runs the live generation, and until when its claim holds unless
     # renewed; unset once the generation is terminal.
     owner: Mapped[str | None] = mapped_column(String(128))

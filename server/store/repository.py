@@ -21,6 +21,7 @@ from server.store.models import (
     CatalogEntity,
     Generation,
     GenerationLabel,
+    Prediction,
 )
 from server.store.rows import EVENTS, GENERATIONS, LABELS
 
@@ -209,6 +210,20 @@ async def get_owned_artifact(
         select(Artifact, ArtifactOwner.recipe)
         .join(ArtifactOwner, ArtifactOwner.sha256 == Artifact.sha256)
         .where(Artifact.sha256 == sha256, ArtifactOwner.organization == org)
+    )
+    row = (await session.execute(stmt)).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+async def get_prediction_output(
+    session: AsyncSession, org: str, prediction_id: str
+) -> tuple[str, Artifact | None] | None:
+    """A prediction of ``org``'s generations: its status and output artifact, or None."""
+    stmt = (
+        select(Prediction.status, Artifact)
+        .join(Generation, Generation.id == Prediction.generation_id)
+        .outerjoin(Artifact, Artifact.sha256 == Prediction.artifact_sha256)
+        .where(Prediction.id == prediction_id, Generation.organization == org)
     )
     row = (await session.execute(stmt)).one_or_none()
     return None if row is None else (row[0], row[1])

@@ -106,6 +106,7 @@ def generation_row(
 ) -> dict[str, Any]:
     """A generation's own row; the owner and lease are cleared once it is done."""
     done = generation.done
+    refinement = generation.refinement
     return {
         "id": generation.id,
         "organization": generation.organization,
@@ -122,6 +123,7 @@ def generation_row(
         "finished_at": generation.finished_at,
         "deadline_at": generation.deadline_at,
         "event_seq": generation.event_seq,
+        "refinement": None if refinement is None else model.to_json(refinement),
         "owner": None if done else owner,
         "lease_expires_at": None if done else lease_expires_at,
     }

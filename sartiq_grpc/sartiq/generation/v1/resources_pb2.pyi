@@ -93,6 +93,13 @@ class ResourceError(_message.Message):
       UNIMPLEMENTED, "transient" UNAVAILABLE (retries were exhausted),
       "capacity" RESOURCE_EXHAUSTED, "not_found" NOT_FOUND, "internal"
       INTERNAL. `metadata["compute_task_id"]` names the compute server's task.
+    * INPUT_UNAVAILABLE - (tasks, predictions) an image reference fetched
+      after the create call (`file://`, `http(s)://`) could not be read or is
+      not an acceptable image. `metadata["field"]` names the parameter,
+      `metadata["cause"]` says why, which also sets the code: "not_found"
+      NOT_FOUND, "forbidden" PERMISSION_DENIED, "too_large",
+      "too_many_redirects" and "invalid_image" INVALID_ARGUMENT, "timeout"
+      DEADLINE_EXCEEDED, "bad_status" and "unreachable" UNAVAILABLE.
     * INTERNAL - an unexpected server error. Code INTERNAL; the message is
       generic and `metadata["correlation_id"]` matches the server's log.
 
@@ -934,7 +941,14 @@ class ComputeTask(_message.Message):
 
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """The parameters exactly as sent to the compute server."""
+        """The parameters exactly as sent to the compute server. Image inputs are
+        `artifact:<sha256>` references once resolved: a `prediction:` reference
+        at create, a `file://` or `http(s)://` one when the server fetched it
+        just before submitting the task (the fetched image becomes an artifact of
+        the organization), and `step:<n>`, the output of step n of the same
+        chain, when that step completes. Each resolution is an event carrying the
+        task with its new parameters.
+        """
 
     @_builtins.property
     def error(self) -> Global___ResourceError:
@@ -1372,6 +1386,7 @@ class Generation(_message.Message):
     FINISH_TIME_FIELD_NUMBER: _builtins.int
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REFINEMENT_FIELD_NUMBER: _builtins.int
     GENERATE_FIELD_NUMBER: _builtins.int
     EDITING_FIELD_NUMBER: _builtins.int
     REFINE_FIELD_NUMBER: _builtins.int
@@ -1442,6 +1457,10 @@ class Generation(_message.Message):
         """
 
     @_builtins.property
+    def refinement(self) -> Global___Refine:
+        """STRATEGY_REFINE only: the refinement as resolved at create."""
+
+    @_builtins.property
     def generate(self) -> Global___GenerateParams:
         """Set for STRATEGY_GENERATE."""
 
@@ -1489,6 +1508,7 @@ class Generation(_message.Message):
         finish_time: _timestamp_pb2.Timestamp | None = ...,
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
         last_event_sequence: _builtins.int = ...,
+        refinement: Global___Refine | None = ...,
         generate: Global___GenerateParams | None = ...,
         editing: Global___EditingParams | None = ...,
         refine: Global___RefineParams | None = ...,
@@ -1497,15 +1517,91 @@ class Generation(_message.Message):
         image_adjusting: Global___ImageAdjustingParams | None = ...,
         face_fixing: Global___FaceFixingParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["background_fixing", b"background_fixing", "create_time", b"create_time", "deadline_time", b"deadline_time", "editing", b"editing", "error", b"error", "face_fixing", b"face_fixing", "finish_time", b"finish_time", "generate", b"generate", "image_adjusting", b"image_adjusting", "orchestration", b"orchestration", "params", b"params", "prediction_counts", b"prediction_counts", "refine", b"refine", "start_time", b"start_time", "video", b"video"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["background_fixing", b"background_fixing", "create_time", b"create_time", "deadline_time", b"deadline_time", "editing", b"editing", "error", b"error", "face_fixing", b"face_fixing", "finish_time", b"finish_time", "generate", b"generate", "image_adjusting", b"image_adjusting", "orchestration", b"orchestration", "params", b"params", "prediction_counts", b"prediction_counts", "refine", b"refine", "refinement", b"refinement", "start_time", b"start_time", "video", b"video"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_fixing", b"background_fixing", "create_time", b"create_time", "deadline_time", b"deadline_time", "done", b"done", "editing", b"editing", "error", b"error", "face_fixing", b"face_fixing", "finish_time", b"finish_time", "generate", b"generate", "id", b"id", "image_adjusting", b"image_adjusting", "labels", b"labels", "last_event_sequence", b"last_event_sequence", "orchestration", b"orchestration", "organization", b"organization", "params", b"params", "prediction_counts", b"prediction_counts", "predictions", b"predictions", "refine", b"refine", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "strategy", b"strategy", "type", b"type", "video", b"video"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_fixing", b"background_fixing", "create_time", b"create_time", "deadline_time", b"deadline_time", "done", b"done", "editing", b"editing", "error", b"error", "face_fixing", b"face_fixing", "finish_time", b"finish_time", "generate", b"generate", "id", b"id", "image_adjusting", b"image_adjusting", "labels", b"labels", "last_event_sequence", b"last_event_sequence", "orchestration", b"orchestration", "organization", b"organization", "params", b"params", "prediction_counts", b"prediction_counts", "predictions", b"predictions", "refine", b"refine", "refinement", b"refinement", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "strategy", b"strategy", "type", b"type", "video", b"video"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_params: _TypeAlias = _typing.Literal["generate", "editing", "refine", "video", "background_fixing", "image_adjusting", "face_fixing"]  # noqa: Y015
     _WhichOneofArgType_params: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_params) -> _WhichOneofReturnType_params | None: ...
 
 Global___Generation: _TypeAlias = Generation  # noqa: Y015
+
+@_typing.final
+class Refine(_message.Message):
+    """The record a REFINE generation keeps of its refinement: the input as
+    resolved at create and the effective settings. Creation-time input: it
+    never changes after the EVENT_KIND_GENERATION_CREATED event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_IMAGE_URL_FIELD_NUMBER: _builtins.int
+    BASE_IMAGE_SHA256_FIELD_NUMBER: _builtins.int
+    BASE_WIDTH_FIELD_NUMBER: _builtins.int
+    BASE_HEIGHT_FIELD_NUMBER: _builtins.int
+    OUTPUT_WIDTH_FIELD_NUMBER: _builtins.int
+    OUTPUT_HEIGHT_FIELD_NUMBER: _builtins.int
+    UPSCALE_ENABLED_FIELD_NUMBER: _builtins.int
+    UPSCALE_FACTOR_FIELD_NUMBER: _builtins.int
+    UPSCALE_STEPS_FIELD_NUMBER: _builtins.int
+    UPSCALE_DENOISE_FIELD_NUMBER: _builtins.int
+    FACE_DETAIL_ENABLED_FIELD_NUMBER: _builtins.int
+    FACE_DETAIL_STEPS_FIELD_NUMBER: _builtins.int
+    base_image_url: _builtins.str
+    """The input as the request named it (`RefineParams.base_image_url`)."""
+    base_image_sha256: _builtins.str
+    """SHA-256 of the input image when it was resolved at create (a
+    `prediction:` or `artifact:` reference); empty for `file://` and
+    `http(s)://` inputs, fetched later: their hash is in each output's
+    `Recipe.input_sha256`.
+    """
+    base_width: _builtins.int
+    """Size of the input image when known at create, else 0."""
+    base_height: _builtins.int
+    """Height of the input image when known at create, else 0."""
+    output_width: _builtins.int
+    """Output size derived by the precedence `RefineParams` documents, when it
+    could be derived at create (targets given, or the input size known);
+    else 0, and it is derived when the task runs.
+    """
+    output_height: _builtins.int
+    """Output height, as `output_width`."""
+    upscale_enabled: _builtins.bool
+    """Whether the upscale pass runs."""
+    upscale_factor: _builtins.float
+    """Effective upscale factor (default applied)."""
+    upscale_steps: _builtins.int
+    """Effective number of upscale stages."""
+    upscale_denoise: _builtins.float
+    """Effective denoise strength per stage."""
+    face_detail_enabled: _builtins.bool
+    """Whether the face-detail pass runs."""
+    face_detail_steps: _builtins.int
+    """Effective steps of the face-detail pass."""
+    def __init__(
+        self,
+        *,
+        base_image_url: _builtins.str = ...,
+        base_image_sha256: _builtins.str = ...,
+        base_width: _builtins.int = ...,
+        base_height: _builtins.int = ...,
+        output_width: _builtins.int = ...,
+        output_height: _builtins.int = ...,
+        upscale_enabled: _builtins.bool = ...,
+        upscale_factor: _builtins.float = ...,
+        upscale_steps: _builtins.int = ...,
+        upscale_denoise: _builtins.float = ...,
+        face_detail_enabled: _builtins.bool = ...,
+        face_detail_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_height", b"base_height", "base_image_sha256", b"base_image_sha256", "base_image_url", b"base_image_url", "base_width", b"base_width", "face_detail_enabled", b"face_detail_enabled", "face_detail_steps", b"face_detail_steps", "output_height", b"output_height", "output_width", b"output_width", "upscale_denoise", b"upscale_denoise", "upscale_enabled", b"upscale_enabled", "upscale_factor", b"upscale_factor", "upscale_steps", b"upscale_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Refine: _TypeAlias = Refine  # noqa: Y015
 
 @_typing.final
 class GenerationEvent(_message.Message):
@@ -1522,8 +1618,10 @@ class GenerationEvent(_message.Message):
     * children: a generation's `predictions`; a prediction's `tasks` and
       `agentic.attempts` (each child has events of its own);
     * creation-time inputs, which never change: a generation's `params`,
-      `labels`, `orchestration`, `request_id` and `organization`; a task's
-      `parameters` (sent only in the event that adds the task).
+      `refinement`, `labels`, `orchestration`, `request_id` and
+      `organization`;
+    * a task's `parameters`, sent in the event that adds the task and in each
+      event that resolves one of its image inputs.
 
     Finally set `last_event_sequence` and `prediction_counts` from the last
     event. The result equals `GetGeneration` field by field.
