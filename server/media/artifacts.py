@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from server.domain.model import Artifact
+from server.domain.recorder import utcnow
+from server.media.images import ImageInfo
+
 _EXTENSIONS = {
     "image/png": ".png",
     "image/jpeg": ".jpg",
@@ -63,6 +67,18 @@ class StoredBlob:
     size_bytes: int
     uri: str
     path: Path
+
+    def image_artifact(self, info: ImageInfo) -> Artifact:
+        """The artifact record of this blob holding the probed image ``info``."""
+        return Artifact(
+            sha256=self.sha256,
+            mime_type=info.mime_type,
+            size_bytes=self.size_bytes,
+            width=info.width,
+            height=info.height,
+            uri=self.uri,
+            created_at=utcnow(),
+        )
 
 
 class FileArtifactStore:
