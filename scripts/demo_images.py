@@ -1,6 +1,6 @@
-"""Write two small reference photos for the README tour: a model and a garment.
+"""Write the small pictures of the README tour: a model, a garment and a portrait.
 
-Usage: python scripts/demo_images.py OUTPUT_DIR
+Usage: python -m scripts.demo_images OUTPUT_DIR
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from scripts.faces import face_image
 
 
 def _model(path: Path) -> None:
@@ -32,12 +34,13 @@ def _garment(path: Path) -> None:
 
 
 def main(out: Path) -> None:
-    """Write model.png and dress.png into ``out``."""
+    """Write model.png, dress.png and portrait.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     _model(out / "model.png")
     _garment(out / "dress.png")
-    print(out / "model.png")
-    print(out / "dress.png")
+    face_image(320, 320).save(out / "portrait.png")
+    for name in ("model.png", "dress.png", "portrait.png"):
+        print(out / name)
 
 
 if __name__ == "__main__":

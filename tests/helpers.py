@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import time
+import warnings
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import imageio_ffmpeg
+import numpy as np
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from google.rpc import error_details_pb2, status_pb2
@@ -199,3 +204,20 @@ async def watch_all(
         )
     )
     return [item.event async for item in call if item.HasField("event")]
+
+
+def read_mp4(data: bytes, tmp_path: Path) -> tuple[dict[str, Any], list[np.ndarray[Any, Any]]]:
+    """Decode an MP4 with the bundled ffmpeg: its metadata and every frame as int16 HxWx3."""
+    path = tmp_path / "read.mp4"
+    path.write_bytes(data)
+    # read_frames leaves ffmpeg's pipes to the garbage collector once ffmpeg has exited by
+    # itself (imageio-ffmpeg 0.6-0.8); that ResourceWarning is not about the code under test.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta: dict[str, Any] = next(reader)
+        w, h = meta["size"]
+        frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3).astype(np.int16) for f in reader]
+        del reader
+        gc.collect()
+    return meta, frames

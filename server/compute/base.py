@@ -61,6 +61,8 @@ class OutputFile:
     seed: int
     duration_s: float | None = None
     frame_count: int = 0
+    # Findings worth telling the caller, e.g. "no face detected; the image is unchanged".
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

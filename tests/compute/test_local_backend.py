@@ -101,8 +101,12 @@ async def test_missing_reference_fails_with_validation() -> None:
         await backend.aclose()
 
 
+def _nothing(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+    return []
+
+
 async def test_unknown_ids_and_unsupported_types() -> None:
-    backend = _backend_with()
+    backend = _backend_with(_nothing)  # registers GENERATION only
     try:
         with pytest.raises(UnknownComputeTaskError):
             async for _ in backend.watch("nope"):

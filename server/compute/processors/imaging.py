@@ -5,7 +5,13 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import io
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
+import cv2
+import imageio_ffmpeg
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
@@ -13,9 +19,22 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from server.compute.registry import ProcessorError
 
 F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+_FFMPEG_TIMEOUT_S = 60.0
+# Major brands of MP4 files (ISO base media); HEIF/AVIF images share the container.
+_MP4_BRANDS = frozenset(
+    {
+        *(b"isom", b"iso2", b"iso3", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"mp71"),
+        *(b"avc1", b"M4V ", b"M4VP", b"dash", b"mmp4", b"MSNV"),
+    }
+)
+# The size in ffmpeg's description of a video stream, e.g. "Video: h264 (High) ..., 1280x720 [".
+_VIDEO_SIZE = re.compile(r"Stream #[^\n]*?Video:[^\n]*?[ ,]([1-9]\d{0,5})x([1-9]\d{0,5})\b")
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Placeholder shapes "colour kind x y x y ...;" in percent of the canvas; kind P polygon,
 # M polygon plus its mirror image, E ellipse bounding box.
 _FIGURE = (
@@ -47,6 +66,135 @@ def decode(data: bytes, max_pixels: int, side: int) -> Image.Image:
         raise ProcessorError("validation", f"undecodable reference image: {exc}") from exc
     out.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=3.0)
     return out
+
+
+def decode_input(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode a task's input image: PNG, JPEG, WebP or the first frame of an MP4 video.
+
+    The pixel count is checked from the header (or the video stream's metadata) before any
+    pixel is decoded, so an oversized input costs nothing. JPEG (and any EXIF carrying)
+    images are turned upright by their EXIF orientation.
+
+    Args:
+        data: The encoded bytes.
+        max_pixels: Largest accepted width x height.
+
+    Returns:
+        A loaded image of mode "RGBA" when the input carries transparency, else "RGB".
+
+    Raises:
+        ProcessorError: With category "validation" for another format, undecodable data or
+            more than ``max_pixels`` pixels.
+    """
+    if data[4:8] == b"ftyp":  # ISO base media file: MP4, but also HEIF/AVIF images
+        if data[8:12] not in _MP4_BRANDS:
+            brand = data[8:12].decode("ascii", "replace")
+            raise ProcessorError("validation", f"unsupported input file type {brand!r}")
+        return _first_video_frame(data, max_pixels)
+    try:
+        with Image.open(io.BytesIO(data), formats=_INPUT_FORMATS) as img:
+            if img.width * img.height > max_pixels:
+                raise ProcessorError(
+                    "validation", f"input image {img.width}x{img.height} has too many pixels"
+                )
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+    except (*_BAD_IMAGE, Image.DecompressionBombWarning) as exc:
+        raise ProcessorError(
+            "validation", f"undecodable input image (PNG, JPEG, WebP or MP4 expected): {exc}"
+        ) from exc
+    if upright.mode in _WIDE_GREY:
+        grey = np.asarray(upright, dtype=np.float64)
+        scale = 255.0 / 65535.0 if float(grey.max(initial=0.0)) > 255.0 else 1.0
+        upright = Image.fromarray(np.clip(grey * scale + 0.5, 0, 255).astype(np.uint8))
+    return upright.convert("RGBA" if upright.has_transparency_data else "RGB")
+
+
+def _first_video_frame(data: bytes, max_pixels: int) -> Image.Image:
+    """The first frame of a video, decoded by imageio-ffmpeg's bundled ffmpeg.
+
+    ffmpeg first only reads the stream headers (the frame size is checked), then decodes
+    exactly one frame to an 8-bit RGB PNG on its stdout; both runs are time limited.
+    """
+    exe = imageio_ffmpeg.get_ffmpeg_exe()
+    with tempfile.TemporaryDirectory(prefix="sartiq-input-") as tmp:
+        path = Path(tmp) / "input.mp4"
+        path.write_bytes(data)
+        probe = _ffmpeg([exe, "-hide_banner", "-nostdin", "-i", str(path)])
+        found = _VIDEO_SIZE.search(probe.stderr.decode("utf-8", "replace"))
+        if found is None:
+            raise ProcessorError("validation", "undecodable input video: no video stream")
+        width, height = int(found[1]), int(found[2])
+        if width * height > max_pixels:
+            raise ProcessorError(
+                "validation", f"input video frame {width}x{height} has too many pixels"
+            )
+        first = [exe, "-v", "error", "-nostdin", "-i", str(path), "-map", "0:v:0"]
+        first += ["-frames:v", "1", "-pix_fmt", "rgb24", "-f", "image2pipe", "-c:v", "png", "-"]
+        decoded = _ffmpeg(first)
+    if decoded.returncode != 0 or not decoded.stdout:
+        detail = decoded.stderr.decode("utf-8", "replace").strip()[-300:]
+        raise ProcessorError("validation", f"undecodable input video: {detail or 'no frame'}")
+    try:
+        with Image.open(io.BytesIO(decoded.stdout), formats=("PNG",)) as frame:
+            if frame.width * frame.height > max_pixels:
+                raise ProcessorError("validation", "input video frame has too many pixels")
+            return frame.convert("RGB")
+    except _BAD_IMAGE as exc:
+        raise ProcessorError("validation", f"undecodable input video frame: {exc}") from exc
+
+
+def _ffmpeg(cmd: list[str]) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=_FFMPEG_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ProcessorError("validation", "input video took too long to decode") from exc
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """Encode losslessly as PNG (deterministic for the same pixels)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=4)
+    return buf.getvalue()
+
+
+def split_alpha(img: Image.Image) -> tuple[F32, F32 | None]:
+    """RGB as float32 in [0, 1], and the alpha channel when the image has one."""
+    arr = to_f32(img.convert("RGBA") if img.mode not in ("RGB", "RGBA") else img)
+    if arr.shape[2] == 4:
+        return np.ascontiguousarray(arr[..., :3]), np.ascontiguousarray(arr[..., 3])
+    return arr, None
+
+
+def join_alpha(rgb: F32, alpha: F32 | None) -> Image.Image:
+    """The inverse of ``split_alpha``: an RGB or RGBA 8-bit image."""
+    if alpha is None:
+        return Image.fromarray(to_u8(rgb))
+    return Image.fromarray(to_u8(np.concatenate([rgb, alpha[..., None]], axis=-1)))
+
+
+def gaussian(arr: F32, sigma: float) -> F32:
+    """Full precision Gaussian blur (reflected borders) of a float image or mask."""
+    if sigma <= 0:
+        return arr.copy()
+    return np.asarray(cv2.GaussianBlur(arr, (0, 0), sigma), dtype=np.float32)
+
+
+def unsharp_luma(rgb: F32, amount: float, sigma: float) -> F32:
+    """Unsharp mask on luminance only: ``amount`` times the luma detail is added to each channel.
+
+    Colours keep their chroma; the result is clipped to [0, 1].
+    """
+    luma = np.ascontiguousarray(rgb @ LUMA)
+    detail = luma - gaussian(luma, sigma)
+    out: F32 = np.clip(rgb + amount * detail[..., None], 0.0, 1.0)
+    return out.astype(np.float32)
 
 
 def smoothstep(lo: float, hi: float, x: F32) -> F32:

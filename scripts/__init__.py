@@ -1,0 +1,1 @@
+"""Developer scripts: stub generation, migrations, demo pictures."""
