@@ -22,8 +22,11 @@ from server.compute.processors.tasks import default_registry
 from server.config import Settings
 from server.domain.enums import GenerationType
 from server.media.artifacts import FileArtifactStore
+from server.media.fetch import Fetcher, InputFetcher
+from server.media.references import ReferencePolicy
 from server.orchestration.base_flow import BaseWorkflow
 from server.orchestration.engine import Engine
+from server.orchestration.inputs import InputPreparer
 from server.orchestration.service import GenerationService
 from server.orchestration.steps import TaskRunner
 from server.orchestration.watch import Watcher
@@ -38,8 +41,14 @@ from server.store.events import EventBus
 from server.store.migrate import upgrade_to_head
 from server.store.sessions import Store
 from server.store.writer import Writer, WriterStats
+from server.strategies.adjusting import ImageAdjustingStrategy
+from server.strategies.background import BackgroundFixingStrategy
 from server.strategies.base import StrategyRegistry
+from server.strategies.editing import EditingStrategy
+from server.strategies.face import FaceFixingStrategy
 from server.strategies.generate import GenerateStrategy
+from server.strategies.refine import RefineStrategy
+from server.strategies.video import VideoStrategy
 
 log = logging.getLogger(__name__)
 _ARTIFACT_URI = re.compile(r"artifact:([0-9a-f]{64})")
@@ -81,11 +90,21 @@ class App:
     Args:
         settings: every setting, parsed once by the caller.
         compute: a compute backend to use instead of the configured one (tests, benchmarks).
+        fetcher: what fetches ``file://`` and ``http(s)://`` image inputs instead of the
+            real fetcher (tests).
     """
 
-    def __init__(self, settings: Settings, *, compute: ComputeBackend | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        compute: ComputeBackend | None = None,
+        fetcher: InputFetcher | None = None,
+    ) -> None:
         self.settings = settings
         self._compute_override = compute
+        self._fetcher_override = fetcher
+        self._fetcher: Fetcher | None = None
         self._db: AsyncEngine | None = None
         self._bus: EventBus | None = None
         self._writer: Writer | None = None
@@ -132,13 +151,28 @@ class App:
         if swept:
             log.info("removed %d stale temporary artifact files", swept)
         self._compute = self._compute_override or _local_backend(s, files)
-        self._engine = self._build_engine(store, self._writer, self._compute, files)
+        policy = ReferencePolicy.from_settings(s.media)
+        fetcher = self._fetcher_override
+        if fetcher is None:
+            fetcher = self._fetcher = Fetcher.from_settings(s.media)
+        inputs = InputPreparer(fetcher, files, policy, s.media)
+        self._engine = self._build_engine(store, self._writer, self._compute, files, inputs)
         catalog = CatalogService(store, self._writer, files, media=s.media)
         services = Services(
             generations=GenerationService(
                 store,
                 self._engine,
-                StrategyRegistry([GenerateStrategy()]),
+                StrategyRegistry(
+                    [
+                        GenerateStrategy(),
+                        EditingStrategy(policy),
+                        RefineStrategy(policy),
+                        VideoStrategy(policy),
+                        BackgroundFixingStrategy(policy),
+                        ImageAdjustingStrategy(policy),
+                        FaceFixingStrategy(policy),
+                    ]
+                ),
                 catalog,
                 settings=s.orchestration,
                 media=s.media,
@@ -157,11 +191,16 @@ class App:
         log.info("serving on %s:%d", s.server.host, self._grpc.port)
 
     def _build_engine(
-        self, store: Store, writer: Writer, compute: ComputeBackend, files: FileArtifactStore
+        self,
+        store: Store,
+        writer: Writer,
+        compute: ComputeBackend,
+        files: FileArtifactStore,
+        inputs: InputPreparer,
     ) -> Engine:
         s = self.settings
         slots = asyncio.Semaphore(s.orchestration.max_tasks_in_flight)
-        runner = TaskRunner(compute, files, slots, settings=s.orchestration)
+        runner = TaskRunner(compute, files, inputs, slots, settings=s.orchestration)
         workflows = WorkflowRegistry({GenerationType.BASE: BaseWorkflow(runner)})
         # One process per SQLite file: any other holder of a lease is our dead predecessor.
         return Engine(
@@ -213,6 +252,8 @@ class App:
             await self._writer.shutdown()  # what workflows queued is committed first
         if self._compute is not None:
             await self._compute.aclose()
+        if self._fetcher is not None:
+            await self._fetcher.aclose()
         if self._db is not None:
             await self._db.dispose()
         log.info("stopped")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
@@ -34,7 +34,7 @@ CREATE_METHODS = {
 }
 
 
-def _create_rpc(strategy: Strategy, response: type[Any], decode: Any) -> Any:
+def _create_rpc(strategy: Strategy, response: type[Any], decode: Callable[[Any], Any]) -> Any:
     """The create method of one strategy: options and params decoded, the service called."""
 
     async def create(self: GenerationServicer, request: Any, context: Context) -> Any:
@@ -42,7 +42,7 @@ def _create_rpc(strategy: Strategy, response: type[Any], decode: Any) -> Any:
             current_organization(),
             strategy,
             requests.create_options(request),
-            decode(request.params) if decode is not None else request.params,
+            decode(request.params),
         )
         return response(generation=encode.generation(generation))
 
@@ -61,21 +61,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     CreateGenerateGeneration = _create_rpc(
         Strategy.GENERATE, pb.CreateGenerateGenerationResponse, requests.generate_input
     )
-    # Decoded by their strategies once they exist; until then the service answers
-    # UNIMPLEMENTED (naming the strategy) before looking at the parameters.
     CreateEditingGeneration = _create_rpc(
-        Strategy.EDITING, pb.CreateEditingGenerationResponse, None
+        Strategy.EDITING, pb.CreateEditingGenerationResponse, requests.editing_input
     )
-    CreateRefineGeneration = _create_rpc(Strategy.REFINE, pb.CreateRefineGenerationResponse, None)
-    CreateVideoGeneration = _create_rpc(Strategy.VIDEO, pb.CreateVideoGenerationResponse, None)
+    CreateRefineGeneration = _create_rpc(
+        Strategy.REFINE, pb.CreateRefineGenerationResponse, requests.refine_input
+    )
+    CreateVideoGeneration = _create_rpc(
+        Strategy.VIDEO, pb.CreateVideoGenerationResponse, requests.video_input
+    )
     CreateBackgroundFixingGeneration = _create_rpc(
-        Strategy.BACKGROUND_FIXING, pb.CreateBackgroundFixingGenerationResponse, None
+        Strategy.BACKGROUND_FIXING,
+        pb.CreateBackgroundFixingGenerationResponse,
+        requests.background_fixing_input,
     )
     CreateImageAdjustingGeneration = _create_rpc(
-        Strategy.IMAGE_ADJUSTING, pb.CreateImageAdjustingGenerationResponse, None
+        Strategy.IMAGE_ADJUSTING,
+        pb.CreateImageAdjustingGenerationResponse,
+        requests.image_adjusting_input,
     )
     CreateFaceFixingGeneration = _create_rpc(
-        Strategy.FACE_FIXING, pb.CreateFaceFixingGenerationResponse, None
+        Strategy.FACE_FIXING, pb.CreateFaceFixingGenerationResponse, requests.face_fixing_input
     )
 
     @unary

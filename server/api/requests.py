@@ -15,11 +15,21 @@ from google.protobuf.message import Message
 
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
 from server.contract.enums import from_proto
-from server.domain.enums import GenerationStatus, GenerationType, Strategy
+from server.domain.enums import EditingTool, GenerationStatus, GenerationType, Strategy
 from server.domain.errors import Violations
 from server.domain.filters import GenerationFilter
 from server.strategies.common import check_labels
-from server.strategies.inputs import AgenticInput, CreateOptions, GenerateInput
+from server.strategies.inputs import (
+    AgenticInput,
+    BackgroundFixingInput,
+    CreateOptions,
+    EditingInput,
+    FaceFixingInput,
+    GenerateInput,
+    ImageAdjustingInput,
+    RefineInput,
+    VideoInput,
+)
 
 MAX_FILTER_VALUES = 16
 # What a Timestamp may hold (0001-01-01 to 9999-12-31, as the protobuf spec says).
@@ -102,6 +112,88 @@ def generate_input(params: resources_pb2.GenerateParams) -> GenerateInput:
         style_lora_weight=_optional(params, "style_lora_weight"),
         negative_prompt=params.negative_prompt,
         steps=params.steps,
+    )
+
+
+def editing_input(params: resources_pb2.EditingParams) -> EditingInput:
+    """The EDITING parameters as the strategy reads them (an unknown tool is unset)."""
+    return EditingInput(
+        base_img_path=params.base_img_path,
+        reference_images=tuple(params.reference_images),
+        subject_id=params.subject_id,
+        product_id=params.product_id,
+        tool=from_proto(params.tool, EditingTool),
+        width=params.width,
+        height=params.height,
+        detail_enhancer=params.detail_enhancer,
+        seed=_optional(params, "seed"),
+        prompt=params.prompt,
+    )
+
+
+def refine_input(params: resources_pb2.RefineParams) -> RefineInput:
+    """The REFINE parameters as the strategy reads them."""
+    return RefineInput(
+        base_image_url=params.base_image_url,
+        batch_size=params.batch_size,
+        target_width=params.target_width,
+        target_height=params.target_height,
+        upscale_enabled=params.upscale_enabled,
+        upscale_factor=params.upscale_factor,
+        upscale_steps=params.upscale_steps,
+        upscale_denoise=_optional(params, "upscale_denoise"),
+        face_detail_enabled=params.face_detail_enabled,
+        face_detail_steps=params.face_detail_steps,
+        seed=_optional(params, "seed"),
+    )
+
+
+def video_input(params: resources_pb2.VideoParams) -> VideoInput:
+    """The VIDEO parameters as the strategy reads them (duration in seconds)."""
+    v = Violations()
+    duration = None
+    if params.HasField("duration"):
+        duration = duration_seconds(params.duration, "params.duration", v)
+    return VideoInput(
+        base_image_url=params.base_image_url,
+        motion_bucket_id=params.motion_bucket_id,
+        fps=params.fps,
+        duration_s=duration,
+        seed=_optional(params, "seed"),
+        problems=tuple(v.items),
+    )
+
+
+def background_fixing_input(params: resources_pb2.BackgroundFixingParams) -> BackgroundFixingInput:
+    """The BACKGROUND_FIXING parameters as the strategy reads them."""
+    return BackgroundFixingInput(
+        base_image_url=params.base_image_url,
+        background_prompt=params.background_prompt,
+        background_image_url=params.background_image_url,
+        mask_expansion=params.mask_expansion,
+        seed=_optional(params, "seed"),
+    )
+
+
+def image_adjusting_input(params: resources_pb2.ImageAdjustingParams) -> ImageAdjustingInput:
+    """The IMAGE_ADJUSTING parameters as the strategy reads them."""
+    return ImageAdjustingInput(
+        base_image_url=params.base_image_url,
+        brightness=_optional(params, "brightness"),
+        contrast=_optional(params, "contrast"),
+        saturation=_optional(params, "saturation"),
+        prompt=params.prompt,
+        seed=_optional(params, "seed"),
+    )
+
+
+def face_fixing_input(params: resources_pb2.FaceFixingParams) -> FaceFixingInput:
+    """The FACE_FIXING parameters as the strategy reads them."""
+    return FaceFixingInput(
+        base_image_url=params.base_image_url,
+        strength=_optional(params, "strength"),
+        prompt=params.prompt,
+        seed=_optional(params, "seed"),
     )
 
 

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from server.config import MediaSettings
 from server.domain import model
 from server.domain.errors import InvalidArgumentError, NotFoundError, Violations
-from server.domain.model import Artifact
-from server.domain.recorder import utcnow
 from server.media.artifacts import FileArtifactStore, Upload
 from server.media.images import InvalidImageError, probe_image
 from server.store import mapping, repository, rows
@@ -81,15 +79,7 @@ class ArtifactService:
         except BaseException:
             await asyncio.to_thread(upload.discard)
             raise
-        artifact = Artifact(
-            sha256=blob.sha256,
-            mime_type=info.mime_type,
-            size_bytes=blob.size_bytes,
-            width=info.width,
-            height=info.height,
-            uri=blob.uri,
-            created_at=utcnow(),
-        )
+        artifact = blob.image_artifact(info)
         await self._writer.write(rows.upload_ops(org, artifact))
         return await self.get(org, blob.sha256)  # as first stored, if it was already
 

@@ -11,6 +11,7 @@ import asyncio
 from server.domain.enums import PredictionStatus
 from server.domain.model import Prediction
 from server.orchestration.closing import settle
+from server.orchestration.inputs import chain_output
 from server.orchestration.live import LiveGeneration, Stopped
 from server.orchestration.steps import TaskRunner
 
@@ -46,9 +47,13 @@ class BaseWorkflow:
                         prediction, PredictionStatus.ERROR, error=outcome.error
                     )
                     break
-                if task is prediction.tasks[-1] and outcome.artifact is not None:
+                if outcome.artifact is None:
+                    continue
+                if task is prediction.tasks[-1]:
                     prediction.artifact = outcome.artifact
                     live.recorder.prediction_status(prediction, PredictionStatus.COMPLETED)
+                else:
+                    chain_output(live, prediction, task, outcome.artifact)
             if any(not p.done for p in live.generation.predictions):
                 live.flush_soon()  # others still run: let watchers see this one now
         except Stopped:

@@ -84,6 +84,7 @@ def build_generation(
         labels=dict(sorted(options.labels.items())),
         predictions=predictions,
         deadline_at=now + timedelta(seconds=timeout) if timeout else None,
+        refinement=plan.refinement,
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.config import MediaSettings, OrchestrationSettings
-from server.domain.enums import GenerationType, Strategy, TaskType
+from server.domain.enums import CatalogKind, GenerationType, PredictionStatus, Strategy, TaskType
 from server.domain.errors import (
     AlreadyExistsError,
     NotFoundError,
@@ -17,7 +17,7 @@ from server.domain.errors import (
 )
 from server.domain.filters import GenerationFilter
 from server.domain.ids import IdSource
-from server.domain.model import Generation
+from server.domain.model import Artifact, CatalogEntity, Generation
 from server.domain.paging import Cursor, paginate, query_key
 from server.orchestration.blueprint import build_generation, fingerprint
 from server.orchestration.engine import Engine
@@ -25,7 +25,13 @@ from server.orchestration.live import LiveGeneration
 from server.store import mapping, repository
 from server.store.sessions import Store
 from server.store.writer import DuplicateKeyError
-from server.strategies.base import TASK_TYPES, CatalogLookup, FieldLimit, StrategyRegistry
+from server.strategies.base import (
+    TASK_TYPES,
+    EntityLookup,
+    FieldLimit,
+    PredictionOutput,
+    StrategyRegistry,
+)
 from server.strategies.common import check_labels, validate_options
 from server.strategies.inputs import CreateOptions
 
@@ -62,7 +68,7 @@ class GenerationService:
         store: Store,
         engine: Engine,
         strategies: StrategyRegistry,
-        catalog: CatalogLookup,
+        catalog: EntityLookup,
         *,
         settings: OrchestrationSettings,
         media: MediaSettings,
@@ -71,7 +77,7 @@ class GenerationService:
         self._store = store
         self._engine = engine
         self._strategies = strategies
-        self._catalog = catalog
+        self._lookups = _StoreLookups(catalog, store)
         self._settings = settings
         self._media = media
         self._compute_backend = compute_backend
@@ -98,7 +104,8 @@ class GenerationService:
 
         Raises:
             InvalidArgumentError: every offending field, at once.
-            NotFoundError: a referenced catalog entity does not exist.
+            NotFoundError: a referenced catalog entity, prediction or artifact does not exist.
+            FailedPreconditionError: a referenced prediction has not completed.
             AlreadyExistsError: the request_id was used for a different request.
             ResourceExhaustedError: too many generations are in progress.
             UnimplementedError: the strategy or orchestration type is not available yet.
@@ -111,7 +118,7 @@ class GenerationService:
         self._engine.workflows.get(orchestration.type)
         digest = fingerprint(strategy, options, params)
         if options.validate_only:
-            plan = await handler.plan(self._catalog, org, params)
+            plan = await handler.plan(self._lookups, org, params)
             return build_generation(
                 self._ids, org, strategy, options, orchestration, params, plan, digest, preview=True
             )
@@ -121,7 +128,7 @@ class GenerationService:
             if existing is not None:
                 return existing
         self._admit()
-        plan = await handler.plan(self._catalog, org, params)
+        plan = await handler.plan(self._lookups, org, params)
         generation = build_generation(
             self._ids, org, strategy, options, orchestration, params, plan, digest
         )
@@ -244,6 +251,34 @@ class GenerationService:
             live = LiveGeneration(stored, self._engine.writer)
             self._engine.launch(live)
         return await self._engine.cancel(live)
+
+
+class _StoreLookups:
+    """What strategies look up at create: catalog entities (cached), earlier outputs, artifacts."""
+
+    def __init__(self, catalog: EntityLookup, store: Store) -> None:
+        self._catalog = catalog
+        self._store = store
+
+    async def entity(self, org: str, kind: CatalogKind, entity_id: str) -> CatalogEntity | None:
+        """The catalog entity, or None."""
+        return await self._catalog.entity(org, kind, entity_id)
+
+    async def prediction_output(self, org: str, prediction_id: str) -> PredictionOutput | None:
+        """An earlier prediction of ``org``'s: its status and output, or None."""
+        async with self._store.read() as session:
+            found = await repository.get_prediction_output(session, org, prediction_id)
+        if found is None:
+            return None
+        status, artifact = found
+        output = None if artifact is None else mapping.artifact(artifact)
+        return PredictionOutput(PredictionStatus(status), output)
+
+    async def artifact(self, org: str, sha256: str) -> Artifact | None:
+        """An artifact ``org`` owns, or None."""
+        async with self._store.read() as session:
+            owned = await repository.get_owned_artifact(session, org, sha256)
+        return None if owned is None else mapping.artifact(*owned)
 
 
 def _retrieve(future: asyncio.Future[Generation]) -> None:

@@ -13,7 +13,6 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from server.compute.base import (
     ComputeBackend,
@@ -27,6 +26,7 @@ from server.domain.enums import EventKind, GenerationStatus, PredictionStatus, T
 from server.domain.model import Artifact, ComputeTask, Prediction, Recipe, ResourceError
 from server.domain.recorder import utcnow
 from server.media.artifacts import FileArtifactStore
+from server.orchestration.inputs import InputPreparer, input_hashes
 from server.orchestration.live import LiveGeneration
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,14 @@ class TaskRunner:
         self,
         compute: ComputeBackend,
         files: FileArtifactStore,
+        inputs: InputPreparer,
         slots: asyncio.Semaphore,
         *,
         settings: OrchestrationSettings,
     ) -> None:
         self._compute = compute
         self._files = files
+        self._inputs = inputs
         self._slots = slots
         self._progress_interval = settings.progress_interval
 
@@ -78,6 +80,10 @@ class TaskRunner:
         self, live: LiveGeneration, prediction: Prediction, task: ComputeTask
     ) -> TaskOutcome:
         live.token.check()
+        if not task.compute_task_id:
+            unavailable = await self._inputs.prepare(live, task)
+            if unavailable is not None:
+                return self._failed(live, prediction, task, unavailable)
         compute_id = task.compute_task_id or await self._submit(live, task)
         if isinstance(compute_id, ResourceError):
             return self._failed(live, prediction, task, compute_id)
@@ -208,6 +214,8 @@ class TaskRunner:
             ),
         )
         live.recorder.artifact_stored(artifact)
+        if output.notes:
+            live.recorder.task_changed(task, note="; ".join(output.notes))
         live.recorder.task_status(task, TaskStatus.COMPLETED)
         return TaskOutcome(artifact=artifact)
 
@@ -223,21 +231,3 @@ async def _close(snapshots: AsyncIterator[TaskSnapshot]) -> None:
     close = getattr(snapshots, "aclose", None)
     if close is not None:
         await close()
-
-
-def input_hashes(params: dict[str, Any]) -> list[str]:
-    """The sha256 of every ``artifact:`` input the parameters name, in order."""
-    found: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, str) and value.startswith("artifact:"):
-            found.append(value.removeprefix("artifact:"))
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(params)
-    return found

@@ -6,9 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from server.domain.enums import CatalogKind, Strategy, TaskType
+from server.domain.enums import CatalogKind, PredictionStatus, Strategy, TaskType
 from server.domain.errors import UnimplementedError, Violations
-from server.domain.model import CatalogEntity
+from server.domain.model import Artifact, CatalogEntity, Refine
 
 # The compute task types each strategy's predictions may run, in chain order.
 TASK_TYPES: dict[Strategy, tuple[TaskType, ...]] = {
@@ -50,16 +50,40 @@ class PlannedPrediction:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What a validated request becomes: one chain of tasks per prediction."""
+    """What a validated request becomes: one task chain per prediction, and records.
+
+    ``refinement`` is the extra record REFINE keeps (its ``Refine``).
+    """
 
     predictions: tuple[PlannedPrediction, ...]
+    refinement: Refine | None = None
 
 
-class CatalogLookup(Protocol):
+@dataclass(frozen=True, slots=True)
+class PredictionOutput:
+    """An earlier prediction as an input: its status and, once COMPLETED, its artifact."""
+
+    status: PredictionStatus
+    artifact: Artifact | None
+
+
+class EntityLookup(Protocol):
     """Where strategies find the catalog entities a request names."""
 
     async def entity(self, org: str, kind: CatalogKind, entity_id: str) -> CatalogEntity | None:
         """The entity, or None when ``org`` has none with this id and kind."""
+        ...
+
+
+class Lookups(EntityLookup, Protocol):
+    """Where strategies find what a request names: catalog entities, earlier outputs."""
+
+    async def prediction_output(self, org: str, prediction_id: str) -> PredictionOutput | None:
+        """A prediction of ``org``'s, or None when it has none with this id."""
+        ...
+
+    async def artifact(self, org: str, sha256: str) -> Artifact | None:
+        """An artifact ``org`` owns, or None."""
         ...
 
 
@@ -76,11 +100,17 @@ class StrategyHandler(Protocol[InputT]):
         """Validate ``raw`` into the stored parameters, defaults filled, recording violations."""
         ...
 
-    async def plan(self, catalog: CatalogLookup, org: str, params: dict[str, Any]) -> Plan:
+    async def plan(self, lookups: Lookups, org: str, params: dict[str, Any]) -> Plan:
         """Load what the parameters reference and plan each prediction's task chain.
 
+        It fills in what is chosen at create (the seed) in ``params``.
+
         Raises:
-            NotFoundError: a referenced entity does not exist for ``org``.
+            NotFoundError: a referenced entity, prediction or artifact does not exist
+                for ``org``.
+            FailedPreconditionError: a referenced prediction has not completed.
+            InvalidArgumentError: a fault only the referenced inputs reveal (e.g. an
+                output size above the limit once the input size is known).
         """
         ...
 

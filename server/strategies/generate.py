@@ -6,11 +6,11 @@ import secrets
 from typing import Any
 
 from server.domain.enums import CatalogKind, Strategy, TaskType
-from server.domain.errors import NotFoundError, Violations
+from server.domain.errors import Violations
 from server.domain.model import CatalogEntity
 from server.strategies.base import (
-    CatalogLookup,
     FieldLimit,
+    Lookups,
     Plan,
     PlannedPrediction,
     PlannedTask,
@@ -22,11 +22,11 @@ from server.strategies.common import (
     check_range,
     check_seed,
 )
+from server.strategies.entities import load_entities, reference_set
 from server.strategies.inputs import GenerateInput
 
 DEFAULT_SIZE = 1024
 DEFAULT_STEPS = 30
-DEFAULT_LORA_WEIGHT = 0.8
 _ENTITIES = (
     ("subject", CatalogKind.SUBJECT),
     ("product", CatalogKind.PRODUCT),
@@ -96,11 +96,11 @@ class GenerateStrategy:
             "steps": steps,
         }
 
-    async def plan(self, catalog: CatalogLookup, org: str, params: dict[str, Any]) -> Plan:
+    async def plan(self, lookups: Lookups, org: str, params: dict[str, Any]) -> Plan:
         """Load the catalog entities, build the prompt, and plan one task per prediction."""
-        entities = await _load_entities(catalog, org, params)
+        entities = await load_entities(lookups, org, params, _ENTITIES)
         references = {
-            name: _reference(entity, params[f"{name}_lora_weight"])
+            name: reference_set(entity, params[f"{name}_lora_weight"])
             for name, entity in entities.items()
         }
         if params["seed"] is None:
@@ -120,37 +120,6 @@ class GenerateStrategy:
             task = PlannedTask(TaskType.GENERATION, {**base, "seed": seed})
             predictions.append(PlannedPrediction(seed, (task,)))
         return Plan(tuple(predictions))
-
-
-async def _load_entities(
-    catalog: CatalogLookup, org: str, params: dict[str, Any]
-) -> dict[str, CatalogEntity]:
-    found: dict[str, CatalogEntity] = {}
-    missing: dict[str, str] = {}
-    for name, kind in _ENTITIES:
-        entity_id = params[f"{name}_id"]
-        if not entity_id:
-            continue
-        entity = await catalog.entity(org, kind, entity_id)
-        if entity is None:
-            missing[f"params.{name}_id"] = entity_id
-        else:
-            found[name] = entity
-    if missing:
-        raise NotFoundError.of("catalog entity", missing)
-    return found
-
-
-def _reference(entity: CatalogEntity, weight: float | None) -> dict[str, Any]:
-    if weight is None:
-        weight = entity.lora_default_weight
-    return {
-        "id": entity.id,
-        "name": entity.name,
-        "images": [f"artifact:{ref.sha256}" for ref in entity.reference_images],
-        "lora_uri": entity.lora_uri,
-        "weight": DEFAULT_LORA_WEIGHT if weight is None else weight,
-    }
 
 
 def build_prompt(params: dict[str, Any], entities: dict[str, CatalogEntity]) -> str:

@@ -39,7 +39,7 @@ async def test_capabilities_say_what_runs(stub: GenerationStub) -> None:
     assert (limits["params.width"].minimum, limits["params.width"].maximum) == (64, 4096)
     assert limits["params.batch_size"].maximum == 16
     editing = by_strategy[enums_pb2.STRATEGY_EDITING]
-    assert not editing.available
+    assert editing.available
     assert list(editing.task_types) == [
         enums_pb2.COMPUTE_TASK_TYPE_EDITING,
         enums_pb2.COMPUTE_TASK_TYPE_DETAIL_ENHANCER,
@@ -50,10 +50,6 @@ async def test_capabilities_say_what_runs(stub: GenerationStub) -> None:
 
 
 async def test_what_capabilities_deny_answers_unimplemented(stub: GenerationStub) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreateEditingGeneration(pb.CreateEditingGenerationRequest())
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert dict(error_info(caught.value).metadata) == {"feature": "STRATEGY_EDITING"}
     request = generate_request("any")
     request.orchestration.type = enums_pb2.GENERATION_TYPE_AGENTIC
     request.params.shot_type_string = "front"

@@ -7,7 +7,6 @@ import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 from google.protobuf import json_format
 from helpers import GenerationStub, wait_terminal
@@ -103,10 +102,3 @@ async def test_resource_echoes_defaults_and_prompt_inputs(
     assert task_params["product"]["weight"] == pytest.approx(0.8)
     done = await wait_terminal(stub, created.generation.id)
     assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED
-
-
-async def test_other_strategies_answer_unimplemented(stub: GenerationStub) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreateVideoGeneration(generation_service_pb2.CreateVideoGenerationRequest())
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "VIDEO" in (caught.value.details() or "")

@@ -1,0 +1,114 @@
+"""EDITING: composite, swap the subject of, or enhance the product in an existing image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.domain.enums import CatalogKind, EditingTool, Strategy, TaskType
+from server.domain.errors import Violations
+from server.media.references import ReferencePolicy
+from server.strategies.base import FieldLimit, Lookups, Plan, PlannedPrediction, PlannedTask
+from server.strategies.common import MAX_SEED, check_dimension, check_length, check_seed
+from server.strategies.entities import load_entities, reference_set
+from server.strategies.images import check_image, choose_seed, resolve_images
+from server.strategies.inputs import EditingInput
+
+MAX_REFERENCES = 8
+DETAIL_STRENGTH = 0.5
+_ENTITIES = (("subject", CatalogKind.SUBJECT), ("product", CatalogKind.PRODUCT))
+
+
+class EditingStrategy:
+    """Validation and planning of EDITING: one prediction, an edit and an optional detail pass."""
+
+    strategy = Strategy.EDITING
+    limits: tuple[FieldLimit, ...] = (
+        FieldLimit("params.reference_images", 0, MAX_REFERENCES, "image references"),
+        FieldLimit("params.width", 64, 4096, "a multiple of 8; 0 keeps the base width"),
+        FieldLimit("params.height", 64, 4096, "a multiple of 8; 0 keeps the base height"),
+        FieldLimit("params.seed", 0, MAX_SEED),
+    )
+
+    def __init__(self, policy: ReferencePolicy) -> None:
+        self._policy = policy
+
+    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+        """Check every EDITING field and return the stored parameters."""
+        if not isinstance(raw, EditingInput):
+            raise TypeError(f"EDITING takes an EditingInput, got {type(raw).__name__}")
+        check_image(v, self._policy, "params.base_img_path", raw.base_img_path, required=True)
+        if len(raw.reference_images) > MAX_REFERENCES:
+            v.add(
+                "params.reference_images",
+                f"must have at most {MAX_REFERENCES} entries, got {len(raw.reference_images)}",
+            )
+        else:
+            for index, text in enumerate(raw.reference_images):
+                field = f"params.reference_images[{index}]"
+                check_image(v, self._policy, field, text, required=True)
+        if raw.tool is None:
+            v.add("params.tool", "is required: EDIT, SUBJECT_SWAP or PRODUCT_ENHANCEMENT")
+        elif raw.tool is EditingTool.EDIT and not raw.reference_images:
+            v.add("params.reference_images", "EDIT composites references: give at least one")
+        elif raw.tool is EditingTool.SUBJECT_SWAP and not raw.subject_id:
+            v.add("params.subject_id", "is required when tool is SUBJECT_SWAP")
+        for name, value in (("width", raw.width), ("height", raw.height)):
+            if value:
+                check_dimension(v, f"params.{name}", value)
+        check_seed(v, "params.seed", raw.seed)
+        check_length(v, "params.prompt", raw.prompt, 4000)
+        return {
+            "base_img_path": raw.base_img_path,
+            "reference_images": list(raw.reference_images),
+            "subject_id": raw.subject_id,
+            "product_id": raw.product_id,
+            "tool": None if raw.tool is None else raw.tool.value,
+            "width": raw.width,
+            "height": raw.height,
+            "detail_enhancer": raw.detail_enhancer,
+            "seed": raw.seed,
+            "prompt": raw.prompt,
+        }
+
+    async def plan(self, lookups: Lookups, org: str, params: dict[str, Any]) -> Plan:
+        """Resolve the images and entities; the edit, then the detail pass when asked."""
+        images = {"params.base_img_path": params["base_img_path"]}
+        images |= {
+            f"params.reference_images[{i}]": text
+            for i, text in enumerate(params["reference_images"])
+        }
+        resolved = await resolve_images(lookups, org, self._policy, images)
+        entities = await load_entities(lookups, org, params, _ENTITIES)
+        seed = choose_seed(params)
+        base = resolved["params.base_img_path"]
+        width, height = params["width"], params["height"]
+        if base.artifact is not None:  # 0 keeps the base size; known now, so say it
+            width = width or base.artifact.width
+            height = height or base.artifact.height
+        edit = PlannedTask(
+            TaskType.EDITING,
+            {
+                "base_image": base.reference,
+                "reference_images": [
+                    resolved[f"params.reference_images[{i}]"].reference
+                    for i in range(len(params["reference_images"]))
+                ],
+                "subject": _entity(entities, "subject"),
+                "product": _entity(entities, "product"),
+                "tool": params["tool"],
+                "width": width,
+                "height": height,
+                "seed": seed,
+                "prompt": params["prompt"],
+            },
+        )
+        tasks = [edit]
+        if params["detail_enhancer"]:
+            detail = {"base_image": "step:0", "strength": DETAIL_STRENGTH, "seed": seed}
+            tasks.append(PlannedTask(TaskType.DETAIL_ENHANCER, detail))
+        return Plan((PlannedPrediction(seed, tuple(tasks)),))
+
+
+def _entity(entities: dict[str, Any], name: str) -> dict[str, Any] | None:
+    entity = entities.get(name)
+    return None if entity is None else reference_set(entity)
