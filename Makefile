@@ -67,9 +67,9 @@ SEED ?= $(shell date +%s)
 chaos: install
 	$(BIN)/python tests/chaos_harness.py --long --seed $(SEED)
 
-## demo: two reference images for the README tour, in var/demo
+## demo: the pictures of the README tour, in var/demo
 demo: install
-	$(BIN)/python scripts/demo_images.py var/demo
+	$(BIN)/python -m scripts.demo_images var/demo
 
 clean:
 	rm -rf $(VENV) .tools examples/node/node_modules var .pytest_cache .mypy_cache .ruff_cache

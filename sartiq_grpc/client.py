@@ -46,6 +46,25 @@ if TYPE_CHECKING:
     )
 
 CHUNK_BYTES = 1024 * 1024
+StrategyParams = (
+    resources_pb2.GenerateParams
+    | resources_pb2.EditingParams
+    | resources_pb2.RefineParams
+    | resources_pb2.VideoParams
+    | resources_pb2.BackgroundFixingParams
+    | resources_pb2.ImageAdjustingParams
+    | resources_pb2.FaceFixingParams
+)
+# The create method of each strategy, by the name of its parameter message.
+_CREATE_METHODS = {
+    "GenerateParams": "CreateGenerateGeneration",
+    "EditingParams": "CreateEditingGeneration",
+    "RefineParams": "CreateRefineGeneration",
+    "VideoParams": "CreateVideoGeneration",
+    "BackgroundFixingParams": "CreateBackgroundFixingGeneration",
+    "ImageAdjustingParams": "CreateImageAdjustingGeneration",
+    "FaceFixingParams": "CreateFaceFixingGeneration",
+}
 _CATALOG_KINDS = ("subject", "product", "style")
 T = TypeVar("T")
 # Codes after which a watch reconnects and resumes: the server went away or is
@@ -159,15 +178,36 @@ class SartiqClient:
         self, *, request_id: str = "", labels: dict[str, str] | None = None, **params: Any
     ) -> resources_pb2.Generation:
         """Start a GENERATE generation (BASE) and return it in PENDING."""
-        request = generation_service_pb2.CreateGenerateGenerationRequest(
+        return await self.create(
+            resources_pb2.GenerateParams(**params), request_id=request_id, labels=labels
+        )
+
+    async def create(
+        self,
+        params: StrategyParams,
+        *,
+        request_id: str = "",
+        labels: dict[str, str] | None = None,
+        orchestration: resources_pb2.Orchestration | None = None,
+    ) -> resources_pb2.Generation:
+        """Start a generation of the strategy ``params`` belong to; returns it in PENDING.
+
+        ``params`` is one of the strategy parameter messages (``GenerateParams``,
+        ``EditingParams``, ``RefineParams``, ``VideoParams``, ``BackgroundFixingParams``,
+        ``ImageAdjustingParams``, ``FaceFixingParams``).
+        """
+        method = _CREATE_METHODS[type(params).__name__]
+        request_type = getattr(generation_service_pb2, f"{method}Request")
+        request = request_type(
             request_id=request_id,
             labels=labels or {},
-            params=resources_pb2.GenerateParams(**params),
+            orchestration=orchestration,
+            params=params,
         )
-        response = await _checked(
-            self.generations.CreateGenerateGeneration(request, metadata=self._metadata)
-        )
-        return response.generation
+        call = getattr(self.generations, method)
+        response = await _checked(call(request, metadata=self._metadata))
+        generation: resources_pb2.Generation = response.generation
+        return generation
 
     async def get(self, generation_id: str) -> resources_pb2.Generation:
         """Read a generation with its predictions and tasks."""

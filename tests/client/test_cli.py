@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -33,8 +34,10 @@ async def test_tour(app: App, tmp_path: Path) -> None:
     demo = tmp_path / "demo"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(ROOT / "scripts" / "demo_images.py"),
+        "-m",
+        "scripts.demo_images",
         str(demo),
+        cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL,
     )
     assert await process.wait() == 0
@@ -56,9 +59,15 @@ async def test_tour(app: App, tmp_path: Path) -> None:
         "--height",
         "192",
     )
-    events = (await sartiq(app, "watch", generation)).splitlines()
-    assert events[0].startswith("1 EVENT_KIND_GENERATION_CREATED")
-    assert "GENERATION_STATUS_COMPLETED" in events[-1]
+    events = [
+        json.loads(line) for line in (await sartiq(app, "watch", generation, "--json")).splitlines()
+    ]
+    assert [e["sequence"] for e in events] == [str(n) for n in range(1, len(events) + 1)]
+    assert events[0]["kind"] == "EVENT_KIND_GENERATION_CREATED"
+    assert events[-1]["terminal"]
+    summary = (await sartiq(app, "watch", generation)).splitlines()
+    assert f"{generation} COMPLETED" in summary
+    assert sum(": artifact:" in line for line in summary) == 2
     # Downloaded over gRPC into a directory of the client's choosing: no server paths.
     downloads = tmp_path / "downloads"
     outputs = (await sartiq(app, "outputs", generation, "--dir", str(downloads))).splitlines()
