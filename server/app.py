@@ -21,9 +21,12 @@ from server.compute.local import LocalComputeBackend
 from server.compute.processors.tasks import default_registry
 from server.config import Settings
 from server.domain.enums import GenerationType
+from server.evaluation.base import Evaluators
+from server.evaluation.local import LocalEvaluator
 from server.media.artifacts import FileArtifactStore
 from server.media.fetch import Fetcher, InputFetcher
 from server.media.references import ReferencePolicy
+from server.orchestration.agentic_flow import AgenticWorkflow
 from server.orchestration.base_flow import BaseWorkflow
 from server.orchestration.engine import Engine
 from server.orchestration.inputs import InputPreparer
@@ -100,10 +103,12 @@ class App:
         *,
         compute: ComputeBackend | None = None,
         fetcher: InputFetcher | None = None,
+        evaluators: Evaluators | None = None,
     ) -> None:
         self.settings = settings
         self._compute_override = compute
         self._fetcher_override = fetcher
+        self._evaluators_override = evaluators
         self._fetcher: Fetcher | None = None
         self._db: AsyncEngine | None = None
         self._bus: EventBus | None = None
@@ -156,7 +161,16 @@ class App:
         if fetcher is None:
             fetcher = self._fetcher = Fetcher.from_settings(s.media)
         inputs = InputPreparer(fetcher, files, policy, s.media)
-        self._engine = self._build_engine(store, self._writer, self._compute, files, inputs)
+        evaluators = self._evaluators_override or Evaluators(
+            {
+                "local": LocalEvaluator(
+                    max_pixels=s.media.max_input_pixels, concurrency=s.compute.local_workers
+                )
+            }
+        )
+        self._engine = self._build_engine(
+            store, self._writer, self._compute, files, inputs, evaluators
+        )
         catalog = CatalogService(store, self._writer, files, media=s.media)
         services = Services(
             generations=GenerationService(
@@ -177,6 +191,7 @@ class App:
                 settings=s.orchestration,
                 media=s.media,
                 compute_backend=self._compute.name,
+                evaluation_providers=evaluators.names,
             ),
             watcher=Watcher(store, heartbeat_interval=s.server.heartbeat_interval),
             artifacts=ArtifactService(store, self._writer, files, media=s.media),
@@ -197,11 +212,17 @@ class App:
         compute: ComputeBackend,
         files: FileArtifactStore,
         inputs: InputPreparer,
+        evaluators: Evaluators,
     ) -> Engine:
         s = self.settings
         slots = asyncio.Semaphore(s.orchestration.max_tasks_in_flight)
         runner = TaskRunner(compute, files, inputs, slots, settings=s.orchestration)
-        workflows = WorkflowRegistry({GenerationType.BASE: BaseWorkflow(runner)})
+        workflows = WorkflowRegistry(
+            {
+                GenerationType.BASE: BaseWorkflow(runner),
+                GenerationType.AGENTIC: AgenticWorkflow(runner, evaluators, files),
+            }
+        )
         # One process per SQLite file: any other holder of a lease is our dead predecessor.
         return Engine(
             store,

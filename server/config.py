@@ -117,6 +117,12 @@ class OrchestrationSettings(BaseModel):
 
     max_tasks_in_flight: int = Field(default=8, ge=1)
     max_queued_generations: int = Field(default=1000, ge=1)
+    max_agentic_tasks: int = Field(
+        default=96,
+        ge=1,
+        description="the most compute tasks one AGENTIC generation may cause "
+        "(predictions x max_attempts x tasks per attempt); larger requests are refused",
+    )
     retry_after_seconds: float = Field(default=2.0, gt=0)
     progress_interval: float = Field(
         default=0.5, ge=0, description="minimum seconds between stored progress events per task"

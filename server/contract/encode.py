@@ -168,6 +168,7 @@ def attempt(value: model.Attempt) -> pb.Attempt:
             criteria=evaluation.criteria,
             feedback=evaluation.feedback,
             provider=evaluation.provider,
+            measures=evaluation.measures,
         ),
         artifact=artifact(value.artifact),
         error=resource_error(value.error),

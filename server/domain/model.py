@@ -110,6 +110,11 @@ class ResourceError:
         return cls(code, "INPUT_UNAVAILABLE", message, {"field": field, "cause": cause})
 
     @classmethod
+    def evaluation_failed(cls, message: str) -> ResourceError:
+        """An AGENTIC attempt's output could not be evaluated (or every attempt failed)."""
+        return cls(Code.UNAVAILABLE, "EVALUATION_FAILED", message)
+
+    @classmethod
     def internal(cls, correlation_id: str) -> ResourceError:
         """An unexpected failure; the detail is in the server log under ``correlation_id``."""
         return cls(
@@ -182,6 +187,7 @@ class Evaluation:
     criteria: dict[str, float]
     feedback: str
     provider: str
+    measures: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -222,15 +228,35 @@ class AgenticConfig:
     evaluation_provider: str
 
 
+@dataclass(frozen=True, slots=True)
+class PlannedStep:
+    """One task of a prediction's chain as the strategy planned it, before any resolution.
+
+    An AGENTIC retry starts from these (a ``step:<n>`` input names step n's output).
+    """
+
+    task_type: TaskType
+    params: dict[str, Any]
+
+
 @dataclass(slots=True)
 class OrchestratedShot:
-    """AGENTIC bookkeeping of one prediction."""
+    """AGENTIC bookkeeping of one prediction.
+
+    ``plan`` is the chain every attempt starts from; it is stored, not shown by the API
+    (attempt 1's tasks show it).
+    """
 
     config: AgenticConfig
     attempt_count: int = 0
     best_attempt: int = 0
     stop_reason: StopReason | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    plan: list[PlannedStep] = field(default_factory=list)
+
+    def attempt(self, number: int) -> Attempt:
+        """The attempt with ``number`` (1-based)."""
+        return self.attempts[number - 1]
 
 
 @dataclass(frozen=True, slots=True)

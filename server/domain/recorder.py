@@ -165,16 +165,19 @@ class Recorder:
             self._predictions[prediction.id] = prediction
             for task in prediction.tasks:
                 self._tasks[task.id] = task
+            if prediction.agentic is not None:
+                for attempt in prediction.agentic.attempts:
+                    self._attempts[attempt.id] = attempt
         self._emit(EventKind.GENERATION_CREATED, generation=snapshot)
         return snapshot
 
     def _generation_changed(self) -> None:
         self._emit(EventKind.GENERATION_CHANGED, generation=without_children(self.generation))
 
-    def prediction_changed(self, prediction: Prediction) -> None:
+    def prediction_changed(self, prediction: Prediction, *, note: str = "") -> None:
         """Record a change of a prediction's own fields (artifact, score, AGENTIC state)."""
         self._predictions[prediction.id] = prediction
-        self._emit(EventKind.PREDICTION_CHANGED, prediction=prediction_alone(prediction))
+        self._emit(EventKind.PREDICTION_CHANGED, note=note, prediction=prediction_alone(prediction))
 
     def task_changed(
         self, task: ComputeTask, *, kind: EventKind = EventKind.TASK_CHANGED, note: str = ""
@@ -195,10 +198,10 @@ class Recorder:
         self._tasks[task.id] = task
         self._emit(EventKind.TASK_CHANGED, task=task_change(task, with_params=True))
 
-    def attempt_changed(self, attempt: Attempt) -> None:
+    def attempt_changed(self, attempt: Attempt, *, note: str = "") -> None:
         """Record a new or changed AGENTIC attempt."""
         self._attempts[attempt.id] = attempt
-        self._emit(EventKind.ATTEMPT_CHANGED, attempt=clone(attempt))
+        self._emit(EventKind.ATTEMPT_CHANGED, note=note, attempt=clone(attempt))
 
     def artifact_stored(self, artifact: Artifact) -> None:
         """Record a new output artifact (its content row and this organization's recipe)."""
@@ -232,6 +235,7 @@ class Recorder:
         target: PredictionStatus,
         *,
         error: ResourceError | None = None,
+        note: str = "",
     ) -> None:
         """Move a prediction to ``target``.
 
@@ -247,7 +251,7 @@ class Recorder:
             prediction.finished_at = now
         if error is not None:
             prediction.error = error
-        self.prediction_changed(prediction)
+        self.prediction_changed(prediction, note=note)
 
     def task_status(
         self, task: ComputeTask, target: TaskStatus, *, error: ResourceError | None = None
@@ -271,7 +275,12 @@ class Recorder:
         self.task_changed(task)
 
     def attempt_status(
-        self, attempt: Attempt, target: AttemptStatus, *, error: ResourceError | None = None
+        self,
+        attempt: Attempt,
+        target: AttemptStatus,
+        *,
+        error: ResourceError | None = None,
+        note: str = "",
     ) -> None:
         """Move an AGENTIC attempt to ``target``.
 
@@ -287,4 +296,4 @@ class Recorder:
             attempt.finished_at = now
         if error is not None:
             attempt.error = error
-        self.attempt_changed(attempt)
+        self.attempt_changed(attempt, note=note)

@@ -6,14 +6,12 @@ reading its predecessor's output; the last one's output is the prediction's arti
 
 from __future__ import annotations
 
-import asyncio
-
 from server.domain.enums import PredictionStatus
 from server.domain.model import Prediction
-from server.orchestration.closing import settle
 from server.orchestration.inputs import chain_output
 from server.orchestration.live import LiveGeneration, Stopped
 from server.orchestration.steps import TaskRunner
+from server.orchestration.workflows import run_predictions
 
 
 class BaseWorkflow:
@@ -28,13 +26,7 @@ class BaseWorkflow:
         Raises:
             Stopped: it was cancelled or expired; the engine closes it.
         """
-        unfinished = [p for p in live.generation.predictions if not p.done]
-        async with asyncio.TaskGroup() as group:
-            for prediction in unfinished:
-                group.create_task(self._prediction(live, prediction))
-        live.token.check()  # every prediction stopped at a check point: close instead
-        settle(live)
-        await live.flush()
+        await run_predictions(live, self._prediction)
 
     async def _prediction(self, live: LiveGeneration, prediction: Prediction) -> None:
         try:

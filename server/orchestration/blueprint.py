@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict
@@ -9,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from server.domain.enums import (
+    AttemptStatus,
     GenerationStatus,
     GenerationType,
     PredictionStatus,
@@ -16,7 +18,15 @@ from server.domain.enums import (
     TaskStatus,
 )
 from server.domain.ids import IdSource
-from server.domain.model import ComputeTask, Generation, Orchestration, Prediction
+from server.domain.model import (
+    Attempt,
+    ComputeTask,
+    Generation,
+    OrchestratedShot,
+    Orchestration,
+    PlannedStep,
+    Prediction,
+)
 from server.domain.recorder import utcnow
 from server.strategies.base import Plan
 from server.strategies.inputs import CreateOptions
@@ -37,16 +47,19 @@ def build_generation(
     """The records of a new generation in PENDING; a ``preview`` has no ids.
 
     Each planned prediction becomes a prediction with its chain of tasks (steps 0..n-1
-    of attempt 1).
+    of attempt 1); under AGENTIC also its shot, holding attempt 1 and the plan every
+    later attempt starts from.
     """
 
     def new_id() -> str:
         return "" if preview else ids.new()
 
     now = utcnow()
+    agentic = orchestration.agentic if orchestration.type is GenerationType.AGENTIC else None
     predictions = []
     for index, planned in enumerate(plan.predictions):
         prediction_id = new_id()
+        attempt_id = new_id() if agentic is not None else ""
         tasks = [
             ComputeTask(
                 id=new_id(),
@@ -55,10 +68,28 @@ def build_generation(
                 status=TaskStatus.PENDING,
                 params=task.params,
                 created_at=now,
+                attempt_id=attempt_id,
                 step=step,
             )
             for step, task in enumerate(planned.tasks)
         ]
+        shot = None
+        if agentic is not None:
+            first = Attempt(
+                id=attempt_id,
+                prediction_id=prediction_id,
+                number=1,
+                status=AttemptStatus.PENDING,
+                seed=planned.seed,
+                created_at=now,
+                task_ids=[t.id for t in tasks],
+            )
+            shot = OrchestratedShot(
+                config=agentic,
+                attempt_count=1,
+                attempts=[first],
+                plan=[PlannedStep(t.task_type, copy.deepcopy(t.params)) for t in planned.tasks],
+            )
         predictions.append(
             Prediction(
                 id=prediction_id,
@@ -67,6 +98,7 @@ def build_generation(
                 status=PredictionStatus.PENDING,
                 created_at=now,
                 tasks=tasks,
+                agentic=shot,
             )
         )
     timeout = options.timeout_s

@@ -10,7 +10,13 @@ from __future__ import annotations
 import asyncio
 
 from server.compute.base import ComputeBackend, ComputeError
-from server.domain.enums import GenerationStatus, PredictionStatus, TaskStatus
+from server.domain.enums import (
+    AttemptStatus,
+    GenerationStatus,
+    PredictionStatus,
+    StopReason,
+    TaskStatus,
+)
 from server.domain.model import Code, Generation, ResourceError
 from server.orchestration.live import LiveGeneration, Stop
 
@@ -79,6 +85,14 @@ async def close(
                 recorder.task_status(
                     task, TaskStatus.CANCELLED, error=ResourceError.cancelled(note)
                 )
+        shot = prediction.agentic
+        if shot is not None and not prediction.done:
+            for attempt in shot.attempts:
+                if not attempt.done:
+                    recorder.attempt_status(attempt, AttemptStatus.CANCELLED, error=error)
+            shot.stop_reason = (
+                StopReason.FAILED if isinstance(reason, ResourceError) else StopReason.CANCELLED
+            )
         if not prediction.done:
             recorder.prediction_status(prediction, prediction_status, error=error)
     recorder.generation_status(generation_status, error=error)

@@ -21,7 +21,7 @@ from typing import Any
 
 from server.config import MediaSettings
 from server.domain.errors import Violations
-from server.domain.model import Artifact, ComputeTask, Prediction, ResourceError
+from server.domain.model import Artifact, ComputeTask, PlannedStep, Prediction, ResourceError
 from server.media.artifacts import FileArtifactStore
 from server.media.fetch import FetchError, InputFetcher
 from server.media.images import InvalidImageError, probe_image
@@ -135,6 +135,22 @@ class InputPreparer:
         artifact = blob.image_artifact(info)
         live.recorder.artifact_stored(artifact)
         return artifact
+
+
+def reuse_fetched(step: PlannedStep, task: ComputeTask) -> PlannedStep:
+    """``step`` with each ``file://``/``http(s)://`` input replaced by what ``task`` fetched.
+
+    An AGENTIC retry starts from the plan; the first attempt's task of the same step
+    already stored those inputs as artifacts, so a retry reads the same bytes.
+    """
+    fetched = dict(image_references(task.params))
+
+    def change(path: str, reference: str) -> str:
+        if reference.startswith(_FETCHED):
+            return fetched.get(path, reference)
+        return reference
+
+    return PlannedStep(step.task_type, _map_images(step.params, change))
 
 
 def chain_output(

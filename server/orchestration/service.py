@@ -17,8 +17,9 @@ from server.domain.errors import (
 )
 from server.domain.filters import GenerationFilter
 from server.domain.ids import IdSource
-from server.domain.model import Artifact, CatalogEntity, Generation
+from server.domain.model import Artifact, CatalogEntity, Generation, Orchestration
 from server.domain.paging import Cursor, paginate, query_key
+from server.orchestration.adjust import MAX_PASSES
 from server.orchestration.blueprint import build_generation, fingerprint
 from server.orchestration.engine import Engine
 from server.orchestration.live import LiveGeneration
@@ -29,6 +30,7 @@ from server.strategies.base import (
     TASK_TYPES,
     EntityLookup,
     FieldLimit,
+    Plan,
     PredictionOutput,
     StrategyRegistry,
 )
@@ -73,6 +75,7 @@ class GenerationService:
         settings: OrchestrationSettings,
         media: MediaSettings,
         compute_backend: str,
+        evaluation_providers: tuple[str, ...],
     ) -> None:
         self._store = store
         self._engine = engine
@@ -81,6 +84,7 @@ class GenerationService:
         self._settings = settings
         self._media = media
         self._compute_backend = compute_backend
+        self._providers = evaluation_providers
         self._ids = IdSource()
         # Creates in flight by idempotency key: a concurrent duplicate waits for the first.
         self._creating: dict[tuple[str, str], asyncio.Future[Generation]] = {}
@@ -91,7 +95,7 @@ class GenerationService:
             strategies=self._strategies.available(),
             task_types=TASK_TYPES,
             generation_types=self._engine.workflows.types,
-            evaluation_providers=(),
+            evaluation_providers=self._providers,
             compute_backend=self._compute_backend,
             max_upload_bytes=self._media.max_upload_bytes,
             max_input_pixels=self._media.max_input_pixels,
@@ -112,13 +116,14 @@ class GenerationService:
         """
         handler = self._strategies.get(strategy)
         v = Violations()
-        orchestration = validate_options(options, v)
-        params = handler.normalize(raw, v)
+        orchestration = validate_options(options, v, self._providers)
+        params = handler.normalize(raw, v, agentic=orchestration.type is GenerationType.AGENTIC)
         v.raise_if_any()
         self._engine.workflows.get(orchestration.type)
         digest = fingerprint(strategy, options, params)
         if options.validate_only:
             plan = await handler.plan(self._lookups, org, params)
+            self._check_budget(orchestration, plan)
             return build_generation(
                 self._ids, org, strategy, options, orchestration, params, plan, digest, preview=True
             )
@@ -129,10 +134,40 @@ class GenerationService:
                 return existing
         self._admit()
         plan = await handler.plan(self._lookups, org, params)
+        self._check_budget(orchestration, plan)
         generation = build_generation(
             self._ids, org, strategy, options, orchestration, params, plan, digest
         )
         return await self._record(key, generation)
+
+    def _check_budget(self, orchestration: Orchestration, plan: Plan) -> None:
+        """Refuse an AGENTIC request that could cause more compute tasks than allowed.
+
+        The bound is predictions x max_attempts x (the longest planned chain + the
+        corrective passes a retry may add).
+
+        Raises:
+            InvalidArgumentError: naming max_attempts (and batch_size when it counts).
+        """
+        agentic = orchestration.agentic
+        if orchestration.type is not GenerationType.AGENTIC or agentic is None:
+            return
+        chain = max(len(p.tasks) for p in plan.predictions) + MAX_PASSES
+        count = len(plan.predictions)
+        worst = count * agentic.max_attempts * chain
+        limit = self._settings.max_agentic_tasks
+        if worst <= limit:
+            return
+        message = (
+            f"could cause up to {worst} compute tasks ({count} predictions x "
+            f"{agentic.max_attempts} attempts x {chain} tasks per attempt); this server "
+            f"allows {limit} per generation"
+        )
+        v = Violations()
+        v.add("orchestration.agentic.max_attempts", message)
+        if count > 1:
+            v.add("params.batch_size", message)
+        v.raise_if_any()
 
     async def _record(self, key: tuple[str, str], generation: Generation) -> Generation:
         """Commit a new generation, then start its workflow; the PENDING snapshot."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+import asyncio
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol
 
 from server.domain.enums import GenerationType
 from server.domain.errors import UnimplementedError
+from server.domain.model import Prediction
+from server.orchestration.closing import settle
 from server.orchestration.live import LiveGeneration
 
 
@@ -48,3 +51,23 @@ class WorkflowRegistry:
                 feature=f"GENERATION_TYPE_{kind.value}",
             )
         return workflow
+
+
+async def run_predictions(
+    live: LiveGeneration,
+    run_one: Callable[[LiveGeneration, Prediction], Coroutine[Any, Any, None]],
+) -> None:
+    """Run ``run_one`` for every unfinished prediction concurrently, then settle.
+
+    ``run_one`` returns when its prediction is done or the workflow was stopped.
+
+    Raises:
+        Stopped: it was cancelled or expired; the engine closes it.
+    """
+    unfinished = [p for p in live.generation.predictions if not p.done]
+    async with asyncio.TaskGroup() as group:
+        for prediction in unfinished:
+            group.create_task(run_one(live, prediction))
+    live.token.check()  # every prediction stopped at a check point: close instead
+    settle(live)
+    await live.flush()

@@ -6,9 +6,11 @@ from typing import Any
 
 from server.domain import model
 from server.domain.enums import (
+    AttemptStatus,
     GenerationStatus,
     GenerationType,
     PredictionStatus,
+    StopReason,
     Strategy,
     TaskStatus,
     TaskType,
@@ -76,8 +78,48 @@ def task(row: rows.Task) -> model.ComputeTask:
     )
 
 
+def attempt(row: rows.Attempt) -> model.Attempt:
+    """An attempt row as a domain record."""
+    return model.Attempt(
+        id=row.id,
+        prediction_id=row.prediction_id,
+        number=row.number,
+        status=AttemptStatus(row.status),
+        seed=row.seed,
+        created_at=row.created_at,
+        task_ids=list(row.task_ids),
+        adjustments=row.adjustments,
+        adjustment_reason=row.adjustment_reason,
+        evaluation=None
+        if row.evaluation is None
+        else model.from_json(model.Evaluation, row.evaluation),
+        artifact=None if row.artifact is None else artifact(row.artifact, row.recipe),
+        error=error(row.error),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def shot(
+    row: rows.OrchestratedShot | None, *, with_attempts: bool
+) -> model.OrchestratedShot | None:
+    """A shot row (with its attempts when asked) as a domain record, or None."""
+    if row is None:
+        return None
+    return model.OrchestratedShot(
+        config=model.AgenticConfig(
+            row.max_attempts, row.min_confidence_score, row.evaluation_provider
+        ),
+        attempt_count=row.attempt_count,
+        best_attempt=row.best_attempt,
+        stop_reason=None if row.stop_reason is None else StopReason(row.stop_reason),
+        attempts=[attempt(a) for a in row.attempts] if with_attempts else [],
+        plan=[model.from_json(model.PlannedStep, step) for step in row.plan],
+    )
+
+
 def prediction(row: rows.Prediction, *, with_tasks: bool = True) -> model.Prediction:
-    """A prediction row (with its tasks when asked) as a domain record."""
+    """A prediction row (with its tasks and attempts when asked) as a domain record."""
     return model.Prediction(
         id=row.id,
         index=row.index,
@@ -87,6 +129,7 @@ def prediction(row: rows.Prediction, *, with_tasks: bool = True) -> model.Predic
         artifact=None if row.artifact is None else artifact(row.artifact, row.recipe),
         score=row.score,
         tasks=[task(t) for t in row.tasks] if with_tasks else [],
+        agentic=shot(row.shot, with_attempts=with_tasks),
         error=error(row.error),
         started_at=row.started_at,
         finished_at=row.finished_at,

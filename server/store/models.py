@@ -209,8 +209,8 @@ class Prediction(Base):
     tasks: Mapped[list[Task]] = relationship(
         lazy="joined", order_by="[Task.attempt_number, Task.step]"
     )
-    # AGENTIC only; not loaded until the AGENTIC workflow needs it.
-    shot: Mapped[OrchestratedShot | None] = relationship(lazy="raise")
+    # AGENTIC only (one extra SELECT per batch of predictions loaded).
+    shot: Mapped[OrchestratedShot | None] = relationship(lazy="selectin")
 
 
 class Task(Base):
@@ -249,41 +249,54 @@ class OrchestratedShot(Base):
     """AGENTIC only: the retry loop of one prediction."""
 
     __tablename__ = "orchestrated_shots"
+    __table_args__ = (Index("ix_orchestrated_shots_generation", "generation_id"),)
 
     prediction_id: Mapped[str] = mapped_column(
         ForeignKey("predictions.id", ondelete="CASCADE"), primary_key=True
     )
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
     max_attempts: Mapped[int] = mapped_column(Integer)
     min_confidence_score: Mapped[float] = mapped_column(Float)
     evaluation_provider: Mapped[str] = mapped_column(String(64))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    best_attempt: Mapped[int | None] = mapped_column(Integer)
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    best_attempt: Mapped[int] = mapped_column(Integer, default=0)
     stop_reason: Mapped[str | None] = mapped_column(String(32))
-    attempt_history: Mapped[list[Attempt]] = relationship(
-        lazy="selectin", order_by="Attempt.number"
-    )
+    # The chain every attempt starts from: [{"task_type": ..., "params": {...}}, ...].
+    plan: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    attempts: Mapped[list[Attempt]] = relationship(lazy="selectin", order_by="Attempt.number")
 
 
 class Attempt(Base):
     """AGENTIC only: one try of a shot, with its evaluation."""
 
     __tablename__ = "attempts"
-    __table_args__ = (UniqueConstraint("prediction_id", "number"),)
+    __table_args__ = (
+        UniqueConstraint("prediction_id", "number"),
+        Index("ix_attempts_generation", "generation_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
     prediction_id: Mapped[str] = mapped_column(
         ForeignKey("orchestrated_shots.prediction_id", ondelete="CASCADE")
     )
     number: Mapped[int] = mapped_column(Integer)
-    task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id"))
+    status: Mapped[str] = mapped_column(String(32))
     seed: Mapped[int] = mapped_column(Integer)
+    task_ids: Mapped[list[str]] = mapped_column(JSON)
     adjustments: Mapped[dict[str, Any]]
-    score: Mapped[float | None] = mapped_column(Float)
-    criteria: Mapped[dict[str, Any] | None]
-    feedback: Mapped[str | None] = mapped_column(Text)
-    provider: Mapped[str | None] = mapped_column(String(64))
+    adjustment_reason: Mapped[str] = mapped_column(Text, default="")
+    # The JSON form of domain.model.Evaluation, once evaluated.
+    evaluation: Mapped[dict[str, Any] | None]
     artifact_sha256: Mapped[str | None] = mapped_column(ForeignKey("artifacts.sha256"))
+    # How its artifact was produced (the JSON form of domain.model.Recipe).
+    recipe: Mapped[dict[str, Any] | None]
+    # The JSON form of domain.model.ResourceError, when failed or cancelled.
+    error: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    artifact: Mapped[Artifact | None] = relationship(lazy="joined")
 
 
 class Refine(Base):

@@ -54,6 +54,8 @@ GENERATIONS = _t(models.Generation)
 LABELS = _t(models.GenerationLabel)
 PREDICTIONS = _t(models.Prediction)
 TASKS = _t(models.Task)
+SHOTS = _t(models.OrchestratedShot)
+ATTEMPTS = _t(models.Attempt)
 EVENTS = _t(models.GenerationEvent)
 
 TABLE_ORDER = (
@@ -64,6 +66,8 @@ TABLE_ORDER = (
     (GENERATIONS, Mode.UPSERT),
     (LABELS, Mode.INSERT),
     (PREDICTIONS, Mode.UPSERT),
+    (SHOTS, Mode.UPSERT),
+    (ATTEMPTS, Mode.UPSERT),
     (TASKS, Mode.UPSERT),
     (EVENTS, Mode.INSERT),
     (ENTITIES, Mode.DELETE),
@@ -172,6 +176,49 @@ def task_row(task: model.ComputeTask, generation_id: str) -> dict[str, Any]:
     }
 
 
+def shot_row(prediction: model.Prediction, generation_id: str) -> dict[str, Any]:
+    """An AGENTIC prediction's shot row (config, progress, stop reason, plan)."""
+    shot = prediction.agentic
+    if shot is None:
+        raise ValueError(f"prediction {prediction.id} is not AGENTIC")
+    return {
+        "prediction_id": prediction.id,
+        "generation_id": generation_id,
+        "max_attempts": shot.config.max_attempts,
+        "min_confidence_score": shot.config.min_confidence_score,
+        "evaluation_provider": shot.config.evaluation_provider,
+        "attempt_count": shot.attempt_count,
+        "best_attempt": shot.best_attempt,
+        "stop_reason": None if shot.stop_reason is None else shot.stop_reason.value,
+        "plan": [model.to_json(step) for step in shot.plan],
+    }
+
+
+def attempt_row(attempt: model.Attempt, generation_id: str) -> dict[str, Any]:
+    """An AGENTIC attempt's row; its recipe is its artifact's."""
+    artifact = attempt.artifact
+    recipe = None if artifact is None else artifact.recipe
+    evaluation = attempt.evaluation
+    return {
+        "id": attempt.id,
+        "generation_id": generation_id,
+        "prediction_id": attempt.prediction_id,
+        "number": attempt.number,
+        "status": attempt.status.value,
+        "seed": attempt.seed,
+        "task_ids": attempt.task_ids,
+        "adjustments": attempt.adjustments,
+        "adjustment_reason": attempt.adjustment_reason,
+        "evaluation": None if evaluation is None else model.to_json(evaluation),
+        "artifact_sha256": None if artifact is None else artifact.sha256,
+        "recipe": None if recipe is None else model.to_json(recipe),
+        "error": _error(attempt.error),
+        "created_at": attempt.created_at,
+        "started_at": attempt.started_at,
+        "finished_at": attempt.finished_at,
+    }
+
+
 def event_row(event: GenerationEvent) -> dict[str, Any]:
     """An event's row, its payload the contract's message; ``cursor`` comes at commit.
 
@@ -219,6 +266,12 @@ def changes_ops(changes: Changes, *, owner: str, lease_expires_at: datetime) -> 
     ops.extend(
         Op(PREDICTIONS, Mode.UPSERT, prediction_row(p, generation.id)) for p in changes.predictions
     )
+    ops.extend(
+        Op(SHOTS, Mode.UPSERT, shot_row(p, generation.id))
+        for p in changes.predictions
+        if p.agentic is not None
+    )
+    ops.extend(Op(ATTEMPTS, Mode.UPSERT, attempt_row(a, generation.id)) for a in changes.attempts)
     ops.extend(Op(TASKS, Mode.UPSERT, task_row(t, generation.id)) for t in changes.tasks)
     ops.extend(Op(EVENTS, Mode.INSERT, event_row(e)) for e in changes.events)
     return ops

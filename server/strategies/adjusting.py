@@ -29,7 +29,7 @@ class ImageAdjustingStrategy:
     def __init__(self, policy: ReferencePolicy) -> None:
         self._policy = policy
 
-    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+    def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every IMAGE_ADJUSTING field and return the stored parameters."""
         if not isinstance(raw, ImageAdjustingInput):
             raise TypeError(f"IMAGE_ADJUSTING takes an ImageAdjustingInput, got {raw!r}")
@@ -38,7 +38,7 @@ class ImageAdjustingStrategy:
         for name, value in values.items():
             check_range(v, f"params.{name}", value, -1, 1)
         check_length(v, "params.prompt", raw.prompt, 2000)
-        if not any(values.values()) and not raw.prompt.strip():
+        if not agentic and not any(values.values()) and not raw.prompt.strip():
             for name in (*_ADJUSTMENTS, "prompt"):
                 v.add(f"params.{name}", "nothing to adjust: set an adjustment or a prompt")
         check_seed(v, "params.seed", raw.seed)

@@ -28,7 +28,7 @@ class BackgroundFixingStrategy:
     def __init__(self, policy: ReferencePolicy) -> None:
         self._policy = policy
 
-    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+    def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every BACKGROUND_FIXING field and return the stored parameters."""
         if not isinstance(raw, BackgroundFixingInput):
             raise TypeError(f"BACKGROUND_FIXING takes a BackgroundFixingInput, got {raw!r}")

@@ -96,8 +96,12 @@ class StrategyHandler(Protocol[InputT]):
     strategy: Strategy
     limits: tuple[FieldLimit, ...]
 
-    def normalize(self, raw: InputT, v: Violations) -> dict[str, Any]:
-        """Validate ``raw`` into the stored parameters, defaults filled, recording violations."""
+    def normalize(self, raw: InputT, v: Violations, *, agentic: bool) -> dict[str, Any]:
+        """Validate ``raw`` into the stored parameters, defaults filled, recording violations.
+
+        ``agentic`` says the generation is AGENTIC, where the evaluator may choose
+        changes a BASE request would have to state.
+        """
         ...
 
     async def plan(self, lookups: Lookups, org: str, params: dict[str, Any]) -> Plan:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from server.domain.enums import GenerationType
 from server.domain.errors import Violations, key_path
@@ -16,7 +17,6 @@ MAX_LABELS = 32
 MAX_LABEL_VALUE = 255
 MIN_TIMEOUT_S = 1.0
 MAX_TIMEOUT_S = 24 * 3600.0
-EVALUATION_PROVIDERS = frozenset({"auto", "local"})
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MIN_CONFIDENCE = 0.7
 DEFAULT_PROVIDER = "auto"
@@ -64,8 +64,13 @@ def check_labels(v: Violations, labels: dict[str, str], field: str = "labels") -
             v.add(key_path(field, key), f"value must be at most {MAX_LABEL_VALUE} characters")
 
 
-def validate_options(options: CreateOptions, v: Violations) -> Orchestration:
-    """Check the create options and return the orchestration with its defaults filled."""
+def validate_options(
+    options: CreateOptions, v: Violations, providers: Collection[str]
+) -> Orchestration:
+    """Check the create options and return the orchestration with its defaults filled.
+
+    ``providers`` are the evaluation providers this server offers ("auto" included).
+    """
     if options.request_id and not REQUEST_ID_RE.fullmatch(options.request_id):
         v.add("request_id", "must be 1-128 characters of [A-Za-z0-9._:-]")
     v.extend(options.problems)
@@ -87,8 +92,8 @@ def validate_options(options: CreateOptions, v: Violations) -> Orchestration:
             min_score = agentic.min_confidence_score
             check_range(v, "orchestration.agentic.min_confidence_score", min_score, 0, 1)
         provider = agentic.evaluation_provider or DEFAULT_PROVIDER
-        if provider not in EVALUATION_PROVIDERS:
-            known = ", ".join(sorted(EVALUATION_PROVIDERS))
+        if provider not in providers:
+            known = ", ".join(providers)
             v.add("orchestration.agentic.evaluation_provider", f"must be one of: {known}")
     if kind is GenerationType.BASE:
         return Orchestration(kind)

@@ -32,7 +32,7 @@ class EditingStrategy:
     def __init__(self, policy: ReferencePolicy) -> None:
         self._policy = policy
 
-    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+    def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every EDITING field and return the stored parameters."""
         if not isinstance(raw, EditingInput):
             raise TypeError(f"EDITING takes an EditingInput, got {type(raw).__name__}")

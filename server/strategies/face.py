@@ -27,7 +27,7 @@ class FaceFixingStrategy:
     def __init__(self, policy: ReferencePolicy) -> None:
         self._policy = policy
 
-    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+    def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every FACE_FIXING field and return the stored parameters."""
         if not isinstance(raw, FaceFixingInput):
             raise TypeError(f"FACE_FIXING takes a FaceFixingInput, got {raw!r}")

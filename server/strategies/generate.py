@@ -49,7 +49,7 @@ class GenerateStrategy:
         FieldLimit("params.style_lora_weight", 0, 2),
     )
 
-    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+    def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every GENERATE field and return the stored parameters."""
         if not isinstance(raw, GenerateInput):
             raise TypeError(f"GENERATE takes a GenerateInput, got {type(raw).__name__}")

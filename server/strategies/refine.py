@@ -39,7 +39,7 @@ class RefineStrategy:
     def __init__(self, policy: ReferencePolicy) -> None:
         self._policy = policy
 
-    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+    def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every REFINE field and return the stored parameters."""
         if not isinstance(raw, RefineInput):
             raise TypeError(f"REFINE takes a RefineInput, got {type(raw).__name__}")

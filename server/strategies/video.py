@@ -31,7 +31,7 @@ class VideoStrategy:
     def __init__(self, policy: ReferencePolicy) -> None:
         self._policy = policy
 
-    def normalize(self, raw: Any, v: Violations) -> dict[str, Any]:
+    def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every VIDEO field and return the stored parameters (duration in seconds)."""
         if not isinstance(raw, VideoInput):
             raise TypeError(f"VIDEO takes a VideoInput, got {type(raw).__name__}")

@@ -11,7 +11,6 @@ from conftest import make_settings
 from helpers import (
     CatalogStub,
     GenerationStub,
-    error_info,
     generate_request,
     wait_submitted,
     wait_terminal,
@@ -24,7 +23,9 @@ from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import ServerSettings
-from server.domain.errors import StartupError
+from server.domain.enums import GenerationType
+from server.domain.errors import StartupError, UnimplementedError
+from server.orchestration.workflows import WorkflowRegistry
 
 
 async def test_capabilities_say_what_runs(stub: GenerationStub) -> None:
@@ -44,19 +45,21 @@ async def test_capabilities_say_what_runs(stub: GenerationStub) -> None:
         enums_pb2.COMPUTE_TASK_TYPE_EDITING,
         enums_pb2.COMPUTE_TASK_TYPE_DETAIL_ENHANCER,
     ]
-    assert list(caps.generation_types) == [enums_pb2.GENERATION_TYPE_BASE]
+    assert list(caps.generation_types) == [
+        enums_pb2.GENERATION_TYPE_BASE,
+        enums_pb2.GENERATION_TYPE_AGENTIC,
+    ]
+    assert list(caps.evaluation_providers) == ["auto", "local"]
     assert caps.compute_backend == "fake"
     assert caps.max_upload_bytes > 30_000_000
 
 
-async def test_what_capabilities_deny_answers_unimplemented(stub: GenerationStub) -> None:
-    request = generate_request("any")
-    request.orchestration.type = enums_pb2.GENERATION_TYPE_AGENTIC
-    request.params.shot_type_string = "front"
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CreateGenerateGeneration(request)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert dict(error_info(caught.value).metadata) == {"feature": "GENERATION_TYPE_AGENTIC"}
+def test_an_orchestration_type_without_a_workflow_is_unimplemented() -> None:
+    registry = WorkflowRegistry({})
+    with pytest.raises(UnimplementedError) as caught:
+        registry.get(GenerationType.AGENTIC)
+    assert caught.value.metadata == {"feature": "GENERATION_TYPE_AGENTIC"}
+    assert registry.types == ()
 
 
 async def test_done_is_false_until_terminal_then_true(

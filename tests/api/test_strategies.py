@@ -583,3 +583,89 @@ async def test_capabilities_list_every_strategy_with_its_limits(stub: Generation
             "FACE_FIXING",
         )
     }
+
+
+# -- AGENTIC over every strategy ----------------------------------------------------------
+
+
+def _agentic_params(image: str, product_id: str) -> dict[str, Any]:
+    """A valid request's params per create method, each reading ``image``."""
+    return {
+        "CreateGenerateGeneration": resources_pb2.GenerateParams(
+            product_id=product_id, shot_type_string="front", width=64, height=64
+        ),
+        "CreateEditingGeneration": resources_pb2.EditingParams(
+            base_img_path=image,
+            reference_images=[image],
+            tool=enums_pb2.EDITING_TOOL_EDIT,
+            detail_enhancer=True,
+        ),
+        "CreateRefineGeneration": resources_pb2.RefineParams(
+            base_image_url=image, upscale_enabled=True, upscale_factor=1.5
+        ),
+        "CreateVideoGeneration": resources_pb2.VideoParams(base_image_url=image, fps=4),
+        "CreateBackgroundFixingGeneration": resources_pb2.BackgroundFixingParams(
+            base_image_url=image, background_prompt="white studio"
+        ),
+        "CreateImageAdjustingGeneration": resources_pb2.ImageAdjustingParams(base_image_url=image),
+        "CreateFaceFixingGeneration": resources_pb2.FaceFixingParams(base_image_url=image),
+    }
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "CreateGenerateGeneration",
+        "CreateEditingGeneration",
+        "CreateRefineGeneration",
+        "CreateVideoGeneration",
+        "CreateBackgroundFixingGeneration",
+        "CreateImageAdjustingGeneration",
+        "CreateFaceFixingGeneration",
+    ],
+)
+async def test_every_strategy_runs_under_agentic(
+    client: SartiqClient, stub: GenerationStub, service: App, method: str
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        product_id = await create_product(CatalogStub(channel))
+    image = await _upload(client, figure((96, 96)))
+    request = getattr(pb, f"{method}Request")(params=_agentic_params(image, product_id)[method])
+    request.orchestration.type = enums_pb2.GENERATION_TYPE_AGENTIC
+    request.orchestration.agentic.max_attempts = 2
+    request.orchestration.agentic.min_confidence_score = 1.0  # never met: both attempts run
+    done = await _done(stub, await getattr(stub, method)(request))
+    prediction = done.predictions[0]
+    first, second = prediction.agentic.attempts
+    assert prediction.agentic.stop_reason == enums_pb2.STOP_REASON_ATTEMPTS_EXHAUSTED
+    assert {first.status, second.status} == {enums_pb2.ATTEMPT_STATUS_EVALUATED}
+    assert first.evaluation.provider == "local"
+    assert second.seed != first.seed
+    best = max((first, second), key=lambda a: a.evaluation.score)  # max keeps the earliest
+    assert prediction.agentic.best_attempt == best.number
+    assert prediction.artifact.sha256 == best.artifact.sha256
+    assert prediction.artifact.mime_type == (
+        "video/mp4" if method == "CreateVideoGeneration" else "image/png"
+    )
+    ran = {
+        t.attempt_id
+        for t in prediction.tasks
+        if t.status == enums_pb2.COMPUTE_TASK_STATUS_COMPLETED
+    }
+    assert ran == {first.id, second.id}
+
+
+async def test_an_agentic_retry_reads_the_fetched_copy_not_the_url_again(
+    stub: GenerationStub, fetcher: FakeFetcher
+) -> None:
+    request = pb.CreateImageAdjustingGenerationRequest(
+        params=resources_pb2.ImageAdjustingParams(base_image_url=URL)
+    )
+    request.orchestration.type = enums_pb2.GENERATION_TYPE_AGENTIC
+    request.orchestration.agentic.max_attempts = 2
+    request.orchestration.agentic.min_confidence_score = 1.0
+    done = await _done(stub, await stub.CreateImageAdjustingGeneration(request))
+    first, second = (t for t in done.predictions[0].tasks if t.step == 0)
+    assert fetcher.calls == [URL]
+    assert first.parameters["base_image"] == second.parameters["base_image"]
+    assert str(second.parameters["base_image"]).startswith("artifact:")

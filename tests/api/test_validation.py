@@ -128,13 +128,18 @@ async def test_product_id_of_a_subject_is_not_found(
     await assert_nothing_stored(stub, fake_compute)
 
 
-async def test_agentic_is_unimplemented_for_now(
+async def test_agentic_validate_only_previews_the_first_attempt(
     stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
 ) -> None:
     req = gen(product_id=product_id, shot_type_string="front")
     req.orchestration.type = enums_pb2.GENERATION_TYPE_AGENTIC
-    error = await create_error(stub, req)
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    req.validate_only = True
+    preview = (await stub.CreateGenerateGeneration(req)).generation
+    shot = preview.predictions[0].agentic
+    assert (shot.config.max_attempts, shot.config.min_confidence_score) == (3, 0.7)
+    assert shot.config.evaluation_provider == "auto"
+    assert [a.number for a in shot.attempts] == [1]
+    assert shot.attempts[0].status == enums_pb2.ATTEMPT_STATUS_PENDING
     await assert_nothing_stored(stub, fake_compute)
 
 

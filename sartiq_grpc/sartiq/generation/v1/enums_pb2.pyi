@@ -43,10 +43,15 @@ class _GenerationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Genera
     `AgenticConfig.min_confidence_score`, adjust the parameters (always a new
     seed, plus changes driven by the evaluator's feedback) and retry, up to
     `AgenticConfig.max_attempts` attempts in total. When attempts run out the
-    best-scoring attempt is accepted. Every attempt is kept and visible in
-    `Prediction.agentic`. Not available on every server yet: see
-    `GetCapabilities`; where it is not, creates asking for it answer
-    UNIMPLEMENTED.
+    best-scoring attempt (the earliest on ties) is accepted; when every
+    attempt failed, the prediction ends in ERROR. Every attempt is kept and
+    visible in `Prediction.agentic`. A retry may append up to two corrective
+    passes (IMAGE_ADJUSTER, DETAIL_ENHANCER) to the strategy's chain, so a
+    server bounds the compute tasks one generation may cause (predictions x
+    max_attempts x (chain + 2)); beyond its bound the create is
+    INVALID_ARGUMENT naming `orchestration.agentic.max_attempts`. Not
+    available on every server: see `GetCapabilities`; where it is not,
+    creates asking for it answer UNIMPLEMENTED.
     """
 
 class GenerationType(_GenerationType, metaclass=_GenerationTypeEnumTypeWrapper):
@@ -65,10 +70,15 @@ GENERATION_TYPE_AGENTIC: GenerationType.ValueType  # 2
 `AgenticConfig.min_confidence_score`, adjust the parameters (always a new
 seed, plus changes driven by the evaluator's feedback) and retry, up to
 `AgenticConfig.max_attempts` attempts in total. When attempts run out the
-best-scoring attempt is accepted. Every attempt is kept and visible in
-`Prediction.agentic`. Not available on every server yet: see
-`GetCapabilities`; where it is not, creates asking for it answer
-UNIMPLEMENTED.
+best-scoring attempt (the earliest on ties) is accepted; when every
+attempt failed, the prediction ends in ERROR. Every attempt is kept and
+visible in `Prediction.agentic`. A retry may append up to two corrective
+passes (IMAGE_ADJUSTER, DETAIL_ENHANCER) to the strategy's chain, so a
+server bounds the compute tasks one generation may cause (predictions x
+max_attempts x (chain + 2)); beyond its bound the create is
+INVALID_ARGUMENT naming `orchestration.agentic.max_attempts`. Not
+available on every server: see `GetCapabilities`; where it is not,
+creates asking for it answer UNIMPLEMENTED.
 """
 Global___GenerationType: _TypeAlias = GenerationType  # noqa: Y015
 

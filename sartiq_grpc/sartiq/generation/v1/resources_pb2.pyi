@@ -93,13 +93,17 @@ class ResourceError(_message.Message):
       UNIMPLEMENTED, "transient" UNAVAILABLE (retries were exhausted),
       "capacity" RESOURCE_EXHAUSTED, "not_found" NOT_FOUND, "internal"
       INTERNAL. `metadata["compute_task_id"]` names the compute server's task.
-    * INPUT_UNAVAILABLE - (tasks, predictions) an image reference fetched
+    * INPUT_UNAVAILABLE - (tasks, predictions, attempts) an image reference fetched
       after the create call (`file://`, `http(s)://`) could not be read or is
       not an acceptable image. `metadata["field"]` names the parameter,
       `metadata["cause"]` says why, which also sets the code: "not_found"
       NOT_FOUND, "forbidden" PERMISSION_DENIED, "too_large",
       "too_many_redirects" and "invalid_image" INVALID_ARGUMENT, "timeout"
       DEADLINE_EXCEEDED, "bad_status" and "unreachable" UNAVAILABLE.
+    * EVALUATION_FAILED - (attempts, predictions) an AGENTIC attempt's output
+      could not be evaluated (the attempt counts as score 0), or, on a
+      prediction, every attempt failed and the last one had no other error.
+      Code UNAVAILABLE.
     * INTERNAL - an unexpected server error. Code INTERNAL; the message is
       generic and `metadata["correlation_id"]` matches the server's log.
 
@@ -653,9 +657,10 @@ class ImageAdjustingParams(_message.Message):
     gives flat grey, 1 doubles the distance to the mean); saturation blends the
     image with its greyscale (luma) version by f (-1 gives greyscale, 1 doubles
     the colourfulness). Results are clipped to the valid range. They apply in
-    the order brightness, contrast, saturation, after the `prompt` hints. At
-    least one of them must be non-zero, or `prompt` non-empty. Produces one
-    prediction.
+    the order brightness, contrast, saturation, after the `prompt` hints. Under
+    BASE at least one of them must be non-zero, or `prompt` non-empty; under
+    AGENTIC all may be neutral, and the evaluation of each attempt chooses the
+    changes of the next. Produces one prediction.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1020,10 +1025,31 @@ class Evaluation(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class MeasuresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SCORE_FIELD_NUMBER: _builtins.int
     CRITERIA_FIELD_NUMBER: _builtins.int
     FEEDBACK_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    MEASURES_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """Overall score, 0 (worst) to 1 (best); compared with
     `AgenticConfig.min_confidence_score`.
@@ -1038,6 +1064,13 @@ class Evaluation(_message.Message):
         "exposure", "framing". The set of criteria depends on the provider.
         """
 
+    @_builtins.property
+    def measures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The raw measurements behind the criteria, keyed by name (e.g. the local
+        evaluator's "mean_level" 0-1 and "laplacian_variance"); the adjustments
+        of the next attempt are computed from them. Provider-specific.
+        """
+
     def __init__(
         self,
         *,
@@ -1045,10 +1078,11 @@ class Evaluation(_message.Message):
         criteria: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         feedback: _builtins.str = ...,
         provider: _builtins.str = ...,
+        measures: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["criteria", b"criteria", "feedback", b"feedback", "provider", b"provider", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["criteria", b"criteria", "feedback", b"feedback", "measures", b"measures", "provider", b"provider", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

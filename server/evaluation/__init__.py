@@ -1,0 +1,1 @@
+"""AGENTIC evaluation: scoring an attempt's output, behind one interface."""

@@ -1,0 +1,114 @@
+"""The local evaluator's measures on synthetic images whose properties are known."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, ImageFilter
+
+from scripts.faces import face_image, no_face_image
+from server.domain.enums import Strategy
+from server.evaluation.base import EvaluationError, EvaluationInput
+from server.evaluation.local import WEIGHTS, LocalEvaluator, measure
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _judge(image: Image.Image, **expect: Any) -> tuple[float, dict[str, float], str]:
+    item = EvaluationInput(output=_png(image), strategy=Strategy.GENERATE, **expect)
+    evaluation = measure(item, 10**8)
+    return evaluation.score, evaluation.criteria, evaluation.feedback
+
+
+def checkerboard(side: int = 256, cell: int = 16) -> Image.Image:
+    pattern = (np.indices((side, side)).sum(axis=0) // cell % 2) * 200 + 28
+    return Image.fromarray(pattern.astype(np.uint8)).convert("RGB")
+
+
+def test_a_sharp_checkerboard_is_sharper_than_its_blur() -> None:
+    board = checkerboard()
+    _, sharp, _ = _judge(board)
+    _, soft, feedback = _judge(board.filter(ImageFilter.GaussianBlur(6)))
+    assert sharp["sharpness"] > 0.99
+    assert soft["sharpness"] < 0.5
+    assert "soft" in feedback
+
+
+def test_clipped_exposure_scores_below_balanced() -> None:
+    portrait = face_image(256, 256)
+    _, balanced, _ = _judge(portrait)
+    _, dark, dark_note = _judge(ImageEnhance.Brightness(portrait).enhance(0.25))
+    _, bright, bright_note = _judge(ImageEnhance.Brightness(portrait).enhance(3.0))
+    assert balanced["exposure"] > 0.9
+    assert dark["exposure"] < 0.5
+    assert bright["exposure"] < 0.5
+    assert "under-exposed" in dark_note
+    assert "over-exposed" in bright_note
+
+
+def test_a_flat_image_has_low_contrast() -> None:
+    flat = Image.new("RGB", (128, 128), (120, 120, 120))
+    _, criteria, feedback = _judge(flat)
+    assert criteria["contrast"] == 0.0
+    assert "flat" in feedback
+
+
+def test_added_noise_is_measured_and_edges_are_not_noise() -> None:
+    _, board, _ = _judge(checkerboard())
+    portrait = np.asarray(face_image(256, 256), dtype=np.float64)
+    grain = np.random.default_rng(1).normal(0, 14, portrait.shape)
+    noisy = Image.fromarray(np.clip(portrait + grain, 0, 255).astype(np.uint8))
+    _, criteria, feedback = _judge(noisy)
+    assert board["noise"] == 1.0  # all edges, no grain
+    assert criteria["noise"] < 0.3
+    assert "noisy" in feedback
+
+
+def test_a_face_is_found_only_where_there_is_one() -> None:
+    _, with_face, _ = _judge(face_image(256, 256), expects_face=True)
+    _, without, feedback = _judge(no_face_image(256, 256), expects_face=True)
+    _, not_asked, _ = _judge(no_face_image(256, 256))
+    assert with_face["face"] == 1.0
+    assert without["face"] == 0.0
+    assert "no face found" in feedback
+    assert "face" not in not_asked
+
+
+def test_size_match_and_fidelity_outside_the_edit() -> None:
+    portrait = face_image(256, 256)
+    base = _png(portrait)
+    _, exact, _ = _judge(portrait, expected_size=(256, 256))
+    _, off, feedback = _judge(portrait, expected_size=(256, 512))
+    assert exact["size"] == 1.0
+    assert off["size"] == pytest.approx(0.5)
+    assert "asked 256x512" in feedback
+    brighter = ImageEnhance.Brightness(portrait).enhance(1.3)
+    _, toned, _ = _judge(brighter, base=base, edited_region="none")
+    _, moved, moved_note = _judge(checkerboard(), base=base, edited_region="none")
+    _, global_edit, _ = _judge(checkerboard(), base=base, edited_region="all")
+    assert toned["fidelity"] > 0.9  # a global tone change keeps the structure
+    assert moved["fidelity"] < 0.6
+    assert "departs from the base" in moved_note
+    assert "fidelity" not in global_edit
+
+
+def test_the_total_is_the_weighted_mean_of_the_criteria() -> None:
+    score, criteria, _ = _judge(face_image(128, 128), expects_face=True)
+    expected = sum(WEIGHTS[k] * v for k, v in criteria.items()) / sum(WEIGHTS[k] for k in criteria)
+    assert score == pytest.approx(expected, abs=1e-3)
+    assert set(criteria) == {"sharpness", "exposure", "contrast", "noise", "face"}
+
+
+async def test_undecodable_output_is_an_evaluation_error() -> None:
+    evaluator = LocalEvaluator(max_pixels=10**6)
+    with pytest.raises(EvaluationError):
+        await evaluator.evaluate(
+            EvaluationInput(output=b"not an image", strategy=Strategy.GENERATE)
+        )
