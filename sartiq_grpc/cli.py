@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 
 from sartiq_grpc import errors, replay
-from sartiq_grpc.client import SartiqClient, StrategyParams
+from sartiq_grpc.client import SartiqClient, StrategyParams, agentic
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2
 
 _EXTENSIONS = {
@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default="")
     gen.add_argument("--auto-prompt", action="store_true")
     gen.add_argument("--request-id", default="")
+    _agentic_arguments(gen)
     _strategy_commands(commands)
     for name, help_text in (
         ("get", "print a generation as JSON"),
@@ -132,6 +133,21 @@ def _strategy_commands(commands: Any) -> None:
     for sub in (edit, refine, video, background, adjust, face):
         sub.add_argument("--seed", type=int)
         sub.add_argument("--request-id", default="")
+        _agentic_arguments(sub)
+
+
+def _agentic_arguments(sub: argparse.ArgumentParser) -> None:
+    group = sub.add_argument_group("AGENTIC (evaluate, adjust and retry)")
+    group.add_argument("--agentic", action="store_true", help="orchestrate as AGENTIC")
+    group.add_argument("--max-attempts", type=int, help="attempts in all, 1-10 (default 3)")
+    group.add_argument("--min-score", type=float, help="accept at this score, 0-1 (default 0.7)")
+    group.add_argument("--evaluator", default="", help='evaluation provider (default "auto")')
+
+
+def _orchestration(args: argparse.Namespace) -> resources_pb2.Orchestration | None:
+    if not (args.agentic or args.max_attempts or args.min_score is not None or args.evaluator):
+        return None
+    return agentic(args.max_attempts, args.min_score, args.evaluator)
 
 
 _SCHEMES = ("prediction:", "artifact:", "file://", "http://", "https://")
@@ -258,6 +274,24 @@ async def _watch(client: SartiqClient, args: argparse.Namespace) -> None:
                 print(f"  prediction {prediction.index}: {prediction.error.message}")
             elif prediction.artifact.sha256:
                 print(f"  prediction {prediction.index}: artifact:{prediction.artifact.sha256}")
+            if prediction.HasField("agentic"):
+                _print_attempts(prediction.agentic)
+
+
+def _print_attempts(shot: resources_pb2.OrchestratedShot) -> None:
+    """One line per attempt, then which one was accepted and why attempting stopped."""
+    for attempt in shot.attempts:
+        status = enums_pb2.AttemptStatus.Name(attempt.status).removeprefix("ATTEMPT_STATUS_")
+        if attempt.HasField("evaluation"):
+            outcome = f"score {attempt.evaluation.score:.2f} ({attempt.evaluation.feedback})"
+        else:
+            outcome = attempt.error.message or status.lower()
+        print(f"    attempt {attempt.number}: {outcome}")
+        if attempt.adjustment_reason:
+            print(f"      why: {attempt.adjustment_reason}")
+    reason = enums_pb2.StopReason.Name(shot.stop_reason).removeprefix("STOP_REASON_")
+    if shot.best_attempt:
+        print(f"    accepted attempt {shot.best_attempt} ({reason.lower()})")
 
 
 async def _health(target: str) -> None:
@@ -293,7 +327,9 @@ async def _generate(client: SartiqClient, args: argparse.Namespace) -> None:
     }
     if args.seed is not None:
         params["seed"] = args.seed
-    generation = await client.generate(request_id=args.request_id, **params)
+    generation = await client.generate(
+        request_id=args.request_id, orchestration=_orchestration(args), **params
+    )
     print(generation.id)
 
 
@@ -340,7 +376,10 @@ async def _run(args: argparse.Namespace) -> None:
             print(enums_pb2.GenerationStatus.Name(generation.status))
         elif args.command in _STRATEGY_COMMANDS:
             params = await _strategy_params(client, args)
-            print((await client.create(params, request_id=args.request_id)).id)
+            created = await client.create(
+                params, request_id=args.request_id, orchestration=_orchestration(args)
+            )
+            print(created.id)
         elif args.command == "watch":
             await _watch(client, args)
         elif args.command == "outputs":

@@ -31,6 +31,7 @@ from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2, catalog_service_p
 from sartiq_grpc.sartiq.generation.v1 import (
     artifact_service_pb2,
     artifact_service_pb2_grpc,
+    enums_pb2,
     generation_service_pb2,
     generation_service_pb2_grpc,
     resources_pb2,
@@ -78,6 +79,20 @@ async def _checked(call: Awaitable[T]) -> T:
         return await call
     except grpc.aio.AioRpcError as error:
         raise errors.from_rpc_error(error) from None
+
+
+def agentic(
+    max_attempts: int | None = None,
+    min_confidence_score: float | None = None,
+    evaluation_provider: str = "",
+) -> resources_pb2.Orchestration:
+    """An AGENTIC orchestration; what is left unset takes the server's default (3, 0.7, auto)."""
+    config = resources_pb2.AgenticConfig(evaluation_provider=evaluation_provider)
+    if max_attempts is not None:
+        config.max_attempts = max_attempts
+    if min_confidence_score is not None:
+        config.min_confidence_score = min_confidence_score
+    return resources_pb2.Orchestration(type=enums_pb2.GENERATION_TYPE_AGENTIC, agentic=config)
 
 
 class SartiqClient:
@@ -175,11 +190,19 @@ class SartiqClient:
         return getattr(response, kind)
 
     async def generate(
-        self, *, request_id: str = "", labels: dict[str, str] | None = None, **params: Any
+        self,
+        *,
+        request_id: str = "",
+        labels: dict[str, str] | None = None,
+        orchestration: resources_pb2.Orchestration | None = None,
+        **params: Any,
     ) -> resources_pb2.Generation:
-        """Start a GENERATE generation (BASE) and return it in PENDING."""
+        """Start a GENERATE generation (BASE unless ``orchestration`` says) in PENDING."""
         return await self.create(
-            resources_pb2.GenerateParams(**params), request_id=request_id, labels=labels
+            resources_pb2.GenerateParams(**params),
+            request_id=request_id,
+            labels=labels,
+            orchestration=orchestration,
         )
 
     async def create(

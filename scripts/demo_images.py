@@ -1,4 +1,4 @@
-"""Write the small pictures of the README tour: a model, a garment and a portrait.
+"""Write the small pictures of the README tour: a model, a garment, a portrait, a bad photo.
 
 Usage: python -m scripts.demo_images OUTPUT_DIR
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from scripts.faces import face_image
 
@@ -34,12 +34,18 @@ def _garment(path: Path) -> None:
 
 
 def main(out: Path) -> None:
-    """Write model.png, dress.png and portrait.png into ``out``."""
+    """Write model.png, dress.png, portrait.png and dark.png into ``out``.
+
+    dark.png is the portrait blurred and under-exposed: the AGENTIC example's input.
+    """
     out.mkdir(parents=True, exist_ok=True)
     _model(out / "model.png")
     _garment(out / "dress.png")
-    face_image(320, 320).save(out / "portrait.png")
-    for name in ("model.png", "dress.png", "portrait.png"):
+    portrait = face_image(320, 320)
+    portrait.save(out / "portrait.png")
+    soft = portrait.filter(ImageFilter.GaussianBlur(2.5))
+    ImageEnhance.Brightness(soft).enhance(0.35).save(out / "dark.png")
+    for name in ("model.png", "dress.png", "portrait.png", "dark.png"):
         print(out / name)
 
 

@@ -26,7 +26,7 @@ def _tour_blocks() -> str:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## A tour", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.DOTALL)
-    assert len(blocks) == 2, "the tour has a GENERATE block and a block of the other strategies"
+    assert len(blocks) == 3, "the tour: GENERATE, the other strategies, AGENTIC"
     return "\n".join(blocks)
 
 
@@ -61,6 +61,10 @@ async def test_the_readme_tour_works_as_written(tmp_path: Path) -> None:
     assert video.stat().st_size > 0
     # Every watched generation ended COMPLETED (watch prints "<id> <STATUS>" last).
     statuses = [line.split()[1] for line in lines if re.fullmatch(r"[0-9a-f-]{36} [A-Z_]+", line)]
-    assert len(statuses) == 8
+    assert len(statuses) == 9
     assert set(statuses) == {"COMPLETED"}
     assert f"{clip} COMPLETED" in lines
+    # The AGENTIC example shows its attempts: scores, why each retry changed, the accepted one.
+    assert any(line.startswith("    attempt 1: score") for line in lines)
+    assert any(line.startswith("      why: attempt 1 scored") for line in lines)
+    assert any(line.startswith("    accepted attempt ") for line in lines)
