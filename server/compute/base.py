@@ -10,27 +10,31 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from server.domain.enums import TaskStatus, TaskType
+from server.domain.enums import ComputeErrorCategory, TaskStatus, TaskType
 
 
 class ComputeError(Exception):
     """A compute call failed.
 
     Attributes:
-        category: "validation" or "unsupported" (permanent), "transient" (worth a retry),
-            or "internal".
+        category: why (see ``ComputeErrorCategory``); a category this service does not
+            know is taken as INTERNAL.
         message: what the backend said.
     """
 
-    def __init__(self, category: str, message: str) -> None:
-        super().__init__(f"{category}: {message}")
-        self.category = category
+    def __init__(self, category: ComputeErrorCategory | str, message: str) -> None:
+        try:
+            known = ComputeErrorCategory(category)
+        except ValueError:
+            known = ComputeErrorCategory.INTERNAL
+        super().__init__(f"{known}: {message}")
+        self.category = known
         self.message = message
 
     @property
     def transient(self) -> bool:
-        """Whether retrying the same call may succeed."""
-        return self.category == "transient"
+        """Whether retrying the same call may succeed (TRANSIENT or CAPACITY)."""
+        return self.category in (ComputeErrorCategory.TRANSIENT, ComputeErrorCategory.CAPACITY)
 
 
 class UnknownComputeTaskError(ComputeError):

@@ -101,6 +101,20 @@ class EventKind(StrEnum):
     ATTEMPT_CHANGED = "ATTEMPT_CHANGED"
 
 
+class ComputeErrorCategory(StrEnum):
+    """Why a compute call or task failed; the compute wire protocol's ``error_category``.
+
+    VALIDATION and UNSUPPORTED are permanent; TRANSIENT and CAPACITY are worth a retry.
+    """
+
+    VALIDATION = "validation"
+    UNSUPPORTED = "unsupported"
+    TRANSIENT = "transient"
+    CAPACITY = "capacity"
+    INTERNAL = "internal"
+    NOT_FOUND = "not_found"
+
+
 class EditingTool(StrEnum):
     """The operation of an EDITING generation."""
 

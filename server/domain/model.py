@@ -18,6 +18,7 @@ from pydantic import TypeAdapter
 
 from server.domain.enums import (
     AttemptStatus,
+    ComputeErrorCategory,
     GenerationStatus,
     GenerationType,
     PredictionStatus,
@@ -55,12 +56,12 @@ class Code(IntEnum):
 
 # The code each compute error category implies (see ResourceError in the protos).
 CATEGORY_CODES = {
-    "validation": Code.INVALID_ARGUMENT,
-    "unsupported": Code.UNIMPLEMENTED,
-    "transient": Code.UNAVAILABLE,
-    "capacity": Code.RESOURCE_EXHAUSTED,
-    "not_found": Code.NOT_FOUND,
-    "internal": Code.INTERNAL,
+    ComputeErrorCategory.VALIDATION: Code.INVALID_ARGUMENT,
+    ComputeErrorCategory.UNSUPPORTED: Code.UNIMPLEMENTED,
+    ComputeErrorCategory.TRANSIENT: Code.UNAVAILABLE,
+    ComputeErrorCategory.CAPACITY: Code.RESOURCE_EXHAUSTED,
+    ComputeErrorCategory.NOT_FOUND: Code.NOT_FOUND,
+    ComputeErrorCategory.INTERNAL: Code.INTERNAL,
 }
 # The code each cause of an unavailable input implies (see INPUT_UNAVAILABLE in the protos).
 INPUT_CAUSE_CODES = {
@@ -96,11 +97,15 @@ class ResourceError:
 
     @classmethod
     def compute_failed(cls, category: str, message: str, compute_task_id: str) -> ResourceError:
-        """The compute server reported a failure of ``category``."""
-        metadata = {"category": category}
+        """The compute server reported a failure of ``category`` (unknown ones: internal)."""
+        try:
+            known = ComputeErrorCategory(category)
+        except ValueError:
+            known = ComputeErrorCategory.INTERNAL
+        metadata = {"category": known.value}
         if compute_task_id:
             metadata["compute_task_id"] = compute_task_id
-        code = CATEGORY_CODES.get(category, Code.INTERNAL)
+        code = CATEGORY_CODES[known]
         return cls(code, "COMPUTE_FAILED", message, metadata)
 
     @classmethod
@@ -219,6 +224,16 @@ class Attempt:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Expectations:
+    """What an AGENTIC evaluator should expect of a result (free text, all optional)."""
+
+    framing: str = ""
+    view_angle: str = ""
+    gender: str = ""
+    instructions: str = ""
+
+
 @dataclass(slots=True)
 class AgenticConfig:
     """The effective AGENTIC settings."""
@@ -226,6 +241,7 @@ class AgenticConfig:
     max_attempts: int
     min_confidence_score: float
     evaluation_provider: str
+    expectations: Expectations = field(default_factory=Expectations)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from server.compute.base import ComputeBackend, ComputeError
+from server.compute.retry import RetryPolicy
 from server.domain.enums import (
     AttemptStatus,
     GenerationStatus,
@@ -99,9 +100,13 @@ async def close(
     await live.flush()
 
 
+# Releasing a task retries transient errors briefly: closing must not wait long on compute.
+RELEASE_RETRY = RetryPolicy(budget_s=10.0)
+
+
 async def _release(compute: ComputeBackend, compute_id: str) -> str:
     try:
-        confirmed = await compute.cancel(compute_id)
+        confirmed = await RELEASE_RETRY.call(lambda: compute.cancel(compute_id))
     except ComputeError as exc:
         return f"compute did not confirm release: {exc.message}"
     return "compute confirmed release" if confirmed else "compute did not confirm release"

@@ -73,6 +73,14 @@ class StopToken:
         if self.reason is not None:
             raise Stopped(self.reason)
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` unless the token is set first.
+
+        Raises:
+            Stopped: the token was set.
+        """
+        await self.race(asyncio.sleep(seconds))
+
     async def race(self, awaitable: Awaitable[T]) -> T:
         """Wait for ``awaitable`` unless the token is set first (then it is cancelled).
 

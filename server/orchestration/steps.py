@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from server.compute.base import (
     TaskSnapshot,
     UnknownComputeTaskError,
 )
+from server.compute.retry import RetryPolicy
 from server.config import OrchestrationSettings
 from server.domain.enums import EventKind, GenerationStatus, PredictionStatus, TaskStatus
 from server.domain.model import Artifact, ComputeTask, Prediction, Recipe, ResourceError
@@ -30,10 +30,6 @@ from server.orchestration.inputs import InputPreparer, input_hashes
 from server.orchestration.live import LiveGeneration
 
 log = logging.getLogger(__name__)
-
-SUBMIT_ATTEMPTS = 5
-BACKOFF_BASE_S = 0.2
-BACKOFF_CAP_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +51,10 @@ class TaskRunner:
         slots: asyncio.Semaphore,
         *,
         settings: OrchestrationSettings,
+        retry: RetryPolicy,
     ) -> None:
         self._compute = compute
+        self._retry = retry
         self._files = files
         self._inputs = inputs
         self._slots = slots
@@ -88,17 +86,32 @@ class TaskRunner:
         if isinstance(compute_id, ResourceError):
             return self._failed(live, prediction, task, compute_id)
         self._attached(live, prediction, task, compute_id)
-        try:
-            return await self._follow(live, prediction, task)
-        except UnknownComputeTaskError:
-            # Compute no longer knows the task (the local backend's work dies with the
-            # process; a remote one may have restarted): run it again as a new attempt.
-            self._lost(live, task)
-            compute_id = await self._submit(live, task)
-            if isinstance(compute_id, ResourceError):
-                return self._failed(live, prediction, task, compute_id)
-            self._attached(live, prediction, task, compute_id)
-            return await self._follow(live, prediction, task)
+        resubmitted = False
+        while True:
+            try:
+                return await self._retry.call(
+                    lambda: self._follow(live, prediction, task), sleep=live.token.sleep
+                )
+            except UnknownComputeTaskError:
+                # Compute no longer knows the task (the local backend's work dies with the
+                # process; a remote one may have restarted): run it again, once per run,
+                # as the task's next attempt under the same idempotency key.
+                if resubmitted:
+                    error = ResourceError.compute_failed(
+                        "not_found", "compute lost the task again after a resubmission", ""
+                    )
+                    return self._failed(live, prediction, task, error)
+                resubmitted = True
+                self._lost(live, task)
+                compute_id = await self._submit(live, task)
+                if isinstance(compute_id, ResourceError):
+                    return self._failed(live, prediction, task, compute_id)
+                self._attached(live, prediction, task, compute_id)
+            except ComputeError as exc:  # permanent, or transient past the retry budget
+                error = ResourceError.compute_failed(
+                    exc.category, exc.message, task.compute_task_id
+                )
+                return self._failed(live, prediction, task, error)
 
     def _request(self, live: LiveGeneration, task: ComputeTask) -> TaskRequest:
         return TaskRequest(
@@ -109,17 +122,18 @@ class TaskRunner:
         )
 
     async def _submit(self, live: LiveGeneration, task: ComputeTask) -> str | ResourceError:
-        """Submit with capped, jittered backoff on transient errors; the error otherwise."""
+        """Submit, retrying transient errors within the policy's budget; the error otherwise.
+
+        The idempotency key is the task's id, so a retried submit whose answer was lost
+        finds the task the first one created.
+        """
         request = self._request(live, task)
-        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
-            try:
-                return await self._compute.submit(request)
-            except ComputeError as exc:
-                if not exc.transient or attempt == SUBMIT_ATTEMPTS:
-                    return ResourceError.compute_failed(exc.category, exc.message, "")
-                delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-                await live.token.race(asyncio.sleep(delay * random.uniform(0.5, 1.0)))
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return await self._retry.call(
+                lambda: self._compute.submit(request), sleep=live.token.sleep
+            )
+        except ComputeError as exc:
+            return ResourceError.compute_failed(exc.category, exc.message, "")
 
     def _attached(
         self, live: LiveGeneration, prediction: Prediction, task: ComputeTask, compute_id: str
