@@ -27,4 +27,6 @@ VOLUME ["/var/lib/sartiq"]
 EXPOSE 50051
 HEALTHCHECK --interval=15s --timeout=6s --start-period=10s --retries=3 \
     CMD ["sartiq", "--target", "127.0.0.1:50051", "health"]
+# The same image runs the compute server: --entrypoint sartiq-compute-server (port 8700,
+# SARTIQ_COMPUTE_SERVER__HOST=0.0.0.0).
 ENTRYPOINT ["sartiq-server"]

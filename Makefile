@@ -7,7 +7,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
 
-.PHONY: install run test lint fmt check protos protos-check breaking bench chaos demo clean
+.PHONY: install run compute-server test lint fmt check protos protos-check breaking bench chaos demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ $(BUF):
 run: install
 	mkdir -p var
 	$(BIN)/python -m server
+
+## compute-server: the local processors behind the compute wire protocol on 127.0.0.1:8700
+## (SARTIQ_COMPUTE_SERVER__*); `make run` uses it with SARTIQ_COMPUTE__BACKEND=http
+compute-server: install
+	$(BIN)/python -m server.compute_server
 
 ## test: lint, check the generated stubs for drift, run the whole suite (Node example included)
 test: lint protos-check $(NODE_EXAMPLE)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -17,12 +19,16 @@ from server.api.server import GrpcServer, Services, build_server
 from server.artifacts.service import ArtifactService
 from server.catalog.service import CatalogService
 from server.compute.base import ComputeBackend
+from server.compute.breaker import BreakerState, CircuitBreaker
+from server.compute.http import HttpComputeBackend
 from server.compute.local import LocalComputeBackend
 from server.compute.processors.tasks import default_registry
+from server.compute.retry import RetryPolicy
 from server.config import Settings
 from server.domain.enums import GenerationType
-from server.evaluation.base import Evaluators
+from server.evaluation.base import Evaluator, Evaluators
 from server.evaluation.local import LocalEvaluator
+from server.evaluation.remote import RemoteEvaluator
 from server.media.artifacts import FileArtifactStore
 from server.media.fetch import Fetcher, InputFetcher
 from server.media.references import ReferencePolicy
@@ -57,19 +63,54 @@ log = logging.getLogger(__name__)
 _ARTIFACT_URI = re.compile(r"artifact:([0-9a-f]{64})")
 
 
-def _local_backend(settings: Settings, artifacts: FileArtifactStore) -> LocalComputeBackend:
+def _artifact_resolver(artifacts: FileArtifactStore) -> Callable[[str], bytes]:
+    """Reads ``artifact:<sha256>`` inputs for a compute backend (blocking)."""
+
     def resolve(uri: str) -> bytes:
         match = _ARTIFACT_URI.fullmatch(uri)
         if match is None:
             raise FileNotFoundError(f"cannot resolve {uri!r}")
         return artifacts.find_sync(match.group(1)).read_bytes()
 
+    return resolve
+
+
+def _compute_backend(
+    settings: Settings, artifacts: FileArtifactStore
+) -> LocalComputeBackend | HttpComputeBackend:
+    """The backend ``SARTIQ_COMPUTE__BACKEND`` names."""
+    c = settings.compute
+    resolve = _artifact_resolver(artifacts)
+    if c.backend == "http":
+        return HttpComputeBackend(
+            c.url,
+            resolve=resolve,
+            token=c.token,
+            timeout_s=c.timeout,
+            inline_limit=c.inline_limit,
+            breaker=CircuitBreaker(threshold=c.breaker_threshold, reset_s=c.breaker_reset),
+        )
     return LocalComputeBackend(
         default_registry(),
         resolve=resolve,
-        workers=settings.compute.local_workers,
+        workers=c.local_workers,
         max_input_pixels=settings.media.max_input_pixels,
     )
+
+
+def _evaluators(settings: Settings) -> Evaluators:
+    """The local evaluator, and the compute server's when compute runs over HTTP."""
+    c = settings.compute
+    providers: dict[str, Evaluator] = {
+        "local": LocalEvaluator(
+            max_pixels=settings.media.max_input_pixels, concurrency=c.local_workers
+        )
+    }
+    if c.backend == "http":
+        providers["remote"] = RemoteEvaluator(
+            c.url, token=c.token, retry=RetryPolicy(budget_s=min(10.0, c.retry_budget))
+        )
+    return Evaluators(providers)
 
 
 def _prepare_directories(settings: Settings) -> None:
@@ -109,6 +150,7 @@ class App:
         self._compute_override = compute
         self._fetcher_override = fetcher
         self._evaluators_override = evaluators
+        self._evaluators: Evaluators | None = None
         self._fetcher: Fetcher | None = None
         self._db: AsyncEngine | None = None
         self._bus: EventBus | None = None
@@ -116,6 +158,7 @@ class App:
         self._compute: ComputeBackend | None = None
         self._engine: Engine | None = None
         self._grpc: GrpcServer | None = None
+        self._health_task: asyncio.Task[None] | None = None
         self._stopped = False
 
     @property
@@ -155,19 +198,13 @@ class App:
         swept = await asyncio.to_thread(files.sweep_temporary, max_age=s.media.stale_temp_after)
         if swept:
             log.info("removed %d stale temporary artifact files", swept)
-        self._compute = self._compute_override or _local_backend(s, files)
+        self._compute = self._compute_override or _compute_backend(s, files)
         policy = ReferencePolicy.from_settings(s.media)
         fetcher = self._fetcher_override
         if fetcher is None:
             fetcher = self._fetcher = Fetcher.from_settings(s.media)
         inputs = InputPreparer(fetcher, files, policy, s.media)
-        evaluators = self._evaluators_override or Evaluators(
-            {
-                "local": LocalEvaluator(
-                    max_pixels=s.media.max_input_pixels, concurrency=s.compute.local_workers
-                )
-            }
-        )
+        evaluators = self._evaluators = self._evaluators_override or _evaluators(s)
         self._engine = self._build_engine(
             store, self._writer, self._compute, files, inputs, evaluators
         )
@@ -201,9 +238,27 @@ class App:
         await self._grpc.server.start()
         await self._engine.start()
         await self._grpc.mark_serving()
+        breaker = getattr(self._compute, "breaker", None)
+        if isinstance(breaker, CircuitBreaker):
+            self._health_task = asyncio.create_task(
+                self._report_compute_health(breaker, self._grpc), name="compute-health"
+            )
         if s.server.port_file is not None:
             _write_atomically(s.server.port_file, f"{self._grpc.port}\n")
         log.info("serving on %s:%d", s.server.host, self._grpc.port)
+
+    @staticmethod
+    async def _report_compute_health(breaker: CircuitBreaker, grpc_server: GrpcServer) -> None:
+        """Mirror the compute circuit on the health service ``sartiq.compute``."""
+        changed = asyncio.Event()
+        breaker.listen(lambda _: changed.set())
+        while True:
+            await changed.wait()
+            changed.clear()
+            healthy = breaker.state is BreakerState.CLOSED
+            if not healthy:
+                log.warning("compute backend unavailable: circuit open")
+            await grpc_server.set_compute_health(healthy=healthy)
 
     def _build_engine(
         self,
@@ -216,7 +271,14 @@ class App:
     ) -> Engine:
         s = self.settings
         slots = asyncio.Semaphore(s.orchestration.max_tasks_in_flight)
-        runner = TaskRunner(compute, files, inputs, slots, settings=s.orchestration)
+        runner = TaskRunner(
+            compute,
+            files,
+            inputs,
+            slots,
+            settings=s.orchestration,
+            retry=RetryPolicy(budget_s=s.compute.retry_budget),
+        )
         workflows = WorkflowRegistry(
             {
                 GenerationType.BASE: BaseWorkflow(runner),
@@ -261,6 +323,10 @@ class App:
         self._stopped = True
         if self._grpc is not None:
             await self._grpc.mark_not_serving()
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
         if self._bus is not None:
             # Watch streams never end on their own: close them now with UNAVAILABLE so
             # clients resume elsewhere instead of holding the drain for the whole grace.
@@ -275,6 +341,8 @@ class App:
             await self._compute.aclose()
         if self._fetcher is not None:
             await self._fetcher.aclose()
+        if self._evaluators is not None:
+            await self._evaluators.aclose()
         if self._db is not None:
             await self._db.dispose()
         log.info("stopped")

@@ -106,8 +106,28 @@ class ComputeSettings(BaseModel):
 
     model_config = _FROZEN
 
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "http"] = "local"
     local_workers: int = Field(default=2, ge=1, le=64)
+    url: str = Field(
+        default="http://127.0.0.1:8700", description="the compute server, when backend is http"
+    )
+    token: str = Field(default="", description="bearer token for the compute server")
+    timeout: float = Field(default=10.0, gt=0, le=600, description="seconds per HTTP call")
+    retry_budget: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds one compute call (submit, status, cancel) may keep retrying "
+        "transient errors, backing off; new work waits this long for a backend that is down",
+    )
+    breaker_threshold: int = Field(
+        default=5, ge=1, description="transient failures in a row that open the circuit"
+    )
+    breaker_reset: float = Field(
+        default=5.0, gt=0, description="seconds the circuit stays open before a trial call"
+    )
+    inline_limit: int = Field(
+        default=32 * 1024 * 1024, ge=1, description="bytes of inputs sent inline per task"
+    )
 
 
 class OrchestrationSettings(BaseModel):

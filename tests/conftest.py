@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from helpers import CatalogStub, GenerationStub, create_product, png_bytes
+from procs import ROOT, ServerProcess
 
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2
 from server.app import App
@@ -79,3 +82,28 @@ async def subject_id(catalog: CatalogStub) -> str:
         )
     )
     return response.subject.id
+
+
+COMPUTE_TOKEN = "compute-token-for-tests"
+
+
+@pytest.fixture(scope="session")
+def compute_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The project's compute server as a real process, one for the session; its base URL.
+
+    It takes the bearer token ``COMPUTE_TOKEN``.
+    """
+    workdir = tmp_path_factory.mktemp("compute-server")
+    server = ServerProcess.compute_server(workdir, token=COMPUTE_TOKEN)
+    with server.log_path.open("ab") as log:
+        process = subprocess.Popen(server.argv, env=server.env, cwd=ROOT, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.port_file.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the compute server did not start:\n{server.log_tail()}")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{int(server.port_file.read_text())}"
+    finally:
+        process.terminate()
+        process.wait(30)

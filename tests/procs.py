@@ -61,12 +61,20 @@ class ServerProcess:
     Its stderr (JSON logs, or a fault handler's traceback) goes to ``log_path``.
     """
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str], workdir: Path) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: dict[str, str],
+        workdir: Path,
+        *,
+        port_variable: str = "SARTIQ_SERVER__PORT_FILE",
+        log_name: str = "server.log",
+    ) -> None:
         self.argv = list(argv)
         self.env = env
         self.workdir = workdir
-        self.port_file = Path(env["SARTIQ_SERVER__PORT_FILE"])
-        self.log_path = workdir / "server.log"
+        self.port_file = Path(env[port_variable])
+        self.log_path = workdir / log_name
         self.process: asyncio.subprocess.Process | None = None
         self.port = 0
 
@@ -80,6 +88,29 @@ class ServerProcess:
         """The service with the scriptable fake compute backend (``tests/fake_server.py``)."""
         argv = [sys.executable, str(TESTS_DIR / "fake_server.py"), "hold" if hold else "instant"]
         return cls(argv, server_env(workdir, **settings), workdir)
+
+    @classmethod
+    def compute_server(cls, workdir: Path, *, port: int = 0, **settings: str) -> ServerProcess:
+        """The project's compute server, ``python -m server.compute_server``."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SARTIQ_")}
+        env.update(
+            SARTIQ_COMPUTE_SERVER__PORT=str(port),
+            SARTIQ_COMPUTE_SERVER__PORT_FILE=str(workdir / "compute.port"),
+            PYTHONFAULTHANDLER="1",
+        )
+        env.update({f"SARTIQ_COMPUTE_SERVER__{k.upper()}": v for k, v in settings.items()})
+        return cls(
+            [sys.executable, "-m", "server.compute_server"],
+            env,
+            workdir,
+            port_variable="SARTIQ_COMPUTE_SERVER__PORT_FILE",
+            log_name="compute.log",
+        )
+
+    @property
+    def url(self) -> str:
+        """The base URL of a running HTTP server."""
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def target(self) -> str:

@@ -76,6 +76,10 @@ def create_options(request: Any) -> CreateOptions:
             max_attempts=_optional(config, "max_attempts"),
             min_confidence_score=_optional(config, "min_confidence_score"),
             evaluation_provider=config.evaluation_provider,
+            framing=config.expectations.framing,
+            view_angle=config.expectations.view_angle,
+            gender=config.expectations.gender,
+            instructions=config.expectations.instructions,
         )
     timeout = None
     if request.HasField("timeout"):

@@ -35,6 +35,8 @@ SERVICE_NAMES = (
 )
 # Standard services any caller may use without credentials.
 OPEN_SERVICES = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
+# The health entry of the compute backend: NOT_SERVING while its circuit is open.
+COMPUTE_HEALTH = "sartiq.compute"
 
 
 @dataclass
@@ -47,8 +49,13 @@ class GrpcServer:
 
     async def mark_serving(self) -> None:
         """Report every service, and the server as a whole, as SERVING."""
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *SERVICE_NAMES, COMPUTE_HEALTH):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_compute_health(self, *, healthy: bool) -> None:
+        """Report the compute backend on the health service ``sartiq.compute``."""
+        status = health_pb2.HealthCheckResponse
+        await self.health.set(COMPUTE_HEALTH, status.SERVING if healthy else status.NOT_SERVING)
 
     async def mark_not_serving(self) -> None:
         """Report NOT_SERVING everywhere so balancers stop sending calls; idempotent."""

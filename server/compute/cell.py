@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from server.compute.base import OutputFile, TaskSnapshot
@@ -21,6 +22,9 @@ class TaskCell:
     progress: float = 0.0
     outputs: tuple[OutputFile, ...] = ()
     error: tuple[str, str] | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
     version: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -28,6 +32,11 @@ class TaskCell:
         """Apply ``changes`` and wake every waiter."""
         for name, value in changes.items():
             setattr(self, name, value)
+        now = datetime.now(UTC)
+        if self.status is TaskStatus.RUNNING and self.started_at is None:
+            self.started_at = now
+        if self.status in TASK_TERMINAL and self.finished_at is None:
+            self.finished_at = now
         self.version += 1
         self._changed.set()
         self._changed = asyncio.Event()

@@ -25,7 +25,9 @@ class _CancelledError(Exception):
 
 
 @dataclass(eq=False)
-class _LocalTask(TaskCell):
+class LocalTask(TaskCell):
+    """A task of this backend: its state, its request and its cancel flag."""
+
     request: TaskRequest = field(kw_only=True)
     cancel_flag: threading.Event = field(default_factory=threading.Event)
 
@@ -48,7 +50,7 @@ class LocalComputeBackend:
         self._resolve = resolve
         self._max_input_pixels = max_input_pixels
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
-        self._tasks: dict[str, _LocalTask] = {}
+        self._tasks: dict[str, LocalTask] = {}
         self._by_key: dict[str, str] = {}
         self._runners: set[asyncio.Task[None]] = set()
         # Finished tasks (and their output bytes) are kept for late readers, up to a bound.
@@ -64,7 +66,7 @@ class LocalComputeBackend:
         if existing is not None:
             return existing
         self._processors.get(request.task_type)  # unsupported types fail here, at once
-        task = _LocalTask(id=f"local-{uuid.uuid4()}", request=request)
+        task = LocalTask(id=f"local-{uuid.uuid4()}", request=request)
         self._tasks[task.id] = task
         self._by_key[request.idempotency_key] = task.id
         runner = asyncio.create_task(self._run(task), name=f"compute:{task.id}")
@@ -79,6 +81,28 @@ class LocalComputeBackend:
             raise UnknownComputeTaskError(compute_id)
         async for snap in task.follow():
             yield snap
+
+    def cell(self, compute_id: str) -> LocalTask:
+        """The task's current state (for the compute server's status answers).
+
+        Raises:
+            UnknownComputeTaskError: no such task (or it was retired).
+        """
+        task = self._tasks.get(compute_id)
+        if task is None:
+            raise UnknownComputeTaskError(compute_id)
+        return task
+
+    def existing(self, idempotency_key: str) -> str | None:
+        """The compute id this idempotency key started, if it is still known."""
+        return self._by_key.get(idempotency_key)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) tasks right now."""
+        running = sum(t.status is TaskStatus.RUNNING for t in self._tasks.values())
+        waiting = sum(t.status is TaskStatus.PENDING for t in self._tasks.values())
+        return running, waiting
 
     async def cancel(self, compute_id: str) -> bool:
         """Stop the task; True once it is terminal (its worker slot released)."""
@@ -103,7 +127,7 @@ class LocalComputeBackend:
 
     @staticmethod
     def _progress_from_thread(
-        loop: asyncio.AbstractEventLoop, task: _LocalTask
+        loop: asyncio.AbstractEventLoop, task: LocalTask
     ) -> Callable[[float], None]:
         def report(value: float) -> None:
             if task.cancel_flag.is_set():
@@ -114,7 +138,7 @@ class LocalComputeBackend:
 
         return report
 
-    async def _run(self, task: _LocalTask) -> None:
+    async def _run(self, task: LocalTask) -> None:
         loop = asyncio.get_running_loop()
         processor = self._processors.get(task.request.task_type)
         report = self._progress_from_thread(loop, task)
@@ -147,7 +171,7 @@ class LocalComputeBackend:
                 task.update(status=TaskStatus.COMPLETED, progress=1.0, outputs=tuple(outputs))
         self._retire(task)
 
-    def _retire(self, task: _LocalTask) -> None:
+    def _retire(self, task: LocalTask) -> None:
         """Remember a finished task, forgetting the oldest beyond the retention bound."""
         self._finished.append(task.id)
         while len(self._finished) > self._retain_finished:

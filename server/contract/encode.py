@@ -179,10 +179,19 @@ def attempt(value: model.Attempt) -> pb.Attempt:
 
 
 def _agentic_config(config: model.AgenticConfig) -> pb.AgenticConfig:
+    expected = config.expectations
     return pb.AgenticConfig(
         max_attempts=config.max_attempts,
         min_confidence_score=config.min_confidence_score,
         evaluation_provider=config.evaluation_provider,
+        expectations=None
+        if expected == model.Expectations()
+        else pb.EvaluationExpectations(
+            framing=expected.framing,
+            view_angle=expected.view_angle,
+            gender=expected.gender,
+            instructions=expected.instructions,
+        ),
     )
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.domain.enums import Strategy
-from server.domain.model import Evaluation
+from server.domain.model import Evaluation, Expectations
 
 AUTO = "auto"
 
@@ -24,6 +24,8 @@ class EvaluationInput:
         edited_region: Where the output may depart from ``base``: "all" (a global
             change), "faces" (only the detected faces), or "none" (nothing may move).
         expects_face: Whether the shot implies a visible face.
+        expectations: What the request says the result should show (framing, view
+            angle, gender, instructions); for evaluators that judge them.
     """
 
     output: bytes
@@ -32,6 +34,7 @@ class EvaluationInput:
     base: bytes | None = None
     edited_region: str = "all"
     expects_face: bool = False
+    expectations: Expectations = field(default_factory=Expectations)
 
 
 class EvaluationError(Exception):
@@ -69,6 +72,13 @@ class Evaluators:
     def names(self) -> tuple[str, ...]:
         """Every value ``AgenticConfig.evaluation_provider`` accepts, "auto" first."""
         return (AUTO, *sorted(self._providers))
+
+    async def aclose(self) -> None:
+        """Release what the providers hold (connection pools)."""
+        for provider in self._providers.values():
+            close = getattr(provider, "aclose", None)
+            if close is not None:
+                await close()
 
     def get(self, name: str) -> Evaluator:
         """The evaluator for ``name`` ("auto": remote when configured, else local).

@@ -167,6 +167,7 @@ class AgenticWorkflow:
             base=base,
             edited_region=_EDITED_REGION.get(strategy, "all"),
             expects_face=_expects_face(strategy, first),
+            expectations=_shot_of(prediction).config.expectations,
         )
 
     # -- deciding and retrying ------------------------------------------------------------

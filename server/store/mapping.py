@@ -101,15 +101,21 @@ def attempt(row: rows.Attempt) -> model.Attempt:
 
 
 def shot(
-    row: rows.OrchestratedShot | None, *, with_attempts: bool
+    row: rows.OrchestratedShot | None,
+    *,
+    with_attempts: bool,
+    config: model.AgenticConfig | None = None,
 ) -> model.OrchestratedShot | None:
-    """A shot row (with its attempts when asked) as a domain record, or None."""
+    """A shot row (with its attempts when asked) as a domain record, or None.
+
+    ``config`` is the generation's AGENTIC configuration (the row keeps all of it but
+    the expectations).
+    """
     if row is None:
         return None
     return model.OrchestratedShot(
-        config=model.AgenticConfig(
-            row.max_attempts, row.min_confidence_score, row.evaluation_provider
-        ),
+        config=config
+        or model.AgenticConfig(row.max_attempts, row.min_confidence_score, row.evaluation_provider),
         attempt_count=row.attempt_count,
         best_attempt=row.best_attempt,
         stop_reason=None if row.stop_reason is None else StopReason(row.stop_reason),
@@ -118,7 +124,12 @@ def shot(
     )
 
 
-def prediction(row: rows.Prediction, *, with_tasks: bool = True) -> model.Prediction:
+def prediction(
+    row: rows.Prediction,
+    *,
+    with_tasks: bool = True,
+    agentic: model.AgenticConfig | None = None,
+) -> model.Prediction:
     """A prediction row (with its tasks and attempts when asked) as a domain record."""
     return model.Prediction(
         id=row.id,
@@ -129,7 +140,7 @@ def prediction(row: rows.Prediction, *, with_tasks: bool = True) -> model.Predic
         artifact=None if row.artifact is None else artifact(row.artifact, row.recipe),
         score=row.score,
         tasks=[task(t) for t in row.tasks] if with_tasks else [],
-        agentic=shot(row.shot, with_attempts=with_tasks),
+        agentic=shot(row.shot, with_attempts=with_tasks, config=agentic),
         error=error(row.error),
         started_at=row.started_at,
         finished_at=row.finished_at,
@@ -149,6 +160,7 @@ def generation(
     row: rows.Generation, *, with_tasks: bool = True, with_labels: bool = True
 ) -> model.Generation:
     """A generation row and its tree as a domain record."""
+    chosen = orchestration(row.orchestration)
     return model.Generation(
         id=row.id,
         organization=row.organization,
@@ -156,12 +168,14 @@ def generation(
         strategy=Strategy(row.strategy),
         status=GenerationStatus(row.status),
         params=row.params,
-        orchestration=orchestration(row.orchestration),
+        orchestration=chosen,
         created_at=row.created_at,
         request_id=row.request_id or "",
         fingerprint=row.fingerprint,
         labels={label.key: label.value for label in row.labels} if with_labels else {},
-        predictions=[prediction(p, with_tasks=with_tasks) for p in row.predictions],
+        predictions=[
+            prediction(p, with_tasks=with_tasks, agentic=chosen.agentic) for p in row.predictions
+        ],
         error=error(row.error),
         started_at=row.started_at,
         finished_at=row.finished_at,

@@ -7,7 +7,7 @@ from collections.abc import Collection
 
 from server.domain.enums import GenerationType
 from server.domain.errors import Violations, key_path
-from server.domain.model import AgenticConfig, Orchestration
+from server.domain.model import AgenticConfig, Expectations, Orchestration
 from server.strategies.inputs import CreateOptions
 
 MAX_SEED = 2**31 - 1
@@ -84,7 +84,18 @@ def validate_options(
     max_attempts = DEFAULT_MAX_ATTEMPTS
     min_score = DEFAULT_MIN_CONFIDENCE
     provider = DEFAULT_PROVIDER
+    expectations = Expectations()
     if agentic is not None:
+        expectations = Expectations(
+            agentic.framing, agentic.view_angle, agentic.gender, agentic.instructions
+        )
+        for name in ("framing", "view_angle", "gender"):
+            check_length(
+                v, f"orchestration.agentic.expectations.{name}", getattr(agentic, name), 200
+            )
+        check_length(
+            v, "orchestration.agentic.expectations.instructions", agentic.instructions, 2000
+        )
         if agentic.max_attempts is not None:
             max_attempts = agentic.max_attempts
             check_range(v, "orchestration.agentic.max_attempts", max_attempts, 1, 10)
@@ -97,4 +108,4 @@ def validate_options(
             v.add("orchestration.agentic.evaluation_provider", f"must be one of: {known}")
     if kind is GenerationType.BASE:
         return Orchestration(kind)
-    return Orchestration(kind, AgenticConfig(max_attempts, min_score, provider))
+    return Orchestration(kind, AgenticConfig(max_attempts, min_score, provider, expectations))

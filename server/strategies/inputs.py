@@ -15,6 +15,10 @@ class AgenticInput:
     max_attempts: int | None = None
     min_confidence_score: float | None = None
     evaluation_provider: str = ""
+    framing: str = ""
+    view_angle: str = ""
+    gender: str = ""
+    instructions: str = ""
 
 
 @dataclass(frozen=True, slots=True)

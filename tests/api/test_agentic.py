@@ -286,7 +286,10 @@ async def test_a_cancel_stops_the_loop_and_releases_the_task_in_flight(harness: 
 async def test_a_restart_mid_loop_resumes_at_the_attempt_in_flight(harness: Harness) -> None:
     stub = await harness.start(ScriptedEvaluator([0.2]))
     harness.compute.hold = True
-    created = await stub.CreateGenerateGeneration(agentic_request(await harness.product()))
+    request = agentic_request(await harness.product())
+    request.orchestration.agentic.expectations.framing = "full body"
+    request.orchestration.agentic.expectations.instructions = "the dress must be red"
+    created = await stub.CreateGenerateGeneration(request)
     generation_id = created.generation.id
     await wait_submitted(harness.compute, 1)
     harness.compute.complete(next(iter(harness.compute.tasks)))
@@ -309,6 +312,10 @@ async def test_a_restart_mid_loop_resumes_at_the_attempt_in_flight(harness: Harn
     assert second.evaluation.score == pytest.approx(0.95)
     assert len(harness.evaluator.calls) == 1  # only attempt 2, by the new server
     assert len(harness.compute.submitted) == 2  # attempt 2 re-attached, not resubmitted
+    expected = harness.evaluator.calls[0].expectations  # kept across the restart
+    assert (expected.framing, expected.instructions) == ("full body", "the dress must be red")
+    echoed = done.orchestration.agentic.expectations
+    assert (echoed.framing, echoed.instructions) == ("full body", "the dress must be red")
     assert done.predictions[0].agentic.best_attempt == 2
 
 
@@ -461,3 +468,16 @@ async def test_an_evaluation_does_not_hold_a_compute_slot(harness: Harness) -> N
     held.gate.set()
     finished = await wait_terminal(stub, agentic.generation.id)
     assert finished.status == A.GENERATION_STATUS_COMPLETED
+
+
+async def test_expectations_are_bounded(harness: Harness) -> None:
+    stub = await harness.start()
+    request = agentic_request(await harness.product())
+    request.orchestration.agentic.expectations.view_angle = "x" * 201
+    request.orchestration.agentic.expectations.instructions = "y" * 2001
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateGenerateGeneration(request)
+    assert set(field_violations(caught.value)) == {
+        "orchestration.agentic.expectations.view_angle",
+        "orchestration.agentic.expectations.instructions",
+    }

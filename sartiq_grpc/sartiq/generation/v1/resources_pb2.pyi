@@ -183,6 +183,7 @@ class AgenticConfig(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     MIN_CONFIDENCE_SCORE_FIELD_NUMBER: _builtins.int
     EVALUATION_PROVIDER_FIELD_NUMBER: _builtins.int
+    EXPECTATIONS_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
     """Total number of attempts per prediction, the first one included.
     1-10; unset means 3.
@@ -196,16 +197,24 @@ class AgenticConfig(_message.Message):
     configured, else the local one) or a provider `GetCapabilities` lists.
     Empty means "auto". Max 64 characters; others are INVALID_ARGUMENT.
     """
+    @_builtins.property
+    def expectations(self) -> Global___EvaluationExpectations:
+        """What the result should show, for evaluators that judge it (the "remote"
+        provider passes them on; the "local" one measures image quality only and
+        does not read them). Echoed in `Generation.orchestration`.
+        """
+
     def __init__(
         self,
         *,
         max_attempts: _builtins.int | None = ...,
         min_confidence_score: _builtins.float | None = ...,
         evaluation_provider: _builtins.str = ...,
+        expectations: Global___EvaluationExpectations | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_min_confidence_score", b"_min_confidence_score", "max_attempts", b"max_attempts", "min_confidence_score", b"min_confidence_score"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_min_confidence_score", b"_min_confidence_score", "expectations", b"expectations", "max_attempts", b"max_attempts", "min_confidence_score", b"min_confidence_score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_min_confidence_score", b"_min_confidence_score", "evaluation_provider", b"evaluation_provider", "max_attempts", b"max_attempts", "min_confidence_score", b"min_confidence_score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts", "_min_confidence_score", b"_min_confidence_score", "evaluation_provider", b"evaluation_provider", "expectations", b"expectations", "max_attempts", b"max_attempts", "min_confidence_score", b"min_confidence_score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_attempts: _TypeAlias = _typing.Literal["max_attempts"]  # noqa: Y015
     _WhichOneofArgType__max_attempts: _TypeAlias = _typing.Literal["_max_attempts", b"_max_attempts"]  # noqa: Y015
@@ -217,6 +226,46 @@ class AgenticConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_confidence_score) -> _WhichOneofReturnType__min_confidence_score | None: ...
 
 Global___AgenticConfig: _TypeAlias = AgenticConfig  # noqa: Y015
+
+@_typing.final
+class EvaluationExpectations(_message.Message):
+    """What an AGENTIC evaluator should expect of a result. Every field is free
+    text and optional.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMING_FIELD_NUMBER: _builtins.int
+    VIEW_ANGLE_FIELD_NUMBER: _builtins.int
+    GENDER_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    framing: _builtins.str
+    """The framing, e.g. "full body" or "head and shoulders". Max 200
+    characters.
+    """
+    view_angle: _builtins.str
+    """The view angle, e.g. "front" or "three-quarter left". Max 200
+    characters.
+    """
+    gender: _builtins.str
+    """The subject's gender as the shot requires it. Max 200 characters."""
+    instructions: _builtins.str
+    """Anything else the evaluator should check. Max 2000 characters."""
+    def __init__(
+        self,
+        *,
+        framing: _builtins.str = ...,
+        view_angle: _builtins.str = ...,
+        gender: _builtins.str = ...,
+        instructions: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["framing", b"framing", "gender", b"gender", "instructions", b"instructions", "view_angle", b"view_angle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationExpectations: _TypeAlias = EvaluationExpectations  # noqa: Y015
 
 @_typing.final
 class Orchestration(_message.Message):

@@ -1,0 +1,1 @@
+"""The project's compute server: the local processors behind the compute wire protocol."""
