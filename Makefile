@@ -7,7 +7,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
 
-.PHONY: install run compute-server test lint fmt check protos protos-check breaking bench chaos demo clean
+.PHONY: install run compute-server test fuzz lint fmt check protos protos-check breaking bench chaos demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ compute-server: install
 ## test: lint, check the generated stubs for drift, run the whole suite (Node example included)
 test: lint protos-check $(NODE_EXAMPLE)
 	$(BIN)/python -m pytest
+
+## fuzz: the hostile-input suite's long round (10,000 requests; SARTIQ_FUZZ_SEED=n to vary it)
+fuzz: install
+	SARTIQ_FUZZ_EXAMPLES=$${SARTIQ_FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest tests/fuzz -o timeout=1800 -s
 
 ## lint: ruff (format + rules), mypy strict, buf lint
 lint: install $(BUF)

@@ -26,6 +26,7 @@ from server.compute.processors.tasks import default_registry
 from server.compute.retry import RetryPolicy
 from server.config import Settings
 from server.domain.enums import GenerationType
+from server.domain.paging import PageTokens
 from server.evaluation.base import Evaluator, Evaluators
 from server.evaluation.local import LocalEvaluator
 from server.evaluation.remote import RemoteEvaluator
@@ -208,7 +209,11 @@ class App:
         self._engine = self._build_engine(
             store, self._writer, self._compute, files, inputs, evaluators
         )
-        catalog = CatalogService(store, self._writer, files, media=s.media)
+        secret = s.server.page_token_secret
+        tokens = PageTokens(
+            secret.get_secret_value().encode() if secret is not None else os.urandom(32)
+        )
+        catalog = CatalogService(store, self._writer, files, media=s.media, tokens=tokens)
         services = Services(
             generations=GenerationService(
                 store,
@@ -229,6 +234,7 @@ class App:
                 media=s.media,
                 compute_backend=self._compute.name,
                 evaluation_providers=evaluators.names,
+                tokens=tokens,
             ),
             watcher=Watcher(store, heartbeat_interval=s.server.heartbeat_interval),
             artifacts=ArtifactService(store, self._writer, files, media=s.media),

@@ -41,6 +41,12 @@ class ServerSettings(BaseModel):
         default=None,
         description="where to write the bound port once serving (for port 0 and supervisors)",
     )
+    page_token_secret: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="signs page tokens; unset: a random one per process (tokens then do not "
+        "survive a restart or reach another replica)",
+    )
 
 
 class ApiKey(BaseModel):

@@ -48,15 +48,7 @@ def status_for(error: errors.DomainError) -> tuple[grpc.StatusCode, status_pb2.S
     )
     details: list[any_pb2.Any] = []
     if isinstance(error, errors.InvalidArgumentError):
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
-        details.append(_pack(bad))
+        details.append(_pack(_bad_request(error.violations)))
     details.append(
         _pack(
             error_details_pb2.ErrorInfo(
@@ -68,8 +60,38 @@ def status_for(error: errors.DomainError) -> tuple[grpc.StatusCode, status_pb2.S
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
+    message = error.message
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
     return code, status
+
+
+# The whole status travels in one trailer, which clients refuse past 8-16 KiB: the field
+# violations get a budget of bytes, then one last entry says how many more there were.
+MAX_MESSAGE_CHARS = 512
+VIOLATIONS_BUDGET = 4096
+_FIELD_CHARS = 160
+_DESCRIPTION_CHARS = 300
+
+
+def _bad_request(violations: list[errors.FieldViolation]) -> error_details_pb2.BadRequest:
+    """The BadRequest of ``violations``, cut to the byte budget."""
+    bad = error_details_pb2.BadRequest()
+    used = 0
+    for index, violation in enumerate(violations):
+        field = violation.field[:_FIELD_CHARS]
+        description = violation.description[:_DESCRIPTION_CHARS]
+        size = len(field.encode()) + len(description.encode()) + 8
+        if used + size > VIOLATIONS_BUDGET and index:
+            rest = len(violations) - index
+            bad.field_violations.add(
+                field=field, description=f"{description} (and {rest - 1} more not shown)"
+            )
+            break
+        used += size
+        bad.field_violations.add(field=field, description=description)
+    return bad
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -22,7 +22,7 @@ import grpc
 from server.api.auth import Authenticator
 from server.api.context import REQUEST_ID_HEADER, CallContext, bind, unbind
 from server.api.errors import abort_with
-from server.domain.errors import UnauthenticatedError
+from server.domain.errors import InvalidArgumentError, UnauthenticatedError
 from server.domain.ids import IdSource
 
 log = logging.getLogger("sartiq.access")
@@ -173,18 +173,69 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         service = method.removeprefix("/").partition("/")[0]
         auth = None if service in self._open else self._auth
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        # Requests arrive as bytes and are parsed here, so a message that does not decode
+        # is INVALID_ARGUMENT with a BadRequest, not grpc's UNKNOWN.
+        parse = handler.request_deserializer
+        codec = {"request_deserializer": None, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
-            wrapped = _wrap_unary_response(method, handler.unary_unary, auth, self._ids)
+            behavior = _parsing_unary(handler.unary_unary, parse)
+            wrapped = _wrap_unary_response(method, behavior, auth, self._ids)
             return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
         if handler.unary_stream is not None:
-            wrapped = _wrap_stream_response(method, handler.unary_stream, auth, self._ids)
+            behavior = _parsing_unary(handler.unary_stream, parse)
+            wrapped = _wrap_stream_response(method, behavior, auth, self._ids)
             return grpc.unary_stream_rpc_method_handler(wrapped, **codec)
         if handler.stream_unary is not None:
-            wrapped = _wrap_unary_response(method, handler.stream_unary, auth, self._ids)
+            behavior = _parsing_stream(handler.stream_unary, parse)
+            wrapped = _wrap_unary_response(method, behavior, auth, self._ids)
             return grpc.stream_unary_rpc_method_handler(wrapped, **codec)
-        wrapped = _wrap_stream_response(method, handler.stream_stream, auth, self._ids)
+        behavior = _parsing_stream(handler.stream_stream, parse)
+        wrapped = _wrap_stream_response(method, behavior, auth, self._ids)
         return grpc.stream_stream_rpc_method_handler(wrapped, **codec)
+
+
+def _decoded(parse: Callable[[bytes], Any] | None, data: Any) -> Any:
+    """The request message of ``data``.
+
+    Raises:
+        InvalidArgumentError: the bytes are not a valid message of the method's type.
+    """
+    if parse is None or not isinstance(data, bytes):
+        return data
+    try:
+        return parse(data)
+    except Exception as exc:  # DecodeError, or a RuntimeError for invalid UTF-8
+        reason = type(exc).__name__
+        raise InvalidArgumentError.of(
+            "request", f"is not a valid message of this method's request type ({reason})"
+        ) from None
+
+
+def _parsing_unary(behavior: Behavior, parse: Callable[[bytes], Any] | None) -> Behavior:
+    """A handler taking one request, parsed first (an undecodable one ends the call)."""
+
+    def handle(request: Any, context: Context) -> Any:
+        try:
+            message = _decoded(parse, request)
+        except InvalidArgumentError as exc:
+            return _refuse(context, exc)
+        return behavior(message, context)
+
+    return handle
+
+
+def _parsing_stream(behavior: Behavior, parse: Callable[[bytes], Any] | None) -> Behavior:
+    """A handler taking a request stream, each message parsed as it is read."""
+
+    def handle(requests: AsyncIterator[Any], context: Context) -> Any:
+        async def parsed() -> AsyncIterator[Any]:
+            async for item in requests:
+                yield _decoded(parse, item)
+
+        return behavior(parsed(), context)
+
+    return handle
+
+
+async def _refuse(context: Context, error: InvalidArgumentError) -> None:
+    await abort_with(context, error)

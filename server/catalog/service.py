@@ -15,7 +15,7 @@ from server.config import MediaSettings
 from server.domain import model
 from server.domain.enums import CatalogKind
 from server.domain.errors import NotFoundError, Violations
-from server.domain.paging import Cursor, paginate, query_key
+from server.domain.paging import Cursor, PageTokens, paginate, query_key
 from server.domain.recorder import utcnow
 from server.media.artifacts import FileArtifactStore
 from server.media.images import InvalidImageError, probe_image
@@ -75,11 +75,13 @@ class CatalogService:
         artifacts: FileArtifactStore,
         *,
         media: MediaSettings,
+        tokens: PageTokens,
     ) -> None:
         self._store = store
         self._writer = writer
         self._artifacts = artifacts
         self._media = media
+        self._tokens = tokens
         self._cache = _EntityCache()
 
     async def create(self, org: str, kind: CatalogKind, entity: EntityInput) -> model.CatalogEntity:
@@ -229,6 +231,7 @@ class CatalogService:
             page_size=page_size,
             page_token=page_token,
             key=query_key("catalog", kind.value),
+            tokens=self._tokens,
             default_size=DEFAULT_PAGE_SIZE,
             max_size=MAX_PAGE_SIZE,
         )

@@ -60,8 +60,8 @@ class InvalidArgumentError(DomainError):
         return cls([FieldViolation(field, description)])
 
     def __init__(self, violations: list[FieldViolation]) -> None:
-        fields = ", ".join(v.field for v in violations[:10])
-        more = f" and {len(violations) - 10} more" if len(violations) > 10 else ""
+        fields = ", ".join(v.field for v in violations[:3])
+        more = f" and {len(violations) - 3} more" if len(violations) > 3 else ""
         super().__init__(f"invalid request: {fields}{more}")
         self.violations = violations
 

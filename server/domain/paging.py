@@ -1,10 +1,11 @@
-"""Opaque page tokens over a (created_at desc, id desc) order, bound to the query they serve."""
+"""Signed page tokens over a (created_at desc, id desc) order, bound to the query they serve."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -27,27 +28,73 @@ def query_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def encode_token(cursor: Cursor, key: str) -> str:
-    """An opaque token for the page after ``cursor``."""
-    body = {"t": cursor.created_at.isoformat(), "id": cursor.id, "k": key}
-    return base64.urlsafe_b64encode(json.dumps(body).encode()).decode()
+class PageTokens:
+    """Signs page tokens and checks them before reading anything inside.
+
+    A token is ``base64url(JSON body) "." base64url(HMAC-SHA256(body))`` of at most
+    ``MAX_LENGTH`` characters. A token that is too long, malformed or not signed with
+    this service's secret is refused before its body is parsed, so no crafted body
+    (deep nesting, impossible dates) ever reaches the JSON or date parsers.
+    """
+
+    MAX_LENGTH = 512
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("the page token secret must have at least 16 bytes")
+        self._secret = secret
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self._secret, body, hashlib.sha256).digest()
+
+    def encode(self, cursor: Cursor, key: str) -> str:
+        """An opaque token for the page after ``cursor`` of the query ``key``."""
+        body = json.dumps(
+            {"t": cursor.created_at.isoformat(), "id": cursor.id, "k": key},
+            separators=(",", ":"),
+        ).encode()
+        return f"{_b64(body)}.{_b64(self._mac(body))}"
+
+    def decode(self, token: str, key: str, v: Violations) -> Cursor | None:
+        """The cursor in ``token``; records a ``page_token`` violation when it is not valid here."""
+        if not token:
+            return None
+        body = self._verified(token)
+        if body is None:
+            v.add("page_token", "is not a token this service issued")
+            return None
+        try:
+            fields = json.loads(body)
+            cursor = Cursor(datetime.fromisoformat(fields["t"]), str(fields["id"]))
+            same_query = fields["k"] == key
+        except (ValueError, KeyError, TypeError):  # pragma: no cover - we signed it
+            v.add("page_token", "is not a token this service issued")
+            return None
+        if not same_query:
+            v.add("page_token", "was issued for a different filter")
+            return None
+        return cursor
+
+    def _verified(self, token: str) -> bytes | None:
+        if len(token) > self.MAX_LENGTH or not token.isascii():
+            return None
+        body_text, dot, mac_text = token.partition(".")
+        if not dot:
+            return None
+        try:
+            body = base64.urlsafe_b64decode(_padded(body_text))
+            mac = base64.urlsafe_b64decode(_padded(mac_text))
+        except (ValueError, binascii.Error):
+            return None
+        return body if hmac.compare_digest(mac, self._mac(body)) else None
 
 
-def decode_token(token: str, key: str, v: Violations) -> Cursor | None:
-    """The cursor in ``token``; records a ``page_token`` violation when it is not valid here."""
-    if not token:
-        return None
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token.encode()))
-        cursor = Cursor(datetime.fromisoformat(body["t"]), str(body["id"]))
-        same_query = body["k"] == key
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        v.add("page_token", "is not a token this service issued")
-        return None
-    if not same_query:
-        v.add("page_token", "was issued for a different filter")
-        return None
-    return cursor
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _padded(text: str) -> bytes:
+    return (text + "=" * (-len(text) % 4)).encode()
 
 
 def check_page_size(v: Violations, page_size: int, maximum: int) -> None:
@@ -79,6 +126,7 @@ async def paginate(
     page_size: int,
     page_token: str,
     key: str,
+    tokens: PageTokens,
     default_size: int,
     max_size: int,
 ) -> tuple[Sequence[T], str]:
@@ -89,11 +137,11 @@ async def paginate(
     """
     v = Violations()
     check_page_size(v, page_size, max_size)
-    cursor = decode_token(page_token, key, v)
+    cursor = tokens.decode(page_token, key, v)
     v.raise_if_any()
     limit = page_size or default_size
     rows = await fetch(cursor, limit + 1)  # one extra row tells whether a next page exists
     items = rows[:limit]
     if len(rows) <= limit:
         return items, ""
-    return items, encode_token(Cursor(items[-1].created_at, items[-1].id), key)
+    return items, tokens.encode(Cursor(items[-1].created_at, items[-1].id), key)

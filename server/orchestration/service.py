@@ -18,7 +18,7 @@ from server.domain.errors import (
 from server.domain.filters import GenerationFilter
 from server.domain.ids import IdSource
 from server.domain.model import Artifact, CatalogEntity, Generation, Orchestration
-from server.domain.paging import Cursor, paginate, query_key
+from server.domain.paging import Cursor, PageTokens, paginate, query_key
 from server.orchestration.adjust import MAX_PASSES
 from server.orchestration.blueprint import build_generation, fingerprint
 from server.orchestration.engine import Engine
@@ -76,6 +76,7 @@ class GenerationService:
         media: MediaSettings,
         compute_backend: str,
         evaluation_providers: tuple[str, ...],
+        tokens: PageTokens,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -85,6 +86,7 @@ class GenerationService:
         self._media = media
         self._compute_backend = compute_backend
         self._providers = evaluation_providers
+        self._tokens = tokens
         self._ids = IdSource()
         # Creates in flight by idempotency key: a concurrent duplicate waits for the first.
         self._creating: dict[tuple[str, str], asyncio.Future[Generation]] = {}
@@ -265,6 +267,7 @@ class GenerationService:
             page_size=page_size,
             page_token=page_token,
             key=_filter_key(flt),
+            tokens=self._tokens,
             default_size=DEFAULT_PAGE_SIZE,
             max_size=MAX_PAGE_SIZE,
         )
