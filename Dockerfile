@@ -21,6 +21,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     SARTIQ_SERVER__HOST=0.0.0.0 \
     SARTIQ_DATABASE__URL=sqlite+aiosqlite:////var/lib/sartiq/sartiq.db \
     SARTIQ_MEDIA__ARTIFACT_DIR=/var/lib/sartiq/artifacts
+# It listens on 0.0.0.0, so it refuses to start without authentication: mount keys and set
+# SARTIQ_AUTH__API_KEYS_FILE (or SARTIQ_AUTH__JWT_KEYS_FILE). With TLS configured, the
+# health check below (plaintext) must be replaced by the orchestrator's own.
 USER 10001
 WORKDIR /var/lib/sartiq
 VOLUME ["/var/lib/sartiq"]

@@ -19,7 +19,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with App(settings):
+    async with App(settings) as app:
+        loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
         await stop.wait()
 
 

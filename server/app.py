@@ -14,8 +14,9 @@ from types import TracebackType
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.api.auth import Authenticator, load_keys
+from server.api.auth import Authenticator, JwtVerifier, is_loopback, load_keys
 from server.api.server import GrpcServer, Services, build_server
+from server.api.tls import TlsCredentials
 from server.artifacts.service import ArtifactService
 from server.catalog.service import CatalogService
 from server.compute.base import ComputeBackend
@@ -26,6 +27,7 @@ from server.compute.processors.tasks import default_registry
 from server.compute.retry import RetryPolicy
 from server.config import Settings
 from server.domain.enums import GenerationType
+from server.domain.errors import StartupError
 from server.domain.paging import PageTokens
 from server.evaluation.base import Evaluator, Evaluators
 from server.evaluation.local import LocalEvaluator
@@ -114,6 +116,22 @@ def _evaluators(settings: Settings) -> Evaluators:
     return Evaluators(providers)
 
 
+def _tls(settings: Settings) -> TlsCredentials | None:
+    """The listener's TLS credentials, when certificate files are configured.
+
+    Raises:
+        StartupError: only one of the certificate and the key is set, or they cannot be read.
+    """
+    s = settings.server
+    if s.tls_cert_file is None and s.tls_key_file is None:
+        if s.tls_client_ca_file is not None:
+            raise StartupError("SARTIQ_SERVER__TLS_CLIENT_CA_FILE needs a certificate and key")
+        return None
+    if s.tls_cert_file is None or s.tls_key_file is None:
+        raise StartupError("set both SARTIQ_SERVER__TLS_CERT_FILE and SARTIQ_SERVER__TLS_KEY_FILE")
+    return TlsCredentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+
+
 def _prepare_directories(settings: Settings) -> None:
     """Create the artifact directory and an SQLite database's directory if missing."""
     settings.media.artifact_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +178,7 @@ class App:
         self._engine: Engine | None = None
         self._grpc: GrpcServer | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._tls: TlsCredentials | None = None
         self._stopped = False
 
     @property
@@ -240,7 +259,14 @@ class App:
             artifacts=ArtifactService(store, self._writer, files, media=s.media),
             catalog=catalog,
         )
-        self._grpc = build_server(s.server, services, self._authenticator())
+        self._tls = _tls(s)
+        self._grpc = build_server(
+            s.server,
+            services,
+            self._authenticator(),
+            open_services=frozenset(s.auth.open_services),
+            tls=self._tls,
+        )
         await self._grpc.server.start()
         await self._engine.start()
         await self._grpc.mark_serving()
@@ -252,6 +278,11 @@ class App:
         if s.server.port_file is not None:
             _write_atomically(s.server.port_file, f"{self._grpc.port}\n")
         log.info("serving on %s:%d", s.server.host, self._grpc.port)
+
+    def reload_tls(self) -> None:
+        """Read the TLS certificate files again at the next handshake (SIGHUP)."""
+        if self._tls is not None:
+            self._tls.reload()
 
     @staticmethod
     async def _report_compute_health(breaker: CircuitBreaker, grpc_server: GrpcServer) -> None:
@@ -304,12 +335,22 @@ class App:
 
     def _authenticator(self) -> Authenticator:
         s = self.settings
+        verifier = JwtVerifier(s.auth) if s.auth.jwt_keys_file is not None else None
         auth = Authenticator(
-            load_keys(s.auth), development_organization=s.server.default_organization
+            load_keys(s.auth),
+            development_organization=s.server.default_organization,
+            jwt_verifier=verifier,
         )
         if auth.development_mode:
+            if not is_loopback(s.server.host) and not s.auth.allow_unauthenticated:
+                raise StartupError(
+                    f"refusing to serve on {s.server.host} without authentication: configure "
+                    "SARTIQ_AUTH__API_KEYS(_FILE) or SARTIQ_AUTH__JWT_KEYS_FILE, or set "
+                    "SARTIQ_AUTH__ALLOW_UNAUTHENTICATED=true to allow development mode there"
+                )
             log.warning(
-                "no API keys configured: development mode, every call is organization %r",
+                "no API keys or JWT keys configured: development mode, every call is "
+                "organization %r",
                 s.server.default_organization,
             )
         return auth

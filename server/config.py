@@ -41,6 +41,19 @@ class ServerSettings(BaseModel):
         default=None,
         description="where to write the bound port once serving (for port 0 and supervisors)",
     )
+    rate_limit: float = Field(
+        default=0.0,
+        ge=0,
+        description="calls per second one organization may make (a token bucket); 0: no limit",
+    )
+    rate_burst: int = Field(default=100, ge=1, description="calls a bucket holds at most")
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate chain; with tls_key_file, serve TLS only"
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="PEM CA bundle: clients must present a certificate it signed"
+    )
     page_token_secret: SecretStr | None = Field(
         default=None,
         min_length=16,
@@ -56,6 +69,7 @@ class ApiKey(BaseModel):
 
     organization: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     key: SecretStr = Field(min_length=16)
+    scopes: tuple[Literal["read", "write", "admin"], ...] = ("read", "write")
 
 
 class AuthSettings(BaseModel):
@@ -65,7 +79,24 @@ class AuthSettings(BaseModel):
 
     api_keys: tuple[ApiKey, ...] = ()
     api_keys_file: Path | None = Field(
-        default=None, description="a JSON list of {organization, key}, read at start"
+        default=None, description="a JSON list of {organization, key, scopes}, read at start"
+    )
+    jwt_keys_file: Path | None = Field(
+        default=None,
+        description="a JWKS (JSON) or PEM public key file: bearer JWTs signed by it are accepted",
+    )
+    jwt_issuer: str = Field(default="", description="the required iss claim (empty: any)")
+    jwt_audience: str = Field(default="", description="the required aud claim (empty: none)")
+    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    jwt_leeway: float = Field(default=30.0, ge=0, description="seconds of clock skew allowed")
+    open_services: tuple[str, ...] = Field(
+        default=("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"),
+        description="services callable without credentials",
+    )
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="serve without keys or JWTs on an address other than loopback "
+        "(development mode everywhere; never in production)",
     )
 
 
@@ -105,6 +136,11 @@ class MediaSettings(BaseModel):
         default=30.0, gt=0, le=600, description="seconds an http(s) image fetch may take in all"
     )
     max_redirects: int = Field(default=5, ge=0, le=20)
+    lora_prefixes: tuple[str, ...] = Field(
+        default=(),
+        description="where catalog LoRA weights may live (e.g. s3://my-loras/); uploads "
+        "(artifact:<sha256>) of the organization are always allowed",
+    )
 
 
 class ComputeSettings(BaseModel):
@@ -143,6 +179,12 @@ class OrchestrationSettings(BaseModel):
 
     max_tasks_in_flight: int = Field(default=8, ge=1)
     max_queued_generations: int = Field(default=1000, ge=1)
+    max_live_per_organization: int = Field(
+        default=500,
+        ge=1,
+        description="generations one organization may have in progress; beyond it creates "
+        "answer RESOURCE_EXHAUSTED (reason ORGANIZATION_LIMIT) with RetryInfo",
+    )
     max_agentic_tasks: int = Field(
         default=96,
         ge=1,

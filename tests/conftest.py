@@ -30,7 +30,7 @@ def make_settings(tmp_path: Path, **server: Any) -> Settings:
     return Settings(
         server=ServerSettings(port=0, grace_period=1.0, **server),
         database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path / 'sartiq.db'}"),
-        media=MediaSettings(artifact_dir=tmp_path / "artifacts"),
+        media=MediaSettings(artifact_dir=tmp_path / "artifacts", lora_prefixes=("s3://loras/",)),
         orchestration=OrchestrationSettings(progress_interval=0.0),
     )
 

@@ -173,6 +173,7 @@ async def create_product(
     *,
     description: str = "",
     colour: tuple[int, int, int] = (200, 20, 30),
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> str:
     """Create a product with one real reference image and return its id."""
     response = await catalog.CreateProduct(
@@ -180,7 +181,8 @@ async def create_product(
             name=name,
             description=description,
             reference_images=[catalog_service_pb2.ImageInput(data=png_bytes(colour))],
-        )
+        ),
+        metadata=metadata,
     )
     return response.product.id
 

@@ -1,23 +1,45 @@
-"""Bearer-token authentication: API keys, each bound to one organization.
+"""Bearer-token authentication: API keys and signed JWTs, each acting for one organization.
 
-Keys are kept only as SHA-256 digests, so a key never sits in memory in the clear after
-start-up and the lookup does not compare secrets byte by byte. Without any key the
-server is in development mode: every call belongs to one configured organization.
+API keys are kept only as SHA-256 digests, so a key never sits in memory in the clear
+after start-up and the lookup does not compare secrets byte by byte. JWTs are verified
+with the configured public keys (a JWKS file or one PEM key): signature, expiry, issuer
+and audience, and an ``org`` claim naming the organization; their ``scope`` claim
+(space-separated) grants scopes, "read write" when absent.
+
+Every call needs a scope: ``read`` for reads and watches, ``write`` for creates, cancels
+and uploads, ``admin`` for catalog deletes. Without keys and JWTs the server is in
+development mode: every call is one configured organization with every scope.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import jwt
 from pydantic import TypeAdapter, ValidationError
 
 from server.config import ApiKey, AuthSettings
-from server.domain.errors import StartupError, UnauthenticatedError
+from server.domain.errors import PermissionDeniedError, StartupError, UnauthenticatedError
 
 AUTHORIZATION_HEADER = "authorization"
+ALL_SCOPES = frozenset({"read", "write", "admin"})
+DEFAULT_SCOPES = frozenset({"read", "write"})
 _KEYS = TypeAdapter(tuple[ApiKey, ...])
+_ORGANIZATION = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a call acts for, and what it may do."""
+
+    organization: str
+    scopes: frozenset[str]
 
 
 def _digest(token: str) -> bytes:
@@ -42,23 +64,134 @@ def load_keys(settings: AuthSettings) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-class Authenticator:
-    """Maps a call's ``authorization`` metadata to the organization it acts for."""
+def required_scope(method: str) -> str:
+    """The scope a method (``/package.Service/Method``) needs."""
+    name = method.rpartition("/")[2]
+    if name.startswith("Delete"):
+        return "admin"
+    if name.startswith(("Create", "Cancel", "Upload")):
+        return "write"
+    return "read"
 
-    def __init__(self, keys: Sequence[ApiKey], *, development_organization: str) -> None:
-        self._organizations = {_digest(k.key.get_secret_value()): k.organization for k in keys}
-        self._development = development_organization if not keys else None
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class JwtVerifier:
+    """Checks bearer JWTs against the configured keys and claims."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        path = settings.jwt_keys_file
+        if path is None:
+            raise ValueError("jwt_keys_file is not set")
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise StartupError(f"cannot read JWT keys from {path}: {exc.strerror}") from None
+        self._keys: dict[str, Any] = {}
+        try:
+            if text.lstrip().startswith("{"):
+                for key in jwt.PyJWKSet.from_json(text).keys:
+                    self._keys[key.key_id or ""] = key.key
+            else:
+                self._keys[""] = text
+        except (jwt.PyJWTError, ValueError) as exc:
+            raise StartupError(f"cannot use the JWT keys in {path}: {exc}") from None
+        if not self._keys:
+            raise StartupError(f"no JWT keys in {path}")
+        self._issuer = settings.jwt_issuer or None
+        self._audience = settings.jwt_audience or None
+        self._algorithms = list(settings.jwt_algorithms)
+        self._leeway = settings.jwt_leeway
+
+    def principal(self, token: str) -> Principal:
+        """The principal a valid token names.
+
+        Raises:
+            UnauthenticatedError: a bad signature, expired, wrong issuer or audience, no
+                ``org`` claim; the reason says which.
+        """
+        try:
+            header = jwt.get_unverified_header(token)
+            kid = str(header.get("kid") or "")
+            key = self._keys.get(kid)
+            if key is None and not kid and len(self._keys) == 1:
+                key = next(iter(self._keys.values()))  # one key: a token may omit its id
+            if key is None:
+                raise UnauthenticatedError(
+                    "the token's key id is not known", metadata={"cause": "invalid"}
+                )
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "org"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise UnauthenticatedError(
+                "the token has expired", metadata={"cause": "expired"}
+            ) from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise UnauthenticatedError(
+                f"the token has no {exc.claim!r} claim", metadata={"cause": "invalid"}
+            ) from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError) as exc:
+            raise UnauthenticatedError(
+                f"the token is not for this service: {exc}", metadata={"cause": "invalid"}
+            ) from None
+        except jwt.PyJWTError:
+            raise UnauthenticatedError(
+                "the token is not valid (signature, format or algorithm)",
+                metadata={"cause": "invalid"},
+            ) from None
+        organization = claims.get("org")
+        if not isinstance(organization, str) or not _ORGANIZATION.fullmatch(organization):
+            raise UnauthenticatedError(
+                "the token's org claim is not an organization", metadata={"cause": "invalid"}
+            )
+        scope = claims.get("scope")
+        scopes = DEFAULT_SCOPES if scope is None else frozenset(str(scope).split()) & ALL_SCOPES
+        return Principal(organization, frozenset(scopes))
+
+
+class Authenticator:
+    """Maps a call's ``authorization`` metadata to the principal it acts for."""
+
+    def __init__(
+        self,
+        keys: Sequence[ApiKey],
+        *,
+        development_organization: str,
+        jwt_verifier: JwtVerifier | None = None,
+    ) -> None:
+        self._principals = {
+            _digest(k.key.get_secret_value()): Principal(k.organization, frozenset(k.scopes))
+            for k in keys
+        }
+        self._jwt = jwt_verifier
+        development = not keys and jwt_verifier is None
+        self._development = Principal(development_organization, ALL_SCOPES) if development else None
 
     @property
     def development_mode(self) -> bool:
-        """True when no key is configured and every call is the default organization."""
+        """True when nothing is configured and every call is the default organization."""
         return self._development is not None
 
-    def organization(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
-        """The organization of a call.
+    def principal(self, metadata: Iterable[tuple[str, str | bytes]]) -> Principal:
+        """The principal of a call.
 
         Raises:
-            UnauthenticatedError: keys are configured and the call has no known one.
+            UnauthenticatedError: credentials are required and missing or not valid.
         """
         if self._development is not None:
             return self._development
@@ -69,9 +202,28 @@ class Authenticator:
                 if scheme.lower() != "bearer":
                     token = ""
                 break
+        token = token.strip()
         if not token:
-            raise UnauthenticatedError("send 'authorization: Bearer <API key>' call metadata")
-        organization = self._organizations.get(_digest(token.strip()))
-        if organization is None:
-            raise UnauthenticatedError("the API key is not valid")
-        return organization
+            raise UnauthenticatedError(
+                "send 'authorization: Bearer <API key or JWT>' call metadata",
+                metadata={"cause": "missing"},
+            )
+        principal = self._principals.get(_digest(token))
+        if principal is not None:
+            return principal
+        if self._jwt is not None and token.count(".") == 2:
+            return self._jwt.principal(token)
+        raise UnauthenticatedError("the API key is not valid", metadata={"cause": "invalid"})
+
+    @staticmethod
+    def authorize(principal: Principal, method: str) -> None:
+        """Check that ``principal`` holds the scope ``method`` needs.
+
+        Raises:
+            PermissionDeniedError: it does not.
+        """
+        scope = required_scope(method)
+        if scope not in principal.scopes:
+            raise PermissionDeniedError(
+                f"this call needs the {scope!r} scope", metadata={"scope": scope}
+            )

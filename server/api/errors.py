@@ -32,6 +32,7 @@ _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.UnimplementedError: grpc.StatusCode.UNIMPLEMENTED,
     errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
     errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

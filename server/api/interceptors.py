@@ -22,8 +22,14 @@ import grpc
 from server.api.auth import Authenticator
 from server.api.context import REQUEST_ID_HEADER, CallContext, bind, unbind
 from server.api.errors import abort_with
-from server.domain.errors import InvalidArgumentError, UnauthenticatedError
+from server.domain.errors import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
 from server.domain.ids import IdSource
+from server.domain.limits import TokenBuckets
 
 log = logging.getLogger("sartiq.access")
 
@@ -55,6 +61,7 @@ class _CallLog:
         ids: IdSource,
         *,
         streaming: bool,
+        limits: TokenBuckets | None = None,
     ) -> None:
         self.method = method
         self.streaming = streaming
@@ -62,15 +69,28 @@ class _CallLog:
         self.request_id = _request_id(context, ids)
         self.peer = context.peer()
         self.auth = auth
+        self.limits = limits
         self.start = time.perf_counter()
 
     async def __aenter__(self) -> _CallLog:
         organization = ""
-        self.problem: UnauthenticatedError | None = None
+        self.problem: Exception | None = None
         if self.auth is not None:
             try:
-                organization = self.auth.organization(self.context.invocation_metadata() or ())
-            except UnauthenticatedError as exc:
+                principal = self.auth.principal(self.context.invocation_metadata() or ())
+                self.auth.authorize(principal, self.method)
+                organization = principal.organization
+                if self.limits is not None:
+                    wait = self.limits.take(organization)
+                    if wait:
+                        raise ResourceExhaustedError(
+                            "this organization calls faster than the server allows",
+                            retry_after=wait,
+                            reason="RATE_LIMITED",
+                        )
+            except (UnauthenticatedError, PermissionDeniedError, ResourceExhaustedError) as exc:
+                self.problem = exc
+            except Exception as exc:  # a bug: INTERNAL with a correlation id, never UNKNOWN
                 self.problem = exc
         self.token = bind(CallContext(self.request_id, organization))
         echo = ((REQUEST_ID_HEADER, self.request_id),)
@@ -84,7 +104,7 @@ class _CallLog:
         return self
 
     async def admit(self) -> None:
-        """End the call as UNAUTHENTICATED unless it passed authentication."""
+        """End the call unless it passed authentication and holds the scope it needs."""
         if self.problem is not None:
             await abort_with(self.context, self.problem)
 
@@ -120,12 +140,16 @@ async def _write_all(items: AsyncGenerator[Any, None], context: Context) -> None
 
 
 def _wrap_unary_response(
-    method: str, behavior: Behavior, auth: Authenticator | None, ids: IdSource
+    method: str,
+    behavior: Behavior,
+    auth: Authenticator | None,
+    ids: IdSource,
+    limits: TokenBuckets | None,
 ) -> Behavior:
     """Wrap a handler that returns one response (unary-unary, stream-unary)."""
 
     async def wrapped(request: Any, context: Context) -> Any:
-        async with _CallLog(method, context, auth, ids, streaming=False) as call:
+        async with _CallLog(method, context, auth, ids, streaming=False, limits=limits) as call:
             await call.admit()
             return await behavior(request, context)
 
@@ -133,12 +157,16 @@ def _wrap_unary_response(
 
 
 def _wrap_stream_response(
-    method: str, behavior: Behavior, auth: Authenticator | None, ids: IdSource
+    method: str,
+    behavior: Behavior,
+    auth: Authenticator | None,
+    ids: IdSource,
+    limits: TokenBuckets | None,
 ) -> Behavior:
     """Wrap a handler that streams responses, as a coroutine that writes them itself."""
 
     async def wrapped(request: Any, context: Context) -> None:
-        async with _CallLog(method, context, auth, ids, streaming=True) as call:
+        async with _CallLog(method, context, auth, ids, streaming=True, limits=limits) as call:
             await call.admit()
             result = behavior(request, context)
             if isinstance(result, AsyncGenerator):
@@ -156,8 +184,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     services in ``open_services`` (health, reflection) need no credentials.
     """
 
-    def __init__(self, auth: Authenticator, *, open_services: frozenset[str]) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        *,
+        open_services: frozenset[str],
+        limits: TokenBuckets | None = None,
+    ) -> None:
         self._auth = auth
+        self._limits = limits
         self._open = open_services
         self._ids = IdSource()
 
@@ -179,18 +214,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         codec = {"request_deserializer": None, "response_serializer": handler.response_serializer}
         if handler.unary_unary is not None:
             behavior = _parsing_unary(handler.unary_unary, parse)
-            wrapped = _wrap_unary_response(method, behavior, auth, self._ids)
+            wrapped = _wrap_unary_response(method, behavior, auth, self._ids, self._limits)
             return grpc.unary_unary_rpc_method_handler(wrapped, **codec)
         if handler.unary_stream is not None:
             behavior = _parsing_unary(handler.unary_stream, parse)
-            wrapped = _wrap_stream_response(method, behavior, auth, self._ids)
+            wrapped = _wrap_stream_response(method, behavior, auth, self._ids, self._limits)
             return grpc.unary_stream_rpc_method_handler(wrapped, **codec)
         if handler.stream_unary is not None:
             behavior = _parsing_stream(handler.stream_unary, parse)
-            wrapped = _wrap_unary_response(method, behavior, auth, self._ids)
+            wrapped = _wrap_unary_response(method, behavior, auth, self._ids, self._limits)
             return grpc.stream_unary_rpc_method_handler(wrapped, **codec)
         behavior = _parsing_stream(handler.stream_stream, parse)
-        wrapped = _wrap_stream_response(method, behavior, auth, self._ids)
+        wrapped = _wrap_stream_response(method, behavior, auth, self._ids, self._limits)
         return grpc.stream_stream_rpc_method_handler(wrapped, **codec)
 
 

@@ -21,10 +21,12 @@ from server.api.auth import Authenticator
 from server.api.catalog_servicer import CatalogServicer
 from server.api.generation_servicer import GenerationServicer
 from server.api.interceptors import CallInterceptor
+from server.api.tls import TlsCredentials
 from server.artifacts.service import ArtifactService
 from server.catalog.service import CatalogService
 from server.config import ServerSettings
 from server.domain.errors import StartupError
+from server.domain.limits import TokenBuckets
 from server.orchestration.service import GenerationService
 from server.orchestration.watch import Watcher
 
@@ -77,7 +79,14 @@ class Services:
     catalog: CatalogService
 
 
-def build_server(settings: ServerSettings, services: Services, auth: Authenticator) -> GrpcServer:
+def build_server(
+    settings: ServerSettings,
+    services: Services,
+    auth: Authenticator,
+    *,
+    open_services: frozenset[str] = OPEN_SERVICES,
+    tls: TlsCredentials | None = None,
+) -> GrpcServer:
     """Create the server and bind its port (0 picks a free one); it is not started.
 
     Raises:
@@ -91,7 +100,8 @@ def build_server(settings: ServerSettings, services: Services, auth: Authenticat
         # Without this a second server would silently share the port with the first.
         ("grpc.so_reuseport", 0),
     ]
-    interceptor = CallInterceptor(auth, open_services=OPEN_SERVICES)
+    limits = TokenBuckets(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
+    interceptor = CallInterceptor(auth, open_services=open_services, limits=limits)
     server = grpc.aio.server(interceptors=[interceptor], options=options)
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
         GenerationServicer(services.generations, services.watcher), server
@@ -109,7 +119,10 @@ def build_server(settings: ServerSettings, services: Services, auth: Authenticat
     )
     address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.credentials())
     except RuntimeError:
         raise StartupError(f"cannot listen on {address}: the address is in use") from None
     return GrpcServer(server, port, health_servicer)

@@ -100,13 +100,18 @@ class CatalogService:
         if len(entity.description) > 2000:
             v.add("description", "must be at most 2000 characters")
         if entity.lora is not None:
-            _check_lora(entity.lora, v)
+            _check_lora(entity.lora, v, self._media.lora_prefixes)
         if len(entity.reference_images) > MAX_REFERENCE_IMAGES:
             v.add("reference_images", f"must have at most {MAX_REFERENCE_IMAGES} images")
             images: list[_Image] = []
         else:
             images = await self._check_images(org, entity.reference_images, v)
         v.raise_if_any()
+        if entity.lora is not None and (match := _ARTIFACT_URI.fullmatch(entity.lora.uri)):
+            async with self._store.read() as session:
+                owned = await repository.get_owned_artifact(session, org, match.group(1))
+            if owned is None:
+                raise NotFoundError.of("artifact", {"lora.uri": entity.lora.uri})
         return await self._insert(org, kind, name, entity, images)
 
     async def _check_images(
@@ -291,11 +296,22 @@ def _not_found(kind: CatalogKind, entity_id: str) -> NotFoundError:
     return NotFoundError.of(name, {f"{name}_id": entity_id})
 
 
-def _check_lora(lora: LoraInput, v: Violations) -> None:
-    if not lora.uri:
+def _check_lora(lora: LoraInput, v: Violations, prefixes: tuple[str, ...]) -> None:
+    """A LoRA is an upload of the organization (``artifact:``) or under an allowed prefix."""
+    uri = lora.uri
+    if not uri:
         v.add("lora.uri", "is required when lora is set")
-    elif len(lora.uri) > 2048:
+    elif len(uri) > 2048:
         v.add("lora.uri", "must be at most 2048 characters")
+    elif uri.startswith("artifact:"):
+        if not _ARTIFACT_URI.fullmatch(uri):
+            v.add("lora.uri", "must be artifact:<sha256 hex> for an upload")
+    elif not any(uri.startswith(prefix) for prefix in prefixes):
+        allowed = ", ".join(prefixes) or "none configured"
+        v.add(
+            "lora.uri",
+            f"must be an upload (artifact:<sha256>) or start with an allowed prefix ({allowed})",
+        )
     weight = lora.default_weight
     if weight is not None and not 0 <= weight <= 2:
         v.add("lora.default_weight", f"must be between 0 and 2, got {weight:g}")

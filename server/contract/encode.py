@@ -287,6 +287,7 @@ def _generation(value: model.Generation) -> pb.Generation:
         finish_time=timestamp(value.finished_at),
         deadline_time=timestamp(value.deadline_at),
         last_event_sequence=value.event_seq,
+        queue_position=value.queue_position,
     )
     if value.params:
         fill(getattr(result, PARAMS_FIELD[value.strategy]), value.params)

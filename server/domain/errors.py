@@ -8,6 +8,7 @@ DomainError
 ├── ResourceExhaustedError    admission limits hit; carries a retry delay
 ├── UnimplementedError        a feature that is not available yet
 ├── UnauthenticatedError      no valid token
+├── PermissionDeniedError     a valid token without the scope a call needs
 ├── UnavailableError          shutting down; retry elsewhere
 └── IllegalTransitionError    a bug: a state machine was asked for a forbidden move
 
@@ -120,6 +121,12 @@ class UnauthenticatedError(DomainError):
     """The call needs a valid token and has none."""
 
     reason = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(DomainError):
+    """The caller is known but lacks the scope the call needs."""
+
+    reason = "PERMISSION_DENIED"
 
 
 class UnavailableError(DomainError):

@@ -370,6 +370,8 @@ class Generation:
     deadline_at: datetime | None = None
     event_seq: int = 0
     refinement: Refine | None = None
+    # Computed when read (not stored): its place among generations waiting to start.
+    queue_position: int = 0
 
     @property
     def done(self) -> bool:

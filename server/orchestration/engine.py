@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from server.compute.base import ComputeBackend
 from server.domain.enums import GenerationStatus
@@ -49,9 +49,12 @@ class Engine:
         self._max_running = max_running
         self._take_over = take_over_live_leases
         self._live: dict[str, LiveGeneration] = {}
+        self._live_by_org: Counter[str] = Counter()
         # Generations waiting for capacity are data, not tasks: a workflow starts once
-        # fewer than ``max_running`` run (or at once when it must be closed).
-        self._waiting: OrderedDict[str, LiveGeneration] = OrderedDict()
+        # fewer than ``max_running`` run (or at once when it must be closed). They wait
+        # per organization, and organizations take turns (round robin), so one tenant's
+        # thousand generations do not hold back another tenant's one.
+        self._waiting = FairQueue()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closed = False
@@ -76,6 +79,14 @@ class Engine:
         """How many live generations wait for a workflow to start."""
         return len(self._waiting)
 
+    def live_count(self, organization: str) -> int:
+        """How many generations of ``organization`` are live here."""
+        return self._live_by_org[organization]
+
+    def queue_position(self, generation_id: str) -> int:
+        """The generation's place among those waiting to start (1 = next), 0 if not waiting."""
+        return self._waiting.position(generation_id)
+
     async def start(self) -> None:
         """Claim every unfinished generation this process may run, and resume it."""
         claimed = await self._writer.claim_unfinished(now=utcnow(), take_over=self._take_over)
@@ -93,6 +104,7 @@ class Engine:
             return
         generation = live.generation
         self._live[live.id] = live
+        self._live_by_org[generation.organization] += 1
         if generation.deadline_at is not None:
             delay = max((generation.deadline_at - utcnow()).total_seconds(), 0.0)
             loop = asyncio.get_running_loop()
@@ -102,7 +114,7 @@ class Engine:
         if live.token.stopped or len(self._tasks) < self._max_running:
             self._start(live)
         else:
-            self._waiting[live.id] = live
+            self._waiting.push(generation.organization, live)
             live.token.on_stop(lambda: self._promote(live))
 
     def get(self, organization: str, generation_id: str) -> LiveGeneration | None:
@@ -145,13 +157,12 @@ class Engine:
 
     def _promote(self, live: LiveGeneration) -> None:
         """A waiting generation was stopped: start it now so it gets closed."""
-        if self._waiting.pop(live.id, None) is not None and not self._closed:
+        if self._waiting.remove(live.id) and not self._closed:
             self._start(live)
 
     def _start_waiting(self) -> None:
         while self._waiting and len(self._tasks) < self._max_running and not self._closed:
-            _, live = self._waiting.popitem(last=False)
-            self._start(live)
+            self._start(self._waiting.pop())
 
     async def _drive(self, live: LiveGeneration) -> None:
         try:
@@ -160,7 +171,8 @@ class Engine:
             timer = self._timers.pop(live.id, None)
             if timer is not None:
                 timer.cancel()
-            self._live.pop(live.id, None)
+            if self._live.pop(live.id, None) is not None:
+                self._live_by_org[live.generation.organization] -= 1
             self._tasks.pop(live.id, None)
             self._start_waiting()
 
@@ -185,3 +197,73 @@ class Engine:
         except Exception:
             # Nothing more can be recorded now; the next start resumes the generation.
             log.exception("closing generation %s failed", live.id)
+
+
+class FairQueue:
+    """Waiting generations, first in first out per organization, organizations in turn.
+
+    ``pop`` takes the oldest generation of the organization whose turn it is, then
+    sends that organization to the back of the line.
+    """
+
+    def __init__(self) -> None:
+        self._by_org: OrderedDict[str, OrderedDict[str, LiveGeneration]] = OrderedDict()
+        self._org_of: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._org_of)
+
+    def push(self, organization: str, live: LiveGeneration) -> None:
+        """Queue ``live`` behind the organization's earlier ones."""
+        self._by_org.setdefault(organization, OrderedDict())[live.id] = live
+        self._org_of[live.id] = organization
+
+    def pop(self) -> LiveGeneration:
+        """The next generation to start.
+
+        Raises:
+            KeyError: nothing waits.
+        """
+        organization, queue = next(iter(self._by_org.items()))
+        generation_id, live = queue.popitem(last=False)
+        del self._org_of[generation_id]
+        if queue:
+            self._by_org.move_to_end(organization)
+        else:
+            del self._by_org[organization]
+        return live
+
+    def remove(self, generation_id: str) -> bool:
+        """Take a generation out of the line; False if it was not waiting."""
+        organization = self._org_of.pop(generation_id, None)
+        if organization is None:
+            return False
+        queue = self._by_org[organization]
+        del queue[generation_id]
+        if not queue:
+            del self._by_org[organization]
+        return True
+
+    def clear(self) -> None:
+        """Forget every waiting generation."""
+        self._by_org.clear()
+        self._org_of.clear()
+
+    def position(self, generation_id: str) -> int:
+        """Where ``generation_id`` stands (1 = next to start), 0 when it is not waiting.
+
+        Organizations take turns, so the k-th generation of an organization goes after
+        k turns of every organization that still has generations waiting by then.
+        """
+        organization = self._org_of.get(generation_id)
+        if organization is None:
+            return 0
+        rank = list(self._by_org[organization]).index(generation_id)
+        position = rank  # the organization's own earlier ones
+        ahead = True  # organizations before it in the rotation take one turn more
+        for org, queue in self._by_org.items():
+            if org == organization:
+                ahead = False
+                continue
+            position += min(len(queue), rank + 1 if ahead else rank)
+        return position + 1

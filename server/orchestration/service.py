@@ -17,7 +17,7 @@ from server.domain.errors import (
 )
 from server.domain.filters import GenerationFilter
 from server.domain.ids import IdSource
-from server.domain.model import Artifact, CatalogEntity, Generation, Orchestration
+from server.domain.model import Artifact, CatalogEntity, Generation, Orchestration, clone
 from server.domain.paging import Cursor, PageTokens, paginate, query_key
 from server.orchestration.adjust import MAX_PASSES
 from server.orchestration.blueprint import build_generation, fingerprint
@@ -134,7 +134,7 @@ class GenerationService:
             existing = await self._existing(key, digest)
             if existing is not None:
                 return existing
-        self._admit()
+        self._admit(org)
         plan = await handler.plan(self._lookups, org, params)
         self._check_budget(orchestration, plan)
         generation = build_generation(
@@ -190,6 +190,9 @@ class GenerationService:
                 snapshot = existing
             else:
                 self._engine.launch(live)
+                position = self._engine.queue_position(generation.id)
+                if position:  # a new record: the snapshot's encoding was made already
+                    snapshot = clone(snapshot, queue_position=position)
         except BaseException as exc:
             creating.set_exception(exc)
             raise
@@ -226,13 +229,21 @@ class GenerationService:
                 return None
             return _same_request(mapping.generation(row), request_id, digest)
 
-    def _admit(self) -> None:
+    def _admit(self, org: str) -> None:
         # Every live generation has a workflow in this process's engine, so its count
         # is the queue length without a query.
         if self._engine.in_flight >= self._settings.max_queued_generations:
             raise ResourceExhaustedError(
                 "too many generations are in progress; retry later",
                 retry_after=self._settings.retry_after_seconds,
+            )
+        limit = self._settings.max_live_per_organization
+        if self._engine.live_count(org) >= limit:
+            raise ResourceExhaustedError(
+                f"this organization has {limit} generations in progress, its limit; "
+                "retry when some have finished",
+                retry_after=self._settings.retry_after_seconds,
+                reason="ORGANIZATION_LIMIT",
             )
 
     async def get(self, org: str, generation_id: str) -> Generation:
@@ -245,7 +256,9 @@ class GenerationService:
             row = await repository.get_generation(session, org, generation_id)
             if row is None:
                 raise generation_not_found(generation_id)
-            return mapping.generation(row)
+            generation = mapping.generation(row)
+        generation.queue_position = self._engine.queue_position(generation_id)
+        return generation
 
     async def list(self, org: str, flt: GenerationFilter, page_size: int, page_token: str) -> Page:
         """One page of the organization's generations, newest first.

@@ -11,6 +11,9 @@ import pytest
 from helpers import CatalogStub, field_violations, png_bytes
 
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2 as pb
+from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2, artifact_service_pb2_grpc
+
+PNG = png_bytes((120, 30, 60), size=(16, 16))
 
 
 async def test_create_get_list_delete_subject(catalog: CatalogStub) -> None:
@@ -132,3 +135,37 @@ async def test_the_same_image_twice_is_stored_once(catalog: CatalogStub) -> None
     shas = {ref.sha256 for ref in second.style.reference_images}
     assert shas == {first.product.reference_images[0].sha256}
     assert len(second.style.reference_images) == 2
+
+
+async def test_lora_weights_come_from_an_allowed_prefix_or_an_own_upload(
+    catalog: CatalogStub, channel: grpc.aio.Channel
+) -> None:
+    allowed = await catalog.CreateSubject(
+        pb.CreateSubjectRequest(name="A", lora=pb.Lora(uri="s3://loras/a.safetensors"))
+    )
+    assert allowed.subject.lora.uri == "s3://loras/a.safetensors"
+    for uri in ("https://evil.example/x.safetensors", "file:///etc/passwd", "s3://other/x"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await catalog.CreateSubject(pb.CreateSubjectRequest(name="B", lora=pb.Lora(uri=uri)))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "allowed prefix (s3://loras/)" in field_violations(caught.value)["lora.uri"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await catalog.CreateSubject(
+            pb.CreateSubjectRequest(name="C", lora=pb.Lora(uri="artifact:" + "c" * 64))
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    upload = artifact_service_pb2_grpc.ArtifactServiceStub(channel).UploadArtifact(
+        iter(
+            [
+                artifact_service_pb2.UploadArtifactRequest(
+                    header=artifact_service_pb2.UploadArtifactHeader(size_bytes=len(PNG))
+                ),
+                artifact_service_pb2.UploadArtifactRequest(chunk=PNG),
+            ]
+        )
+    )
+    sha = (await upload).artifact.sha256
+    own = await catalog.CreateSubject(
+        pb.CreateSubjectRequest(name="D", lora=pb.Lora(uri=f"artifact:{sha}"))
+    )
+    assert own.subject.lora.uri == f"artifact:{sha}"

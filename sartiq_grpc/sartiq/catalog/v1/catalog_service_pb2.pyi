@@ -110,9 +110,11 @@ class Lora(_message.Message):
     DEFAULT_WEIGHT_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """Required: a `lora` without `uri` is INVALID_ARGUMENT (field `lora.uri`).
-    Location of the LoRA weights as understood by the compute backend (a
-    path or a URI such as `https://...`); passed on as is. 1-2048
-    characters.
+    Location of the LoRA weights: an upload of the caller's organization
+    (`artifact:<sha256>`; another organization's is NOT_FOUND) or a URI
+    under one of the prefixes the server's operator allows (e.g.
+    `s3://loras/`); anything else is INVALID_ARGUMENT. Passed on to the
+    compute backend as is. 1-2048 characters.
     """
     default_weight: _builtins.float
     """Weight used when a generation does not set one, 0-2. Unset means 0.8."""

@@ -41,14 +41,21 @@ class GenerationServiceStub:
 
     Authentication and tenancy
     --------------------------
-    Send `authorization: Bearer <token>` call metadata. Tokens are API keys
-    the server's operator configures, each bound to one organization; every
-    call is scoped to that organization, and ids of other organizations answer
-    NOT_FOUND. A server configured without keys runs in development mode:
-    calls need no token (one that is sent is ignored) and all belong to the
-    organization "default". A
-    missing or unknown token on a server with keys is UNAUTHENTICATED. The
-    standard `grpc.health.v1.Health` and reflection services need no token.
+    Send `authorization: Bearer <token>` call metadata. A token is an API key
+    the server's operator configures or a JWT signed by a key the operator
+    trusts (with `exp`, an `org` claim and, when configured, the issuer and
+    audience); either names one organization. Every call is scoped to that
+    organization, and ids of other organizations answer NOT_FOUND. Tokens
+    carry scopes: "read" (Get, List, Watch, capabilities, downloads), "write"
+    (creates, cancels, uploads) and "admin" (catalog deletes); API keys and
+    JWTs without a `scope` claim have "read write". A server configured
+    without keys or JWT keys runs in development mode: calls need no token
+    (one that is sent is ignored) and all belong to the organization
+    "default" with every scope; it refuses to start on an address other than
+    loopback unless its operator allows it explicitly. A missing, unknown,
+    expired or otherwise invalid token is UNAUTHENTICATED; a valid one without
+    the scope a call needs is PERMISSION_DENIED. The standard
+    `grpc.health.v1.Health` and reflection services need no token.
 
     Send `x-request-id` (1-128 characters of [A-Za-z0-9._:-]) to correlate
     logs; the server echoes it, or a new one: in the trailing metadata of unary
@@ -80,14 +87,20 @@ class GenerationServiceStub:
       but a resource it refers to is not in a state that allows it, e.g. an
       image reference to a prediction that has not completed;
       `metadata["field"]` names the field.
-    * RESOURCE_EXHAUSTED, reason QUEUE_FULL: admission limits are reached. A
-      `google.rpc.RetryInfo` gives the delay after which retrying is
-      reasonable; retry with the same `request_id`.
+    * RESOURCE_EXHAUSTED, reason QUEUE_FULL: admission limits are reached;
+      reason ORGANIZATION_LIMIT: the caller's organization has as many
+      generations in progress as it may; reason RATE_LIMITED: the
+      organization sent more calls per second than the server allows (a token
+      bucket per organization). A `google.rpc.RetryInfo` gives the delay after
+      which retrying is reasonable; retry with the same `request_id`.
     * UNIMPLEMENTED, reason NOT_IMPLEMENTED: a strategy or orchestration type
       this server does not run yet (see `GetCapabilities`);
       `metadata["feature"]` names it, e.g. "STRATEGY_EDITING".
     * UNAUTHENTICATED, reason UNAUTHENTICATED: a token is required and is
-      missing or unknown.
+      missing or not valid; `metadata["cause"]` is "missing", "invalid" or
+      "expired".
+    * PERMISSION_DENIED, reason PERMISSION_DENIED: the token lacks the scope
+      the call needs; `metadata["scope"]` names it.
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
       with backoff elsewhere (creates with the same `request_id`, watches
       from the last sequence). Other UNAVAILABLE errors come from the
@@ -188,14 +201,21 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
 
     Authentication and tenancy
     --------------------------
-    Send `authorization: Bearer <token>` call metadata. Tokens are API keys
-    the server's operator configures, each bound to one organization; every
-    call is scoped to that organization, and ids of other organizations answer
-    NOT_FOUND. A server configured without keys runs in development mode:
-    calls need no token (one that is sent is ignored) and all belong to the
-    organization "default". A
-    missing or unknown token on a server with keys is UNAUTHENTICATED. The
-    standard `grpc.health.v1.Health` and reflection services need no token.
+    Send `authorization: Bearer <token>` call metadata. A token is an API key
+    the server's operator configures or a JWT signed by a key the operator
+    trusts (with `exp`, an `org` claim and, when configured, the issuer and
+    audience); either names one organization. Every call is scoped to that
+    organization, and ids of other organizations answer NOT_FOUND. Tokens
+    carry scopes: "read" (Get, List, Watch, capabilities, downloads), "write"
+    (creates, cancels, uploads) and "admin" (catalog deletes); API keys and
+    JWTs without a `scope` claim have "read write". A server configured
+    without keys or JWT keys runs in development mode: calls need no token
+    (one that is sent is ignored) and all belong to the organization
+    "default" with every scope; it refuses to start on an address other than
+    loopback unless its operator allows it explicitly. A missing, unknown,
+    expired or otherwise invalid token is UNAUTHENTICATED; a valid one without
+    the scope a call needs is PERMISSION_DENIED. The standard
+    `grpc.health.v1.Health` and reflection services need no token.
 
     Send `x-request-id` (1-128 characters of [A-Za-z0-9._:-]) to correlate
     logs; the server echoes it, or a new one: in the trailing metadata of unary
@@ -227,14 +247,20 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
       but a resource it refers to is not in a state that allows it, e.g. an
       image reference to a prediction that has not completed;
       `metadata["field"]` names the field.
-    * RESOURCE_EXHAUSTED, reason QUEUE_FULL: admission limits are reached. A
-      `google.rpc.RetryInfo` gives the delay after which retrying is
-      reasonable; retry with the same `request_id`.
+    * RESOURCE_EXHAUSTED, reason QUEUE_FULL: admission limits are reached;
+      reason ORGANIZATION_LIMIT: the caller's organization has as many
+      generations in progress as it may; reason RATE_LIMITED: the
+      organization sent more calls per second than the server allows (a token
+      bucket per organization). A `google.rpc.RetryInfo` gives the delay after
+      which retrying is reasonable; retry with the same `request_id`.
     * UNIMPLEMENTED, reason NOT_IMPLEMENTED: a strategy or orchestration type
       this server does not run yet (see `GetCapabilities`);
       `metadata["feature"]` names it, e.g. "STRATEGY_EDITING".
     * UNAUTHENTICATED, reason UNAUTHENTICATED: a token is required and is
-      missing or unknown.
+      missing or not valid; `metadata["cause"]` is "missing", "invalid" or
+      "expired".
+    * PERMISSION_DENIED, reason PERMISSION_DENIED: the token lacks the scope
+      the call needs; `metadata["scope"]` names it.
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
       with backoff elsewhere (creates with the same `request_id`, watches
       from the last sequence). Other UNAVAILABLE errors come from the
@@ -331,14 +357,21 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Authentication and tenancy
     --------------------------
-    Send `authorization: Bearer <token>` call metadata. Tokens are API keys
-    the server's operator configures, each bound to one organization; every
-    call is scoped to that organization, and ids of other organizations answer
-    NOT_FOUND. A server configured without keys runs in development mode:
-    calls need no token (one that is sent is ignored) and all belong to the
-    organization "default". A
-    missing or unknown token on a server with keys is UNAUTHENTICATED. The
-    standard `grpc.health.v1.Health` and reflection services need no token.
+    Send `authorization: Bearer <token>` call metadata. A token is an API key
+    the server's operator configures or a JWT signed by a key the operator
+    trusts (with `exp`, an `org` claim and, when configured, the issuer and
+    audience); either names one organization. Every call is scoped to that
+    organization, and ids of other organizations answer NOT_FOUND. Tokens
+    carry scopes: "read" (Get, List, Watch, capabilities, downloads), "write"
+    (creates, cancels, uploads) and "admin" (catalog deletes); API keys and
+    JWTs without a `scope` claim have "read write". A server configured
+    without keys or JWT keys runs in development mode: calls need no token
+    (one that is sent is ignored) and all belong to the organization
+    "default" with every scope; it refuses to start on an address other than
+    loopback unless its operator allows it explicitly. A missing, unknown,
+    expired or otherwise invalid token is UNAUTHENTICATED; a valid one without
+    the scope a call needs is PERMISSION_DENIED. The standard
+    `grpc.health.v1.Health` and reflection services need no token.
 
     Send `x-request-id` (1-128 characters of [A-Za-z0-9._:-]) to correlate
     logs; the server echoes it, or a new one: in the trailing metadata of unary
@@ -370,14 +403,20 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
       but a resource it refers to is not in a state that allows it, e.g. an
       image reference to a prediction that has not completed;
       `metadata["field"]` names the field.
-    * RESOURCE_EXHAUSTED, reason QUEUE_FULL: admission limits are reached. A
-      `google.rpc.RetryInfo` gives the delay after which retrying is
-      reasonable; retry with the same `request_id`.
+    * RESOURCE_EXHAUSTED, reason QUEUE_FULL: admission limits are reached;
+      reason ORGANIZATION_LIMIT: the caller's organization has as many
+      generations in progress as it may; reason RATE_LIMITED: the
+      organization sent more calls per second than the server allows (a token
+      bucket per organization). A `google.rpc.RetryInfo` gives the delay after
+      which retrying is reasonable; retry with the same `request_id`.
     * UNIMPLEMENTED, reason NOT_IMPLEMENTED: a strategy or orchestration type
       this server does not run yet (see `GetCapabilities`);
       `metadata["feature"]` names it, e.g. "STRATEGY_EDITING".
     * UNAUTHENTICATED, reason UNAUTHENTICATED: a token is required and is
-      missing or unknown.
+      missing or not valid; `metadata["cause"]` is "missing", "invalid" or
+      "expired".
+    * PERMISSION_DENIED, reason PERMISSION_DENIED: the token lacks the scope
+      the call needs; `metadata["scope"]` names it.
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
       with backoff elsewhere (creates with the same `request_id`, watches
       from the last sequence). Other UNAVAILABLE errors come from the

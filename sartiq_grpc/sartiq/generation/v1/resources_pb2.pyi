@@ -1470,6 +1470,7 @@ class Generation(_message.Message):
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
     REFINEMENT_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     GENERATE_FIELD_NUMBER: _builtins.int
     EDITING_FIELD_NUMBER: _builtins.int
     REFINE_FIELD_NUMBER: _builtins.int
@@ -1495,6 +1496,13 @@ class Generation(_message.Message):
     """Sequence of the latest `GenerationEvent` reflected in this snapshot. Pass
     it as `WatchGenerationRequest.after_sequence` to receive only later
     changes.
+    """
+    queue_position: _builtins.int
+    """While the generation waits for capacity to start: its place in line
+    (1 = next). Organizations take turns, so it counts one turn of every
+    other organization with generations waiting for each earlier one of its
+    own. 0 once it runs (and in `ListGenerations` results and events, which
+    do not compute it).
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -1592,6 +1600,7 @@ class Generation(_message.Message):
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
         last_event_sequence: _builtins.int = ...,
         refinement: Global___Refine | None = ...,
+        queue_position: _builtins.int = ...,
         generate: Global___GenerateParams | None = ...,
         editing: Global___EditingParams | None = ...,
         refine: Global___RefineParams | None = ...,
@@ -1602,7 +1611,7 @@ class Generation(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["background_fixing", b"background_fixing", "create_time", b"create_time", "deadline_time", b"deadline_time", "editing", b"editing", "error", b"error", "face_fixing", b"face_fixing", "finish_time", b"finish_time", "generate", b"generate", "image_adjusting", b"image_adjusting", "orchestration", b"orchestration", "params", b"params", "prediction_counts", b"prediction_counts", "refine", b"refine", "refinement", b"refinement", "start_time", b"start_time", "video", b"video"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_fixing", b"background_fixing", "create_time", b"create_time", "deadline_time", b"deadline_time", "done", b"done", "editing", b"editing", "error", b"error", "face_fixing", b"face_fixing", "finish_time", b"finish_time", "generate", b"generate", "id", b"id", "image_adjusting", b"image_adjusting", "labels", b"labels", "last_event_sequence", b"last_event_sequence", "orchestration", b"orchestration", "organization", b"organization", "params", b"params", "prediction_counts", b"prediction_counts", "predictions", b"predictions", "refine", b"refine", "refinement", b"refinement", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "strategy", b"strategy", "type", b"type", "video", b"video"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_fixing", b"background_fixing", "create_time", b"create_time", "deadline_time", b"deadline_time", "done", b"done", "editing", b"editing", "error", b"error", "face_fixing", b"face_fixing", "finish_time", b"finish_time", "generate", b"generate", "id", b"id", "image_adjusting", b"image_adjusting", "labels", b"labels", "last_event_sequence", b"last_event_sequence", "orchestration", b"orchestration", "organization", b"organization", "params", b"params", "prediction_counts", b"prediction_counts", "predictions", b"predictions", "queue_position", b"queue_position", "refine", b"refine", "refinement", b"refinement", "request_id", b"request_id", "start_time", b"start_time", "status", b"status", "strategy", b"strategy", "type", b"type", "video", b"video"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_params: _TypeAlias = _typing.Literal["generate", "editing", "refine", "video", "background_fixing", "image_adjusting", "face_fixing"]  # noqa: Y015
     _WhichOneofArgType_params: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015

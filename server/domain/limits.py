@@ -1,0 +1,46 @@
+"""Per-organization call rate: one token bucket per organization."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class TokenBuckets:
+    """``rate`` tokens per second up to ``burst``, per key; a call takes one token.
+
+    Buckets of keys that have refilled completely are forgotten, so the memory follows
+    the number of recently active organizations.
+    """
+
+    def __init__(
+        self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self._rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str) -> float:
+        """Take a token for ``key``: 0.0 when granted, else the seconds until one is due."""
+        now = self._clock()
+        tokens, at = self._buckets.get(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - at) * self._rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / self._rate
+        self._buckets[key] = (tokens - 1, now)
+        if len(self._buckets) > 10_000:
+            self._forget_full(now)
+        return 0.0
+
+    def _forget_full(self, now: float) -> None:
+        full = [
+            key
+            for key, (tokens, at) in self._buckets.items()
+            if tokens + (now - at) * self._rate >= self._burst
+        ]
+        for key in full:
+            del self._buckets[key]
