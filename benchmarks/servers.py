@@ -94,7 +94,9 @@ async def _serve_sartiq(stop: asyncio.Event, root: Path, *, hold: bool) -> None:
         media=MediaSettings(artifact_dir=root / "artifacts"),
         # Creates against a holding backend pile up live generations: measure the service,
         # not the admission bound (the harness still counts back-pressure if it comes).
-        orchestration=OrchestrationSettings(max_queued_generations=1_000_000),
+        orchestration=OrchestrationSettings(
+            max_queued_generations=1_000_000, max_live_per_organization=1_000_000
+        ),
     )
     async with App(settings, compute=FakeComputeBackend(hold=hold, retain_finished=1000)) as app:
         print(app.port, flush=True)
