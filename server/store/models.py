@@ -299,25 +299,6 @@ class Attempt(Base):
     artifact: Mapped[Artifact | None] = relationship(lazy="joined")
 
 
-class Refine(Base):
-    """REFINE only: the refinement parameters of a generation."""
-
-    __tablename__ = "refines"
-
-    generation_id: Mapped[str] = mapped_column(
-        ForeignKey("generations.id", ondelete="CASCADE"), primary_key=True
-    )
-    base_artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
-    target_width: Mapped[int] = mapped_column(Integer)
-    target_height: Mapped[int] = mapped_column(Integer)
-    upscale_enabled: Mapped[bool] = mapped_column(Boolean)
-    upscale_factor: Mapped[float] = mapped_column(Float)
-    upscale_steps: Mapped[int] = mapped_column(Integer)
-    upscale_denoise: Mapped[float] = mapped_column(Float)
-    face_detail_enabled: Mapped[bool] = mapped_column(Boolean)
-    face_detail_steps: Mapped[int] = mapped_column(Integer)
-
-
 class GenerationEvent(Base):
     """Append-only log of a generation's state changes, gap-free per generation.
 
