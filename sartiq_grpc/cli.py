@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 
 from sartiq_grpc import errors, replay
-from sartiq_grpc.client import SartiqClient, StrategyParams, agentic
+from sartiq_grpc.client import SartiqClient, StrategyParams, agentic, tls_credentials
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2
 
 _EXTENSIONS = {
@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
         "--target", default=os.environ.get("SARTIQ_TARGET", "127.0.0.1:50051"), help="host:port"
     )
     parser.add_argument("--api-key", default=os.environ.get("SARTIQ_API_KEY", ""))
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    parser.add_argument("--ca-file", type=Path, help="PEM roots to trust (implies --tls)")
+    parser.add_argument("--cert-file", type=Path, help="client certificate, for mutual TLS")
+    parser.add_argument("--key-file", type=Path, help="client key, for mutual TLS")
     commands = parser.add_subparsers(dest="command", required=True)
     upload = commands.add_parser("upload", help="upload an image; prints artifact:<sha256>")
     upload.add_argument("file", type=Path)
@@ -294,8 +298,13 @@ def _print_attempts(shot: resources_pb2.OrchestratedShot) -> None:
         print(f"    accepted attempt {shot.best_attempt} ({reason.lower()})")
 
 
-async def _health(target: str) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _health(target: str, credentials: grpc.ChannelCredentials | None) -> None:
+    channel = (
+        grpc.aio.insecure_channel(target)
+        if credentials is None
+        else grpc.aio.secure_channel(target, credentials)
+    )
+    async with channel:
         response = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=5
         )
@@ -359,10 +368,13 @@ async def _outputs(client: SartiqClient, args: argparse.Namespace) -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
+    credentials = None
+    if args.tls or args.ca_file or args.cert_file:
+        credentials = tls_credentials(args.ca_file, args.cert_file, args.key_file)
     if args.command == "health":
-        await _health(args.target)
+        await _health(args.target, credentials)
         return
-    async with SartiqClient(args.target, api_key=args.api_key) as client:
+    async with SartiqClient(args.target, api_key=args.api_key, credentials=credentials) as client:
         if args.command == "upload":
             print(f"artifact:{(await client.upload(args.file.read_bytes())).sha256}")
         elif args.command in ("subject", "product", "style"):

@@ -95,6 +95,20 @@ def agentic(
     return resources_pb2.Orchestration(type=enums_pb2.GENERATION_TYPE_AGENTIC, agentic=config)
 
 
+def tls_credentials(
+    ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files (the system roots when ``ca_file`` is None).
+
+    ``cert_file`` and ``key_file`` are the client certificate and key for mutual TLS.
+    """
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_file.read_bytes() if ca_file else None,
+        private_key=key_file.read_bytes() if key_file else None,
+        certificate_chain=cert_file.read_bytes() if cert_file else None,
+    )
+
+
 class SartiqClient:
     """Generation, artifact and catalog calls over one channel; an async context manager.
 
@@ -105,9 +119,24 @@ class SartiqClient:
     """
 
     def __init__(
-        self, target: str, *, api_key: str = "", metadata: Sequence[tuple[str, str]] = ()
+        self,
+        target: str,
+        *,
+        api_key: str = "",
+        metadata: Sequence[tuple[str, str]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        """Connect to ``target`` (plaintext, or TLS with ``credentials``).
+
+        For TLS use ``grpc.ssl_channel_credentials(root_certificates=...)``, with
+        ``private_key`` and ``certificate_chain`` for a server that requires client
+        certificates (mutual TLS); see ``tls_credentials``.
+        """
+        self._channel = (
+            grpc.aio.insecure_channel(target)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials)
+        )
         auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._metadata = (*auth, *metadata)
         self.generations: GenerationServiceAsyncStub = (

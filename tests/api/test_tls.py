@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import GenerationStub
 
+from sartiq_grpc.client import SartiqClient, tls_credentials
 from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 from server.app import App
 from server.compute.fake import FakeComputeBackend
@@ -171,13 +172,20 @@ async def test_tls_serves_only_tls_and_reloads_its_certificate(
 
 
 async def test_mutual_tls_refuses_a_client_without_a_valid_certificate(
-    mtls_app: App, pki: Pki
+    mtls_app: App, pki: Pki, tmp_path: Path
 ) -> None:
     target = f"127.0.0.1:{mtls_app.port}"
     with_cert = grpc.ssl_channel_credentials(
         root_certificates=pki.ca, private_key=pki.client_key, certificate_chain=pki.client_cert
     )
     await _list(target, with_cert)
+    cert_file, key_file = tmp_path / "client.pem", tmp_path / "client.key"
+    cert_file.write_bytes(pki.client_cert)
+    key_file.write_bytes(pki.client_key)
+    credentials = tls_credentials(pki.ca_file, cert_file, key_file)
+    async with SartiqClient(target, credentials=credentials) as client:  # the Python client
+        generations, _ = await client.list()
+        assert generations == []
     without = grpc.ssl_channel_credentials(root_certificates=pki.ca)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _list(target, without)
