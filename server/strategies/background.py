@@ -6,8 +6,15 @@ from typing import Any
 
 from server.domain.enums import Strategy, TaskType
 from server.domain.errors import Violations
-from server.media.references import ReferencePolicy
-from server.strategies.base import FieldLimit, Lookups, Plan, PlannedPrediction, PlannedTask
+from server.strategies.base import (
+    FieldLimit,
+    ImageStrategy,
+    Lookups,
+    Plan,
+    PlannedPrediction,
+    PlannedTask,
+    expect_input,
+)
 from server.strategies.common import MAX_SEED, check_length, check_range, check_seed
 from server.strategies.images import check_image, choose_seed, resolve_images
 from server.strategies.inputs import BackgroundFixingInput
@@ -16,7 +23,7 @@ _BASE = "params.base_image_url"
 _BACKGROUND = "params.background_image_url"
 
 
-class BackgroundFixingStrategy:
+class BackgroundFixingStrategy(ImageStrategy):
     """Validation and planning of BACKGROUND_FIXING: one prediction, one BACKGROUND_FIX task."""
 
     strategy = Strategy.BACKGROUND_FIXING
@@ -25,27 +32,23 @@ class BackgroundFixingStrategy:
         FieldLimit("params.seed", 0, MAX_SEED),
     )
 
-    def __init__(self, policy: ReferencePolicy) -> None:
-        self._policy = policy
-
     def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every BACKGROUND_FIXING field and return the stored parameters."""
-        if not isinstance(raw, BackgroundFixingInput):
-            raise TypeError(f"BACKGROUND_FIXING takes a BackgroundFixingInput, got {raw!r}")
-        check_image(v, self._policy, _BASE, raw.base_image_url, required=True)
-        check_image(v, self._policy, _BACKGROUND, raw.background_image_url, required=False)
-        check_length(v, "params.background_prompt", raw.background_prompt, 2000)
-        if raw.background_prompt and raw.background_image_url:
+        given = expect_input(raw, BackgroundFixingInput, self.strategy)
+        check_image(v, self._policy, _BASE, given.base_image_url, required=True)
+        check_image(v, self._policy, _BACKGROUND, given.background_image_url, required=False)
+        check_length(v, "params.background_prompt", given.background_prompt, 2000)
+        if given.background_prompt and given.background_image_url:
             for field in ("params.background_prompt", _BACKGROUND):
                 v.add(field, "background_prompt and background_image_url exclude each other")
-        check_range(v, "params.mask_expansion", raw.mask_expansion, 0, 256, unit=" px")
-        check_seed(v, "params.seed", raw.seed)
+        check_range(v, "params.mask_expansion", given.mask_expansion, 0, 256, unit=" px")
+        check_seed(v, "params.seed", given.seed)
         return {
-            "base_image_url": raw.base_image_url,
-            "background_prompt": raw.background_prompt,
-            "background_image_url": raw.background_image_url,
-            "mask_expansion": raw.mask_expansion,
-            "seed": raw.seed,
+            "base_image_url": given.base_image_url,
+            "background_prompt": given.background_prompt,
+            "background_image_url": given.background_image_url,
+            "mask_expansion": given.mask_expansion,
+            "seed": given.seed,
         }
 
     async def plan(self, lookups: Lookups, org: str, params: dict[str, Any]) -> Plan:

@@ -9,6 +9,7 @@ from typing import Any, Protocol, TypeVar
 from server.domain.enums import CatalogKind, PredictionStatus, Strategy, TaskType
 from server.domain.errors import UnimplementedError, Violations
 from server.domain.model import Artifact, CatalogEntity, Refine
+from server.media.references import ReferencePolicy
 
 # The compute task types each strategy's predictions may run, in chain order.
 TASK_TYPES: dict[Strategy, tuple[TaskType, ...]] = {
@@ -147,3 +148,24 @@ class StrategyRegistry:
     def available(self) -> dict[Strategy, tuple[FieldLimit, ...]]:
         """The strategies registered here, with their limits."""
         return {strategy: handler.limits for strategy, handler in self._handlers.items()}
+
+
+InputKind = TypeVar("InputKind")
+
+
+def expect_input(raw: object, kind: type[InputKind], strategy: Strategy) -> InputKind:
+    """``raw`` as the strategy's input type (what the API layer decodes requests to).
+
+    Raises:
+        TypeError: another type was passed (a bug in the caller).
+    """
+    if not isinstance(raw, kind):
+        raise TypeError(f"{strategy.value} takes a {kind.__name__}, got {type(raw).__name__}")
+    return raw
+
+
+class ImageStrategy:
+    """Base of the strategies that take image references, checked against one policy."""
+
+    def __init__(self, policy: ReferencePolicy) -> None:
+        self._policy = policy

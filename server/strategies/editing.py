@@ -6,8 +6,15 @@ from typing import Any
 
 from server.domain.enums import CatalogKind, EditingTool, Strategy, TaskType
 from server.domain.errors import Violations
-from server.media.references import ReferencePolicy
-from server.strategies.base import FieldLimit, Lookups, Plan, PlannedPrediction, PlannedTask
+from server.strategies.base import (
+    FieldLimit,
+    ImageStrategy,
+    Lookups,
+    Plan,
+    PlannedPrediction,
+    PlannedTask,
+    expect_input,
+)
 from server.strategies.common import MAX_SEED, check_dimension, check_length, check_seed
 from server.strategies.entities import load_entities, reference_set
 from server.strategies.images import check_image, choose_seed, resolve_images
@@ -18,7 +25,7 @@ DETAIL_STRENGTH = 0.5
 _ENTITIES = (("subject", CatalogKind.SUBJECT), ("product", CatalogKind.PRODUCT))
 
 
-class EditingStrategy:
+class EditingStrategy(ImageStrategy):
     """Validation and planning of EDITING: one prediction, an edit and an optional detail pass."""
 
     strategy = Strategy.EDITING
@@ -29,45 +36,41 @@ class EditingStrategy:
         FieldLimit("params.seed", 0, MAX_SEED),
     )
 
-    def __init__(self, policy: ReferencePolicy) -> None:
-        self._policy = policy
-
     def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every EDITING field and return the stored parameters."""
-        if not isinstance(raw, EditingInput):
-            raise TypeError(f"EDITING takes an EditingInput, got {type(raw).__name__}")
-        check_image(v, self._policy, "params.base_img_path", raw.base_img_path, required=True)
-        if len(raw.reference_images) > MAX_REFERENCES:
+        given = expect_input(raw, EditingInput, self.strategy)
+        check_image(v, self._policy, "params.base_img_path", given.base_img_path, required=True)
+        if len(given.reference_images) > MAX_REFERENCES:
             v.add(
                 "params.reference_images",
-                f"must have at most {MAX_REFERENCES} entries, got {len(raw.reference_images)}",
+                f"must have at most {MAX_REFERENCES} entries, got {len(given.reference_images)}",
             )
         else:
-            for index, text in enumerate(raw.reference_images):
+            for index, text in enumerate(given.reference_images):
                 field = f"params.reference_images[{index}]"
                 check_image(v, self._policy, field, text, required=True)
-        if raw.tool is None:
+        if given.tool is None:
             v.add("params.tool", "is required: EDIT, SUBJECT_SWAP or PRODUCT_ENHANCEMENT")
-        elif raw.tool is EditingTool.EDIT and not raw.reference_images:
+        elif given.tool is EditingTool.EDIT and not given.reference_images:
             v.add("params.reference_images", "EDIT composites references: give at least one")
-        elif raw.tool is EditingTool.SUBJECT_SWAP and not raw.subject_id:
+        elif given.tool is EditingTool.SUBJECT_SWAP and not given.subject_id:
             v.add("params.subject_id", "is required when tool is SUBJECT_SWAP")
-        for name, value in (("width", raw.width), ("height", raw.height)):
+        for name, value in (("width", given.width), ("height", given.height)):
             if value:
                 check_dimension(v, f"params.{name}", value)
-        check_seed(v, "params.seed", raw.seed)
-        check_length(v, "params.prompt", raw.prompt, 4000)
+        check_seed(v, "params.seed", given.seed)
+        check_length(v, "params.prompt", given.prompt, 4000)
         return {
-            "base_img_path": raw.base_img_path,
-            "reference_images": list(raw.reference_images),
-            "subject_id": raw.subject_id,
-            "product_id": raw.product_id,
-            "tool": None if raw.tool is None else raw.tool.value,
-            "width": raw.width,
-            "height": raw.height,
-            "detail_enhancer": raw.detail_enhancer,
-            "seed": raw.seed,
-            "prompt": raw.prompt,
+            "base_img_path": given.base_img_path,
+            "reference_images": list(given.reference_images),
+            "subject_id": given.subject_id,
+            "product_id": given.product_id,
+            "tool": None if given.tool is None else given.tool.value,
+            "width": given.width,
+            "height": given.height,
+            "detail_enhancer": given.detail_enhancer,
+            "seed": given.seed,
+            "prompt": given.prompt,
         }
 
     async def plan(self, lookups: Lookups, org: str, params: dict[str, Any]) -> Plan:

@@ -6,8 +6,7 @@ from typing import Any
 
 from server.domain.enums import Strategy, TaskType
 from server.domain.errors import Violations
-from server.media.references import ReferencePolicy
-from server.strategies.base import FieldLimit, Lookups, Plan
+from server.strategies.base import FieldLimit, ImageStrategy, Lookups, Plan, expect_input
 from server.strategies.common import MAX_SEED, check_length, check_range, check_seed
 from server.strategies.images import check_image, one_task_on_base
 from server.strategies.inputs import FaceFixingInput
@@ -15,7 +14,7 @@ from server.strategies.inputs import FaceFixingInput
 DEFAULT_STRENGTH = 0.5
 
 
-class FaceFixingStrategy:
+class FaceFixingStrategy(ImageStrategy):
     """Validation and planning of FACE_FIXING: one prediction, one FACE_ENHANCER task."""
 
     strategy = Strategy.FACE_FIXING
@@ -24,23 +23,19 @@ class FaceFixingStrategy:
         FieldLimit("params.seed", 0, MAX_SEED),
     )
 
-    def __init__(self, policy: ReferencePolicy) -> None:
-        self._policy = policy
-
     def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every FACE_FIXING field and return the stored parameters."""
-        if not isinstance(raw, FaceFixingInput):
-            raise TypeError(f"FACE_FIXING takes a FaceFixingInput, got {raw!r}")
-        check_image(v, self._policy, "params.base_image_url", raw.base_image_url, required=True)
-        strength = DEFAULT_STRENGTH if raw.strength is None else raw.strength
+        given = expect_input(raw, FaceFixingInput, self.strategy)
+        check_image(v, self._policy, "params.base_image_url", given.base_image_url, required=True)
+        strength = DEFAULT_STRENGTH if given.strength is None else given.strength
         check_range(v, "params.strength", strength, 0, 1)
-        check_length(v, "params.prompt", raw.prompt, 2000)
-        check_seed(v, "params.seed", raw.seed)
+        check_length(v, "params.prompt", given.prompt, 2000)
+        check_seed(v, "params.seed", given.seed)
         return {
-            "base_image_url": raw.base_image_url,
+            "base_image_url": given.base_image_url,
             "strength": strength,
-            "prompt": raw.prompt,
-            "seed": raw.seed,
+            "prompt": given.prompt,
+            "seed": given.seed,
         }
 
     async def plan(self, lookups: Lookups, org: str, params: dict[str, Any]) -> Plan:

@@ -14,6 +14,7 @@ from server.strategies.base import (
     Plan,
     PlannedPrediction,
     PlannedTask,
+    expect_input,
 )
 from server.strategies.common import (
     MAX_SEED,
@@ -51,11 +52,10 @@ class GenerateStrategy:
 
     def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every GENERATE field and return the stored parameters."""
-        if not isinstance(raw, GenerateInput):
-            raise TypeError(f"GENERATE takes a GenerateInput, got {type(raw).__name__}")
-        batch = raw.batch_size or 1
+        given = expect_input(raw, GenerateInput, self.strategy)
+        batch = given.batch_size or 1
         check_range(v, "params.batch_size", batch, 1, 16)
-        if not raw.subject_id and not raw.product_id:
+        if not given.subject_id and not given.product_id:
             v.add("params.subject_id", "subject_id or product_id is required")
             v.add("params.product_id", "subject_id or product_id is required")
         for name, _ in _ENTITIES:
@@ -65,34 +65,34 @@ class GenerateStrategy:
                 check_range(v, f"params.{name}_lora_weight", weight, 0, 2)
                 if not entity_id:
                     v.add(f"params.{name}_lora_weight", f"is set but params.{name}_id is not")
-        shot = raw.shot_type_string.strip()
+        shot = given.shot_type_string.strip()
         check_length(v, "params.shot_type_string", shot, 200, low=1)
-        check_length(v, "params.generated_prompt", raw.generated_prompt, 4000)
-        if raw.auto_generate_prompt and raw.generated_prompt:
+        check_length(v, "params.generated_prompt", given.generated_prompt, 4000)
+        if given.auto_generate_prompt and given.generated_prompt:
             for field in ("params.auto_generate_prompt", "params.generated_prompt"):
                 v.add(field, "auto_generate_prompt and generated_prompt contradict each other")
-        check_length(v, "params.negative_prompt", raw.negative_prompt, 2000)
-        width, height = raw.width or DEFAULT_SIZE, raw.height or DEFAULT_SIZE
+        check_length(v, "params.negative_prompt", given.negative_prompt, 2000)
+        width, height = given.width or DEFAULT_SIZE, given.height or DEFAULT_SIZE
         check_dimension(v, "params.width", width)
         check_dimension(v, "params.height", height)
-        check_seed(v, "params.seed", raw.seed)
-        steps = raw.steps or DEFAULT_STEPS
+        check_seed(v, "params.seed", given.seed)
+        steps = given.steps or DEFAULT_STEPS
         check_range(v, "params.steps", steps, 1, 150)
         return {
             "batch_size": batch,
-            "subject_id": raw.subject_id,
-            "product_id": raw.product_id,
-            "style_id": raw.style_id,
+            "subject_id": given.subject_id,
+            "product_id": given.product_id,
+            "style_id": given.style_id,
             "shot_type_string": shot,
-            "generated_prompt": raw.generated_prompt,
-            "auto_generate_prompt": raw.auto_generate_prompt,
+            "generated_prompt": given.generated_prompt,
+            "auto_generate_prompt": given.auto_generate_prompt,
             "width": width,
             "height": height,
-            "seed": raw.seed,
-            "subject_lora_weight": raw.subject_lora_weight,
-            "product_lora_weight": raw.product_lora_weight,
-            "style_lora_weight": raw.style_lora_weight,
-            "negative_prompt": raw.negative_prompt,
+            "seed": given.seed,
+            "subject_lora_weight": given.subject_lora_weight,
+            "product_lora_weight": given.product_lora_weight,
+            "style_lora_weight": given.style_lora_weight,
+            "negative_prompt": given.negative_prompt,
             "steps": steps,
         }
 

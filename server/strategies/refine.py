@@ -8,8 +8,15 @@ from server.domain.enums import Strategy, TaskType
 from server.domain.errors import InvalidArgumentError, Violations
 from server.domain.model import Refine
 from server.domain.sizes import MAX_SIDE, refine_output_size
-from server.media.references import ReferencePolicy
-from server.strategies.base import FieldLimit, Lookups, Plan, PlannedPrediction, PlannedTask
+from server.strategies.base import (
+    FieldLimit,
+    ImageStrategy,
+    Lookups,
+    Plan,
+    PlannedPrediction,
+    PlannedTask,
+    expect_input,
+)
 from server.strategies.common import MAX_SEED, check_dimension, check_range, check_seed
 from server.strategies.images import check_image, choose_seed, resolve_base
 from server.strategies.inputs import RefineInput
@@ -21,7 +28,7 @@ DEFAULT_FACE_STEPS = 10
 _BASE = "params.base_image_url"
 
 
-class RefineStrategy:
+class RefineStrategy(ImageStrategy):
     """Validation and planning of REFINE: one REFINE task per prediction."""
 
     strategy = Strategy.REFINE
@@ -36,46 +43,42 @@ class RefineStrategy:
         FieldLimit("params.seed", 0, MAX_SEED),
     )
 
-    def __init__(self, policy: ReferencePolicy) -> None:
-        self._policy = policy
-
     def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every REFINE field and return the stored parameters."""
-        if not isinstance(raw, RefineInput):
-            raise TypeError(f"REFINE takes a RefineInput, got {type(raw).__name__}")
-        check_image(v, self._policy, _BASE, raw.base_image_url, required=True)
-        batch = raw.batch_size or 1
+        given = expect_input(raw, RefineInput, self.strategy)
+        check_image(v, self._policy, _BASE, given.base_image_url, required=True)
+        batch = given.batch_size or 1
         check_range(v, "params.batch_size", batch, 1, 16)
         for name, value in (
-            ("target_width", raw.target_width),
-            ("target_height", raw.target_height),
+            ("target_width", given.target_width),
+            ("target_height", given.target_height),
         ):
             if value:
                 check_dimension(v, f"params.{name}", value)
-        if not raw.upscale_enabled and not raw.face_detail_enabled:
+        if not given.upscale_enabled and not given.face_detail_enabled:
             for field in ("params.upscale_enabled", "params.face_detail_enabled"):
                 v.add(field, "at least one of upscale_enabled and face_detail_enabled must be true")
-        factor = raw.upscale_factor or DEFAULT_FACTOR
+        factor = given.upscale_factor or DEFAULT_FACTOR
         check_range(v, "params.upscale_factor", factor, 1, 4)
-        steps = raw.upscale_steps or DEFAULT_STEPS
+        steps = given.upscale_steps or DEFAULT_STEPS
         check_range(v, "params.upscale_steps", steps, 1, 10)
-        denoise = DEFAULT_DENOISE if raw.upscale_denoise is None else raw.upscale_denoise
+        denoise = DEFAULT_DENOISE if given.upscale_denoise is None else given.upscale_denoise
         check_range(v, "params.upscale_denoise", denoise, 0, 1)
-        face_steps = raw.face_detail_steps or DEFAULT_FACE_STEPS
+        face_steps = given.face_detail_steps or DEFAULT_FACE_STEPS
         check_range(v, "params.face_detail_steps", face_steps, 1, 50)
-        check_seed(v, "params.seed", raw.seed)
+        check_seed(v, "params.seed", given.seed)
         return {
-            "base_image_url": raw.base_image_url,
+            "base_image_url": given.base_image_url,
             "batch_size": batch,
-            "target_width": raw.target_width,
-            "target_height": raw.target_height,
-            "upscale_enabled": raw.upscale_enabled,
+            "target_width": given.target_width,
+            "target_height": given.target_height,
+            "upscale_enabled": given.upscale_enabled,
             "upscale_factor": factor,
             "upscale_steps": steps,
             "upscale_denoise": denoise,
-            "face_detail_enabled": raw.face_detail_enabled,
+            "face_detail_enabled": given.face_detail_enabled,
             "face_detail_steps": face_steps,
-            "seed": raw.seed,
+            "seed": given.seed,
         }
 
     async def plan(self, lookups: Lookups, org: str, params: dict[str, Any]) -> Plan:

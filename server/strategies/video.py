@@ -6,8 +6,7 @@ from typing import Any
 
 from server.domain.enums import Strategy, TaskType
 from server.domain.errors import Violations
-from server.media.references import ReferencePolicy
-from server.strategies.base import FieldLimit, Lookups, Plan
+from server.strategies.base import FieldLimit, ImageStrategy, Lookups, Plan, expect_input
 from server.strategies.common import MAX_SEED, check_range, check_seed
 from server.strategies.images import check_image, one_task_on_base
 from server.strategies.inputs import VideoInput
@@ -17,7 +16,7 @@ DEFAULT_FPS = 24
 DEFAULT_DURATION_S = 3.0
 
 
-class VideoStrategy:
+class VideoStrategy(ImageStrategy):
     """Validation and planning of VIDEO: one prediction, one VIDEO_GENERATION task."""
 
     strategy = Strategy.VIDEO
@@ -28,29 +27,25 @@ class VideoStrategy:
         FieldLimit("params.seed", 0, MAX_SEED),
     )
 
-    def __init__(self, policy: ReferencePolicy) -> None:
-        self._policy = policy
-
     def normalize(self, raw: Any, v: Violations, *, agentic: bool) -> dict[str, Any]:
         """Check every VIDEO field and return the stored parameters (duration in seconds)."""
-        if not isinstance(raw, VideoInput):
-            raise TypeError(f"VIDEO takes a VideoInput, got {type(raw).__name__}")
-        check_image(v, self._policy, "params.base_image_url", raw.base_image_url, required=True)
-        v.extend(raw.problems)
-        motion = raw.motion_bucket_id or DEFAULT_MOTION
+        given = expect_input(raw, VideoInput, self.strategy)
+        check_image(v, self._policy, "params.base_image_url", given.base_image_url, required=True)
+        v.extend(given.problems)
+        motion = given.motion_bucket_id or DEFAULT_MOTION
         check_range(v, "params.motion_bucket_id", motion, 1, 255)
-        fps = raw.fps or DEFAULT_FPS
+        fps = given.fps or DEFAULT_FPS
         check_range(v, "params.fps", fps, 1, 60)
-        duration = DEFAULT_DURATION_S if raw.duration_s is None else raw.duration_s
-        if not raw.problems:
+        duration = DEFAULT_DURATION_S if given.duration_s is None else given.duration_s
+        if not given.problems:
             check_range(v, "params.duration", duration, 0.5, 30, unit=" s")
-        check_seed(v, "params.seed", raw.seed)
+        check_seed(v, "params.seed", given.seed)
         return {
-            "base_image_url": raw.base_image_url,
+            "base_image_url": given.base_image_url,
             "motion_bucket_id": motion,
             "fps": fps,
             "duration": duration,
-            "seed": raw.seed,
+            "seed": given.seed,
         }
 
     async def plan(self, lookups: Lookups, org: str, params: dict[str, Any]) -> Plan:
