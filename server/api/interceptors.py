@@ -22,12 +22,7 @@ import grpc
 from server.api.auth import Authenticator
 from server.api.context import REQUEST_ID_HEADER, CallContext, bind, unbind
 from server.api.errors import abort_with
-from server.domain.errors import (
-    InvalidArgumentError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    UnauthenticatedError,
-)
+from server.domain.errors import InvalidArgumentError, ResourceExhaustedError
 from server.domain.ids import IdSource
 from server.domain.limits import TokenBuckets
 
@@ -88,9 +83,9 @@ class _CallLog:
                             retry_after=wait,
                             reason="RATE_LIMITED",
                         )
-            except (UnauthenticatedError, PermissionDeniedError, ResourceExhaustedError) as exc:
-                self.problem = exc
-            except Exception as exc:  # a bug: INTERNAL with a correlation id, never UNKNOWN
+            except Exception as exc:
+                # UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED; anything else
+                # is a bug and ends the call INTERNAL with a correlation id, never UNKNOWN.
                 self.problem = exc
         self.token = bind(CallContext(self.request_id, organization))
         echo = ((REQUEST_ID_HEADER, self.request_id),)
