@@ -32,7 +32,7 @@ run: install
 ## compute-server: the local processors behind the compute wire protocol on 127.0.0.1:8700
 ## (SARTIQ_COMPUTE_SERVER__*); `make run` uses it with SARTIQ_COMPUTE__BACKEND=http
 compute-server: install
-	$(BIN)/python -m server.compute_server
+	$(BIN)/python -m server.compute.server
 
 ## test: lint, check the generated stubs for drift, run the whole suite (Node example included)
 test: lint protos-check $(NODE_EXAMPLE)

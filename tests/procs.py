@@ -91,7 +91,7 @@ class ServerProcess:
 
     @classmethod
     def compute_server(cls, workdir: Path, *, port: int = 0, **settings: str) -> ServerProcess:
-        """The project's compute server, ``python -m server.compute_server``."""
+        """The project's compute server, ``python -m server.compute.server``."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("SARTIQ_")}
         env.update(
             SARTIQ_COMPUTE_SERVER__PORT=str(port),
@@ -100,7 +100,7 @@ class ServerProcess:
         )
         env.update({f"SARTIQ_COMPUTE_SERVER__{k.upper()}": v for k, v in settings.items()})
         return cls(
-            [sys.executable, "-m", "server.compute_server"],
+            [sys.executable, "-m", "server.compute.server"],
             env,
             workdir,
             port_variable="SARTIQ_COMPUTE_SERVER__PORT_FILE",

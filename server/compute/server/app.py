@@ -24,8 +24,8 @@ from starlette.routing import Route
 from server.compute.base import ComputeError, TaskRequest, UnknownComputeTaskError
 from server.compute.local import LocalComputeBackend, LocalTask
 from server.compute.processors.tasks import default_registry
+from server.compute.server.settings import ComputeServerSettings
 from server.compute.wire import EVALUATION_PATH, TASKS_PATH, decode_data_uri, is_data_uri
-from server.compute_server.settings import ComputeServerSettings
 from server.domain.enums import ComputeErrorCategory, Strategy, TaskStatus, TaskType
 from server.evaluation.base import EvaluationError, EvaluationInput
 from server.evaluation.local import LocalEvaluator

@@ -1,4 +1,4 @@
-"""``python -m server.compute_server``: serve the local processors over HTTP until SIGTERM."""
+"""``python -m server.compute.server``: serve the local processors over HTTP until SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import uvicorn
 
-from server.compute_server.app import create_app
-from server.compute_server.settings import ComputeServerSettings
+from server.compute.server.app import create_app
+from server.compute.server.settings import ComputeServerSettings
 from server.logs import configure
 
 log = logging.getLogger(__name__)
