@@ -481,3 +481,21 @@ async def test_expectations_are_bounded(harness: Harness) -> None:
         "orchestration.agentic.expectations.view_angle",
         "orchestration.agentic.expectations.instructions",
     }
+
+
+async def test_the_deadline_covers_every_attempt(harness: Harness) -> None:
+    stub = await harness.start(ScriptedEvaluator([0.2]))
+    request = agentic_request(await harness.product(), max_attempts=10)
+    request.timeout.seconds = 1
+    harness.compute.hold = True
+    created = await stub.CreateGenerateGeneration(request)
+    await wait_submitted(harness.compute, 1)
+    harness.compute.complete(next(iter(harness.compute.tasks)))  # attempt 1 scores 0.2
+    done = await wait_terminal(stub, created.generation.id)
+    assert done.status == A.GENERATION_STATUS_FAILED
+    assert done.error.reason == "DEADLINE_EXCEEDED"
+    attempts = _attempts(done)
+    assert attempts[0].status == A.ATTEMPT_STATUS_EVALUATED
+    assert attempts[-1].status == A.ATTEMPT_STATUS_CANCELLED  # attempt 2 was in flight
+    assert done.predictions[0].agentic.stop_reason == A.STOP_REASON_CANCELLED
+    assert harness.compute.cancelled  # its task was released
