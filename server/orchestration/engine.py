@@ -98,10 +98,13 @@ class Engine:
         if generations:
             log.info("resumed %d unfinished generations", len(generations))
 
-    def launch(self, live: LiveGeneration) -> None:
-        """Take charge of a generation whose records are durable: run it now or queue it."""
+    def launch(self, live: LiveGeneration) -> int:
+        """Take charge of a generation whose records are durable: run it now or queue it.
+
+        Returns its place among the generations waiting to start (0: it runs now).
+        """
         if self._closed or live.id in self._live:
-            return
+            return 0
         generation = live.generation
         self._live[live.id] = live
         self._live_by_org[generation.organization] += 1
@@ -113,9 +116,9 @@ class Engine:
             live.token.stop(Stop.CANCELLED)  # an interrupted cancel: finish it
         if live.token.stopped or len(self._tasks) < self._max_running:
             self._start(live)
-        else:
-            self._waiting.push(generation.organization, live)
-            live.token.on_stop(lambda: self._promote(live))
+            return 0
+        live.token.on_stop(lambda: self._promote(live))
+        return self._waiting.push(generation.organization, live)
 
     def get(self, organization: str, generation_id: str) -> LiveGeneration | None:
         """The live generation with this id, if this process runs it for ``organization``."""
@@ -213,10 +216,12 @@ class FairQueue:
     def __len__(self) -> int:
         return len(self._org_of)
 
-    def push(self, organization: str, live: LiveGeneration) -> None:
-        """Queue ``live`` behind the organization's earlier ones."""
-        self._by_org.setdefault(organization, OrderedDict())[live.id] = live
+    def push(self, organization: str, live: LiveGeneration) -> int:
+        """Queue ``live`` behind the organization's earlier ones; returns its position."""
+        queue = self._by_org.setdefault(organization, OrderedDict())
+        queue[live.id] = live
         self._org_of[live.id] = organization
+        return self._position(organization, len(queue) - 1)
 
     def pop(self) -> LiveGeneration:
         """The next generation to start.
@@ -258,7 +263,10 @@ class FairQueue:
         organization = self._org_of.get(generation_id)
         if organization is None:
             return 0
-        rank = list(self._by_org[organization]).index(generation_id)
+        return self._position(organization, list(self._by_org[organization]).index(generation_id))
+
+    def _position(self, organization: str, rank: int) -> int:
+        """The position of the organization's generation with ``rank`` earlier ones."""
         position = rank  # the organization's own earlier ones
         ahead = True  # organizations before it in the rotation take one turn more
         for org, queue in self._by_org.items():

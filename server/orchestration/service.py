@@ -189,8 +189,8 @@ class GenerationService:
                     raise
                 snapshot = existing
             else:
-                self._engine.launch(live)
-                position = self._engine.queue_position(generation.id)
+                # Found without walking the line: a new generation waits at its end.
+                position = self._engine.launch(live)
                 if position:  # a new record: the snapshot's encoding was made already
                     snapshot = clone(snapshot, queue_position=position)
         except BaseException as exc:
