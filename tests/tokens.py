@@ -55,12 +55,13 @@ def pem(public_key: Any) -> bytes:
 
 
 class Keys:
-    """The issuer's keys (EC P-256 ``ec-1``, RSA 2048 ``rsa-1``) and an Ed25519 outsider."""
+    """The issuer's keys (EC P-256 ``ec-1``, RSA 2048 ``rsa-1``) and two outsiders' keys."""
 
     def __init__(self) -> None:
         self.ec = ec.generate_private_key(ec.SECP256R1())
         self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ed = ed25519.Ed25519PrivateKey.generate()
+        self.other_ec = ec.generate_private_key(ec.SECP256R1())
 
     def jwks(self) -> str:
         """The issuer's JWKS."""
@@ -75,6 +76,10 @@ class Keys:
         """An ES256 signature (raw r||s) by the EC key."""
         signature = self.ec.sign(data, ec.ECDSA(hashes.SHA256()))
         return jwt.utils.der_to_raw_signature(signature, self.ec.curve)
+
+    def _other_es256(self, data: bytes) -> bytes:
+        signature = self.other_ec.sign(data, ec.ECDSA(hashes.SHA256()))
+        return jwt.utils.der_to_raw_signature(signature, self.other_ec.curve)
 
     def valid(self, **extra: Any) -> str:
         """A valid ES256 token of the EC key; ``extra`` changes its claims."""
@@ -103,6 +108,7 @@ class Keys:
             "no org": self.valid(org=None),
             "another issuer": self.valid(iss="https://evil.example"),
             "unknown kid": forge({"alg": "ES256", "kid": "k9"}, self.es256),
+            "signed by another key": forge({"alg": "ES256", "kid": "ec-1"}, self._other_es256),
             "not base64": "@@@.@@@.@@@",
             "empty segments": "..",
         }
