@@ -139,7 +139,7 @@ class CatalogService:
                 uri = self._artifacts.path_for(sha, info.mime_type).as_uri()
                 images.append(_Image(sha, image.data, info.mime_type, info.width, info.height, uri))
                 continue
-            match = _ARTIFACT_URI.fullmatch(image.artifact)
+            match = _ARTIFACT_URI.fullmatch(_normalized(image.artifact))
             if match is None:
                 v.add(f"{path}.artifact", "must be artifact:<sha256 hex>, or give inline data")
                 continue
@@ -298,6 +298,14 @@ def _sha256(data: bytes) -> str:
 def _not_found(kind: CatalogKind, entity_id: str) -> NotFoundError:
     name = kind.value.lower()
     return NotFoundError.of(name, {f"{name}_id": entity_id})
+
+
+def _normalized(text: str) -> str:
+    """``text`` normalised (``ARTIFACT:`` is ``artifact:``), or as given when it cannot be."""
+    try:
+        return str(normalize(text))
+    except UriError:
+        return text
 
 
 def lora_prefixes(configured: Sequence[str]) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import AuthSettings
+from server.domain.errors import StartupError
 
 EXPIRED = "expired"
 
@@ -143,3 +145,20 @@ async def test_any_exception_while_verifying_is_unauthenticated_without_a_traceb
     assert all(r.levelno == logging.WARNING and not r.exc_info for r in warned)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert not _mentions(caplog.records, token)
+
+
+async def test_a_key_file_without_a_usable_key_stops_the_start(tmp_path: Path, keys: Keys) -> None:
+    only_rsa = tmp_path / "rsa.json"
+    only_rsa.write_text(json.dumps({"keys": [jwk(keys.rsa.public_key(), "rsa-1")]}))
+    not_a_key = tmp_path / "garbage.pem"
+    not_a_key.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    cases = {
+        only_rsa: "verifies any of the configured algorithms (ES256)",
+        not_a_key: "cannot use the JWT keys",
+    }
+    for key_file, message in cases.items():
+        auth = AuthSettings(jwt_keys_file=key_file, jwt_algorithms=("ES256",))
+        settings = make_settings(tmp_path).model_copy(update={"auth": auth})
+        with pytest.raises(StartupError, match=re.escape(message)):
+            async with App(settings, compute=FakeComputeBackend()):
+                pass

@@ -48,9 +48,15 @@ async def test_create_get_list_delete_subject(catalog: CatalogStub) -> None:
         )
     )
     assert reused.subject.reference_images[0].sha256 == ref.sha256
+    shouted = await catalog.CreateSubject(  # a scheme's case never matters
+        pb.CreateSubjectRequest(
+            name="Ana 3", reference_images=[pb.ImageInput(artifact=f"ARTIFACT:{ref.sha256}")]
+        )
+    )
+    assert shouted.subject.reference_images[0].sha256 == ref.sha256
 
-    listed = await catalog.ListSubjects(pb.ListSubjectsRequest(page_size=1))
-    assert [s.id for s in listed.subjects] == [reused.subject.id]
+    listed = await catalog.ListSubjects(pb.ListSubjectsRequest(page_size=2))
+    assert [s.id for s in listed.subjects] == [shouted.subject.id, reused.subject.id]
     rest = await catalog.ListSubjects(pb.ListSubjectsRequest(page_token=listed.next_page_token))
     assert [s.id for s in rest.subjects] == [created.id]
     assert rest.next_page_token == ""
