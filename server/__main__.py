@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -28,6 +29,11 @@ def main() -> None:
     """Parse the settings once and serve."""
     settings = Settings()
     configure(settings.log_level)
+    if os.environ.get("SARTIQ_GRPC_CORE_DEBUG") == "1":
+        logging.getLogger("server").warning(
+            "SARTIQ_GRPC_CORE_DEBUG=1: gRPC core tracing (GRPC_TRACE) is on, and it writes "
+            "call metadata, credentials included, to stderr"
+        )
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:

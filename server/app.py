@@ -32,6 +32,7 @@ from server.domain.paging import PageTokens
 from server.evaluation.base import Evaluator, Evaluators
 from server.evaluation.local import LocalEvaluator
 from server.evaluation.remote import RemoteEvaluator
+from server.logs import install_redaction
 from server.media.artifacts import FileArtifactStore
 from server.media.fetch import Fetcher, InputFetcher
 from server.media.references import ReferencePolicy
@@ -198,6 +199,9 @@ class App:
     async def start(self) -> None:
         """Migrate the database, build everything, resume unfinished work, and serve."""
         s = self.settings
+        # grpc logs raw metadata on some errors: its loggers clean records before any
+        # handler sees them, wherever logging was configured (or not).
+        install_redaction()
         _prepare_directories(s)
         await upgrade_to_head(s.database)
         self._db = create_engine(s.database)

@@ -16,12 +16,16 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import TypeAdapter, ValidationError
 
 from server.config import ApiKey, AuthSettings
@@ -32,6 +36,17 @@ ALL_SCOPES = frozenset({"read", "write", "admin"})
 DEFAULT_SCOPES = frozenset({"read", "write"})
 _KEYS = TypeAdapter(tuple[ApiKey, ...])
 _ORGANIZATION = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# The algorithms each kind of key verifies. A token is checked only with the algorithms of
+# the key its header names, so an RS256 header on an EC key (or any other mismatch) is
+# refused as a wrong algorithm before PyJWT is handed a key it cannot use.
+_FAMILIES: tuple[tuple[type[Any] | tuple[type[Any], ...], frozenset[str]], ...] = (
+    (rsa.RSAPublicKey, frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})),
+    (ec.EllipticCurvePublicKey, frozenset({"ES256", "ES256K", "ES384", "ES512"})),
+    ((ed25519.Ed25519PublicKey, ed448.Ed448PublicKey), frozenset({"EdDSA"})),
+    (bytes, frozenset({"HS256", "HS384", "HS512"})),  # a JWKS "oct" key: a shared secret
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,20 +110,27 @@ class JwtVerifier:
             text = path.read_text()
         except OSError as exc:
             raise StartupError(f"cannot read JWT keys from {path}: {exc.strerror}") from None
-        self._keys: dict[str, Any] = {}
+        algorithms = frozenset(settings.jwt_algorithms)
+        self._keys: dict[str, _VerificationKey] = {}
         try:
             if text.lstrip().startswith("{"):
-                for key in jwt.PyJWKSet.from_json(text).keys:
-                    self._keys[key.key_id or ""] = key.key
+                for jwk in jwt.PyJWKSet.from_json(text).keys:
+                    usable = _usable(jwk.key, algorithms)
+                    if usable is not None:
+                        self._keys[jwk.key_id or ""] = usable
             else:
-                self._keys[""] = text
-        except (jwt.PyJWTError, ValueError) as exc:
+                usable = _usable(load_pem_public_key(text.encode()), algorithms)
+                if usable is not None:
+                    self._keys[""] = usable
+        except (jwt.PyJWTError, ValueError, UnsupportedAlgorithm) as exc:
             raise StartupError(f"cannot use the JWT keys in {path}: {exc}") from None
         if not self._keys:
-            raise StartupError(f"no JWT keys in {path}")
+            raise StartupError(
+                f"no JWT key in {path} verifies any of the configured algorithms "
+                f"({', '.join(sorted(algorithms))})"
+            )
         self._issuer = settings.jwt_issuer or None
         self._audience = settings.jwt_audience or None
-        self._algorithms = list(settings.jwt_algorithms)
         self._leeway = settings.jwt_leeway
 
     def principal(self, token: str) -> Principal:
@@ -116,27 +138,13 @@ class JwtVerifier:
 
         Raises:
             UnauthenticatedError: a bad signature, expired, wrong issuer or audience, no
-                ``org`` claim; the reason says which.
+                ``org`` claim, or anything else that stops verification; the reason says
+                which (cause ``expired`` or ``invalid``).
         """
         try:
-            header = jwt.get_unverified_header(token)
-            kid = str(header.get("kid") or "")
-            key = self._keys.get(kid)
-            if key is None and not kid and len(self._keys) == 1:
-                key = next(iter(self._keys.values()))  # one key: a token may omit its id
-            if key is None:
-                raise UnauthenticatedError(
-                    "the token's key id is not known", metadata={"cause": "invalid"}
-                )
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=self._algorithms,
-                audience=self._audience,
-                issuer=self._issuer,
-                leeway=self._leeway,
-                options={"require": ["exp", "org"], "verify_aud": self._audience is not None},
-            )
+            claims = self._claims(token)
+        except UnauthenticatedError:
+            raise
         except jwt.ExpiredSignatureError:
             raise UnauthenticatedError(
                 "the token has expired", metadata={"cause": "expired"}
@@ -154,6 +162,14 @@ class JwtVerifier:
                 "the token is not valid (signature, format or algorithm)",
                 metadata={"cause": "invalid"},
             ) from None
+        except Exception as exc:
+            # Whatever else a library raises on a hostile token (a TypeError for a key of
+            # another kind, a warning turned into an error) is still a token we cannot
+            # trust, never INTERNAL. Logged by type only: no traceback, no token.
+            log.warning("a bearer JWT could not be verified (%s)", type(exc).__name__)
+            raise UnauthenticatedError(
+                "the token could not be verified", metadata={"cause": "invalid"}
+            ) from None
         organization = claims.get("org")
         if not isinstance(organization, str) or not _ORGANIZATION.fullmatch(organization):
             raise UnauthenticatedError(
@@ -162,6 +178,43 @@ class JwtVerifier:
         scope = claims.get("scope")
         scopes = DEFAULT_SCOPES if scope is None else frozenset(str(scope).split()) & ALL_SCOPES
         return Principal(organization, frozenset(scopes))
+
+    def _claims(self, token: str) -> dict[str, Any]:
+        """The verified claims of ``token``; PyJWT's exceptions pass through."""
+        header = jwt.get_unverified_header(token)
+        kid = str(header.get("kid") or "")
+        key = self._keys.get(kid)
+        if key is None and not kid and len(self._keys) == 1:
+            key = next(iter(self._keys.values()))  # one key: a token may omit its id
+        if key is None:
+            raise UnauthenticatedError(
+                "the token's key id is not known", metadata={"cause": "invalid"}
+            )
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key.key,
+            algorithms=sorted(key.algorithms),
+            audience=self._audience,
+            issuer=self._issuer,
+            leeway=self._leeway,
+            options={"require": ["exp", "org"], "verify_aud": self._audience is not None},
+        )
+        return claims
+
+
+@dataclass(frozen=True, slots=True)
+class _VerificationKey:
+    """A configured public key and the algorithms a token may use with it."""
+
+    key: Any
+    algorithms: frozenset[str]
+
+
+def _usable(key: Any, configured: frozenset[str]) -> _VerificationKey | None:
+    """``key`` with the configured algorithms of its kind, or None when there are none."""
+    family = next((algs for kind, algs in _FAMILIES if isinstance(key, kind)), frozenset())
+    algorithms = family & configured
+    return _VerificationKey(key, algorithms) if algorithms else None
 
 
 class Authenticator:

@@ -34,8 +34,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Behavior = Callable[[Any, Context], Any]
 
 
-def _request_id(context: Context, ids: IdSource) -> str:
-    for key, value in context.invocation_metadata() or ():
+def _request_id(metadata: tuple[tuple[str, Any], ...], ids: IdSource) -> str:
+    for key, value in metadata:
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _VALID_ID.fullmatch(value):
             return value
     return ids.hex()
@@ -61,7 +61,10 @@ class _CallLog:
         self.method = method
         self.streaming = streaming
         self.context = context
-        self.request_id = _request_id(context, ids)
+        # Read once: grpc decodes the metadata on every read, and logs each value that is
+        # not UTF-8 each time.
+        self.metadata = tuple(context.invocation_metadata() or ())
+        self.request_id = _request_id(self.metadata, ids)
         self.peer = context.peer()
         self.auth = auth
         self.limits = limits
@@ -72,7 +75,7 @@ class _CallLog:
         self.problem: Exception | None = None
         if self.auth is not None:
             try:
-                principal = self.auth.principal(self.context.invocation_metadata() or ())
+                principal = self.auth.principal(self.metadata)
                 self.auth.authorize(principal, self.method)
                 organization = principal.organization
                 if self.limits is not None:

@@ -6,6 +6,7 @@ range) is recorded as a field violation next to the others, never raised on its 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -219,15 +220,14 @@ def watch_generations(
 
 
 def generation_filter(message: generation_service_pb2.GenerationFilter) -> GenerationFilter:
-    """The list filter, every offending value named.
+    """The list filter; unknown enum values, too many values or bad times ride along.
 
-    Raises:
-        InvalidArgumentError: unknown enum values, too many values, or bad times.
+    They are the filter's ``problems``, which the list reports with every other fault
+    of the request (labels, page size, page token) in one INVALID_ARGUMENT.
     """
     v = Violations()
     result = _filter(message, v)
-    v.raise_if_any()
-    return result
+    return replace(result, problems=tuple(v.items))
 
 
 def _filter(message: generation_service_pb2.GenerationFilter, v: Violations) -> GenerationFilter:

@@ -9,16 +9,17 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from server.config import MediaSettings
 from server.domain import model
 from server.domain.enums import CatalogKind
-from server.domain.errors import NotFoundError, Violations
+from server.domain.errors import NotFoundError, StartupError, Violations
 from server.domain.paging import Cursor, PageTokens, paginate, query_key
 from server.domain.recorder import utcnow
 from server.media.artifacts import FileArtifactStore
 from server.media.images import InvalidImageError, probe_image
+from server.media.uris import UriError, is_under, normalize
 from server.store import mapping, repository, rows
 from server.store.sessions import Store
 from server.store.writer import Writer
@@ -83,6 +84,7 @@ class CatalogService:
         self._media = media
         self._tokens = tokens
         self._cache = _EntityCache()
+        self._lora_prefixes = lora_prefixes(media.lora_prefixes)
 
     async def create(self, org: str, kind: CatalogKind, entity: EntityInput) -> model.CatalogEntity:
         """Validate and store a new entity with its reference images.
@@ -100,7 +102,9 @@ class CatalogService:
         if len(entity.description) > 2000:
             v.add("description", "must be at most 2000 characters")
         if entity.lora is not None:
-            _check_lora(entity.lora, v, self._media.lora_prefixes)
+            # The normalised URI is what is checked, so it is what is stored.
+            lora = replace(entity.lora, uri=_check_lora(entity.lora, v, self._lora_prefixes))
+            entity = replace(entity, lora=lora)
         if len(entity.reference_images) > MAX_REFERENCE_IMAGES:
             v.add("reference_images", f"must have at most {MAX_REFERENCE_IMAGES} images")
             images: list[_Image] = []
@@ -135,7 +139,7 @@ class CatalogService:
                 uri = self._artifacts.path_for(sha, info.mime_type).as_uri()
                 images.append(_Image(sha, image.data, info.mime_type, info.width, info.height, uri))
                 continue
-            match = _ARTIFACT_URI.fullmatch(image.artifact)
+            match = _ARTIFACT_URI.fullmatch(_normalized(image.artifact))
             if match is None:
                 v.add(f"{path}.artifact", "must be artifact:<sha256 hex>, or give inline data")
                 continue
@@ -296,22 +300,70 @@ def _not_found(kind: CatalogKind, entity_id: str) -> NotFoundError:
     return NotFoundError.of(name, {f"{name}_id": entity_id})
 
 
-def _check_lora(lora: LoraInput, v: Violations, prefixes: tuple[str, ...]) -> None:
-    """A LoRA is an upload of the organization (``artifact:``) or under an allowed prefix."""
+def _normalized(text: str) -> str:
+    """``text`` normalised (``ARTIFACT:`` is ``artifact:``), or as given when it cannot be."""
+    try:
+        return str(normalize(text))
+    except UriError:
+        return text
+
+
+def lora_prefixes(configured: Sequence[str]) -> tuple[str, ...]:
+    """The configured LoRA prefixes, normalised as the URIs they are compared with.
+
+    Raises:
+        StartupError: a prefix is not an absolute URI, or cannot be normalised.
+    """
+    prefixes = []
+    for prefix in configured:
+        try:
+            uri = normalize(prefix)
+        except UriError as exc:
+            raise StartupError(f"LoRA prefix {prefix!r} {exc}") from None
+        if not uri.scheme or uri.authority is None:
+            raise StartupError(f"LoRA prefix {prefix!r} must be an absolute URI: scheme://...")
+        prefixes.append(str(uri))
+    return tuple(prefixes)
+
+
+def _check_lora(lora: LoraInput, v: Violations, prefixes: tuple[str, ...]) -> str:
+    """The normalised LoRA URI; a violation unless it is an upload or under a prefix.
+
+    An upload of the organization is ``artifact:<sha256>``; anything else must lie under
+    one of ``prefixes`` (normalised), on a segment boundary, once normalised itself.
+    """
     uri = lora.uri
     if not uri:
         v.add("lora.uri", "is required when lora is set")
     elif len(uri) > 2048:
         v.add("lora.uri", "must be at most 2048 characters")
-    elif uri.startswith("artifact:"):
-        if not _ARTIFACT_URI.fullmatch(uri):
-            v.add("lora.uri", "must be artifact:<sha256 hex> for an upload")
-    elif not any(uri.startswith(prefix) for prefix in prefixes):
-        allowed = ", ".join(prefixes) or "none configured"
-        v.add(
-            "lora.uri",
-            f"must be an upload (artifact:<sha256>) or start with an allowed prefix ({allowed})",
-        )
+    else:
+        problem, uri = _lora_uri(uri, prefixes)
+        if problem is not None:
+            v.add("lora.uri", problem)
     weight = lora.default_weight
     if weight is not None and not 0 <= weight <= 2:
         v.add("lora.default_weight", f"must be between 0 and 2, got {weight:g}")
+    return uri
+
+
+def _lora_uri(text: str, prefixes: tuple[str, ...]) -> tuple[str | None, str]:
+    """What is wrong with a LoRA URI (or None), and its normalised form."""
+    try:
+        uri = normalize(text)
+    except UriError as exc:
+        return str(exc), text
+    normal = str(uri)
+    if uri.scheme == "artifact":
+        if not _ARTIFACT_URI.fullmatch(normal):
+            return "must be artifact:<sha256 hex> for an upload", normal
+        return None, normal
+    if uri.authority is not None and "@" in uri.authority:
+        return "must not contain credentials (user:password@)", normal
+    if not any(is_under(normal, prefix) for prefix in prefixes):
+        allowed = ", ".join(prefixes) or "none configured"
+        return (
+            f"must be an upload (artifact:<sha256>) or lie under an allowed prefix ({allowed})",
+            normal,
+        )
+    return None, normal

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from server.domain.errors import FieldViolation
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationFilter:
@@ -16,3 +18,6 @@ class GenerationFilter:
     labels: dict[str, str] = field(default_factory=dict)
     created_after: datetime | None = None
     created_before: datetime | None = None
+    # What could not be decoded (an unknown enum value, a bad time): reported together
+    # with the page size, the token and the labels, in one INVALID_ARGUMENT.
+    problems: tuple[FieldViolation, ...] = ()

@@ -55,8 +55,12 @@ class PageTokens:
         ).encode()
         return f"{_b64(body)}.{_b64(self._mac(body))}"
 
-    def decode(self, token: str, key: str, v: Violations) -> Cursor | None:
-        """The cursor in ``token``; records a ``page_token`` violation when it is not valid here."""
+    def decode(self, token: str, key: str | None, v: Violations) -> Cursor | None:
+        """The cursor in ``token``; records a ``page_token`` violation when it is not valid here.
+
+        ``key`` None means the query itself is invalid: then only whether the token is
+        one this service issued is checked, not which query it was issued for.
+        """
         if not token:
             return None
         body = self._verified(token)
@@ -70,7 +74,7 @@ class PageTokens:
         except (ValueError, KeyError, TypeError):  # pragma: no cover - we signed it
             v.add("page_token", "is not a token this service issued")
             return None
-        if not same_query:
+        if key is not None and not same_query:
             v.add("page_token", "was issued for a different filter")
             return None
         return cursor
@@ -129,15 +133,21 @@ async def paginate(
     tokens: PageTokens,
     default_size: int,
     max_size: int,
+    violations: Violations | None = None,
 ) -> tuple[Sequence[T], str]:
     """One page from ``fetch(cursor, limit)`` and the token of the next ("" on the last).
 
+    ``violations`` holds what the caller found wrong with the rest of the request: they
+    are raised together with the page size's and the token's, as one error.
+
     Raises:
-        InvalidArgumentError: a bad page size, or a token this query did not issue.
+        InvalidArgumentError: every fault at once: those in ``violations``, a bad page
+            size, a token this service or this query did not issue.
     """
-    v = Violations()
+    v = violations if violations is not None else Violations()
+    query_valid = not v  # a token cannot match a query that is itself invalid
     check_page_size(v, page_size, max_size)
-    cursor = tokens.decode(page_token, key, v)
+    cursor = tokens.decode(page_token, key if query_valid else None, v)
     v.raise_if_any()
     limit = page_size or default_size
     rows = await fetch(cursor, limit + 1)  # one extra row tells whether a next page exists

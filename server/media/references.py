@@ -8,10 +8,12 @@ comment of ``sartiq/generation/v1/resources.proto``)::
     file:///absolute/path          a file under one of the server's input roots
     http://... or https://...      fetched by the server (``server.media.fetch``)
 
-``parse_reference`` checks the syntax and the server's policy (input roots, literal
-addresses); whether a ``prediction:`` or ``artifact:`` reference names anything, and
-whether a URL's host name resolves to an allowed address, is decided later, by whoever
-looks it up or connects. Schemes are matched case-insensitively (RFC 3986).
+``parse_reference`` normalises the text first (``server.media.uris``: scheme and host
+case, percent-encoding, dot segments; encoded dot segments refused), then classifies and
+checks it against the server's policy (input roots, literal addresses), so no spelling
+of a scheme or path is read one way here and another way later. Whether a
+``prediction:`` or ``artifact:`` reference names anything, and whether a URL's host name
+resolves to an allowed address, is decided later, by whoever looks it up or connects.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import httpx
 
 from server.config import MediaSettings
 from server.domain.errors import InvalidArgumentError, Violations
+from server.media.uris import UNSAFE, UNSAFE_CHARACTERS, Uri, UriError, normalize, scheme_of
 
 MAX_REFERENCE_CHARS = 2048
 """The longest reference accepted, in characters (Unicode code points)."""
@@ -38,9 +41,8 @@ IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HOST_NAME = re.compile(rb"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")  # IDNA-encoded, ASCII
-# Whitespace, control characters and backslashes have no place in a URL we fetch: parsers
-# disagree about them (``http://a\@b`` names host ``b`` for some, ``a`` for others).
-_UNSAFE_URL_CHARS = re.compile(r"[\s\x00-\x1f\x7f\\]")
+_SCHEMES = frozenset({"prediction", "artifact", "file", "http", "https"})
+_FETCHED_SCHEMES = frozenset({"file", "http", "https"})
 _FORMS = "prediction:<id>, artifact:<sha256>, file:///absolute/path, http:// or https://"
 _NON_PUBLIC = "a loopback, private, link-local, multicast, reserved or otherwise non-public address"
 
@@ -72,7 +74,10 @@ class FileRef:
 
 @dataclass(frozen=True, slots=True)
 class UrlRef:
-    """``http(s)://...``: an image the server fetches; ``url`` is the text as given."""
+    """``http(s)://...``: an image the server fetches; ``url`` is normalised.
+
+    (Lower-case scheme and host, percent-encoding and dot segments normalised.)
+    """
 
     url: str
 
@@ -155,6 +160,14 @@ def format_reference(ref: Reference) -> str:
     raise AssertionError(f"unknown reference {ref!r}")  # pragma: no cover
 
 
+def is_fetched(text: str) -> bool:
+    """Whether ``text`` names an image the server fetches: ``file://`` or ``http(s)://``.
+
+    Classified by the scheme alone, whatever its case (``HTTP://`` is ``http://``).
+    """
+    return scheme_of(text) in _FETCHED_SCHEMES
+
+
 def url_violation(url: str, policy: ReferencePolicy) -> str | None:
     """Why ``url`` may not be fetched, or None when it may.
 
@@ -164,8 +177,10 @@ def url_violation(url: str, policy: ReferencePolicy) -> str | None:
     allows private networks. A host name is checked when it is resolved, on connecting.
     Used on references and again on every redirect.
     """
-    if _UNSAFE_URL_CHARS.search(url):
-        return "must not contain whitespace, control characters or backslashes"
+    # Parsers disagree about these (``http://a\\@b`` names host ``b`` for some, ``a`` for
+    # others): a URL to fetch, a redirect's target included, has none.
+    if UNSAFE_CHARACTERS.search(url):
+        return UNSAFE
     scheme, _, rest = url.partition(":")
     if scheme.lower() not in ("http", "https"):
         return "must be an http:// or https:// URL"
@@ -255,8 +270,14 @@ def _parse(text: str, policy: ReferencePolicy) -> Reference | str:
         return f"must not be empty: an image reference is one of {_FORMS}"
     if len(text) > MAX_REFERENCE_CHARS:
         return f"must be at most {MAX_REFERENCE_CHARS} characters (it has {len(text)})"
-    scheme, colon, rest = text.partition(":")
-    match scheme.lower() if colon else "":
+    if scheme_of(text) not in _SCHEMES:
+        return f"must start with one of {_FORMS}"
+    try:
+        uri = normalize(text)  # one spelling, before anything is classified or checked
+    except UriError as exc:
+        return str(exc)
+    rest = str(uri).partition(":")[2]
+    match uri.scheme:
         case "prediction":
             return _parse_prediction(rest)
         case "artifact":
@@ -264,11 +285,10 @@ def _parse(text: str, policy: ReferencePolicy) -> Reference | str:
                 return "must be artifact:<sha256> with 64 lowercase hexadecimal digits"
             return ArtifactRef(rest)
         case "file":
-            return _parse_file(rest, policy)
-        case "http" | "https":
-            problem = url_violation(text, policy)
-            return UrlRef(text) if problem is None else problem
-    return f"must start with one of {_FORMS}"
+            return _parse_file(uri, policy)
+    url = str(uri)
+    problem = url_violation(url, policy)
+    return UrlRef(url) if problem is None else problem
 
 
 def _parse_prediction(rest: str) -> PredictionRef | str:
@@ -281,26 +301,25 @@ def _parse_prediction(rest: str) -> PredictionRef | str:
     return PredictionRef(rest)
 
 
-def _parse_file(rest: str, policy: ReferencePolicy) -> FileRef | str:
+def _parse_file(uri: Uri, policy: ReferencePolicy) -> FileRef | str:
     if not policy.input_roots:
         return "must not be a file:// reference: the server has no input roots configured"
-    if not rest.startswith("//"):
+    if uri.authority is None:
         return "must be file:///absolute/path"
-    parts = urlsplit("file:" + rest)
-    if parts.netloc:
+    if uri.authority:
         return "must not name a host: a file reference is file:///absolute/path"
-    if "?" in rest or "#" in rest:
+    if uri.query is not None or uri.fragment is not None:
         return "must not have a query or fragment (percent-encode '?' and '#' in file names)"
+    if uri.had_dot_segments:
+        return "must not contain '.' or '..' segments"  # read as written, never rewritten
     try:
-        decoded = unquote(parts.path, errors="strict")
+        decoded = unquote(uri.path, errors="strict")
     except UnicodeDecodeError:
         return "must percent-encode its path as UTF-8"
     if "\x00" in decoded:
         return "must not contain NUL characters"
     if not decoded.startswith("/"):
         return "must be file:///absolute/path"
-    if ".." in decoded.split("/"):
-        return "must not contain '..' segments"
     path = Path(decoded)
     if locate_under_roots(path, policy.input_roots) is None:
         return "must be a file under one of the server's input roots"

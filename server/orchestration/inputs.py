@@ -25,12 +25,17 @@ from server.domain.model import Artifact, ComputeTask, PlannedStep, Prediction, 
 from server.media.artifacts import FileArtifactStore
 from server.media.fetch import FetchError, InputFetcher
 from server.media.images import InvalidImageError, probe_image
-from server.media.references import FileRef, ReferencePolicy, UrlRef, parse_reference
+from server.media.references import (
+    FileRef,
+    ReferencePolicy,
+    UrlRef,
+    is_fetched,
+    parse_reference,
+)
 from server.orchestration.live import LiveGeneration
 
 # The parameter keys whose values (a string or a list of them) are image references.
 IMAGE_KEYS = frozenset({"base_image", "reference_images", "background_image", "images"})
-_FETCHED = ("file://", "http://", "https://")
 
 
 def _map_images(params: dict[str, Any], change: Callable[[str, str], str]) -> dict[str, Any]:
@@ -99,7 +104,7 @@ class InputPreparer:
         """
         fetched: dict[str, str] = {}
         for path, reference in image_references(task.params):
-            if not reference.startswith(_FETCHED) or reference in fetched:
+            if not is_fetched(reference) or reference in fetched:
                 continue
             outcome = await live.token.race(self._fetch(live, path, reference))
             if isinstance(outcome, ResourceError):
@@ -146,7 +151,7 @@ def reuse_fetched(step: PlannedStep, task: ComputeTask) -> PlannedStep:
     fetched = dict(image_references(task.params))
 
     def change(path: str, reference: str) -> str:
-        if reference.startswith(_FETCHED):
+        if is_fetched(reference):
             return fetched.get(path, reference)
         return reference
 

@@ -264,11 +264,12 @@ class GenerationService:
         """One page of the organization's generations, newest first.
 
         Raises:
-            InvalidArgumentError: bad labels or page size, or a token from another filter.
+            InvalidArgumentError: every fault at once: the filter's decoding problems, bad
+                labels, a bad page size, a token not ours or from another filter.
         """
         v = Violations()
+        v.extend(flt.problems)
         check_labels(v, flt.labels, "filter.labels")
-        v.raise_if_any()
 
         async def fetch(cursor: Cursor | None, limit: int) -> Sequence[Generation]:
             async with self._store.read() as session:
@@ -283,6 +284,7 @@ class GenerationService:
             tokens=self._tokens,
             default_size=DEFAULT_PAGE_SIZE,
             max_size=MAX_PAGE_SIZE,
+            violations=v,
         )
         return Page(items, token)
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 
 import grpc
 import pytest
+from conftest import make_settings
 from helpers import CatalogStub, field_violations, png_bytes
 
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2 as pb
 from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2, artifact_service_pb2_grpc
+from server.app import App
+from server.compute.fake import FakeComputeBackend
+from server.domain.errors import StartupError
 
 PNG = png_bytes((120, 30, 60), size=(16, 16))
 
@@ -43,9 +48,15 @@ async def test_create_get_list_delete_subject(catalog: CatalogStub) -> None:
         )
     )
     assert reused.subject.reference_images[0].sha256 == ref.sha256
+    shouted = await catalog.CreateSubject(  # a scheme's case never matters
+        pb.CreateSubjectRequest(
+            name="Ana 3", reference_images=[pb.ImageInput(artifact=f"ARTIFACT:{ref.sha256}")]
+        )
+    )
+    assert shouted.subject.reference_images[0].sha256 == ref.sha256
 
-    listed = await catalog.ListSubjects(pb.ListSubjectsRequest(page_size=1))
-    assert [s.id for s in listed.subjects] == [reused.subject.id]
+    listed = await catalog.ListSubjects(pb.ListSubjectsRequest(page_size=2))
+    assert [s.id for s in listed.subjects] == [shouted.subject.id, reused.subject.id]
     rest = await catalog.ListSubjects(pb.ListSubjectsRequest(page_token=listed.next_page_token))
     assert [s.id for s in rest.subjects] == [created.id]
     assert rest.next_page_token == ""
@@ -169,3 +180,95 @@ async def test_lora_weights_come_from_an_allowed_prefix_or_an_own_upload(
         pb.CreateSubjectRequest(name="D", lora=pb.Lora(uri=f"artifact:{sha}"))
     )
     assert own.subject.lora.uri == f"artifact:{sha}"
+
+
+ALLOWED = "https://Allowed.Example/loras"  # normalised when read: any spelling matches it
+
+
+@pytest.fixture
+async def lora_catalog(tmp_path: Path) -> AsyncIterator[CatalogStub]:
+    settings = make_settings(tmp_path)
+    media = settings.media.model_copy(update={"lora_prefixes": (ALLOWED, "s3://loras/")})
+    async with (
+        App(settings.model_copy(update={"media": media}), compute=FakeComputeBackend()) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        yield CatalogStub(channel)
+
+
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [
+        ("https://allowed.example/loras/../admin/x.safetensors", "allowed prefix"),
+        ("HTTPS://ALLOWED.EXAMPLE/loras/../admin/x.safetensors", "allowed prefix"),
+        ("https://allowed.example/loras/%2e%2e/admin/x.safetensors", "percent-encode dots"),
+        ("https://allowed.example/loras/%2E%2E/admin/x.safetensors", "percent-encode dots"),
+        ("https://allowed.example/loras/.%2e/admin/x.safetensors", "percent-encode dots"),
+        ("https://allowed.example/loras/..%2fadmin/x.safetensors", "percent-encode dots"),
+        ("https://allowed.example/loras%2f../admin/x.safetensors", "percent-encode dots"),
+        ("https://allowed.example/loras/..\\admin/x.safetensors", "backslashes"),
+        ("https://allowed.example/loras-evil/x.safetensors", "allowed prefix"),
+        ("https://allowed.example.evil/loras/x.safetensors", "allowed prefix"),
+        ("https://me:secret@allowed.example/loras/x.safetensors", "credentials"),
+        ("s3://loras/%2e%2e/x.safetensors", "percent-encode dots"),
+        ("s3://other/../loras/x.safetensors", "allowed prefix"),
+        ("s3://loras-evil/x.safetensors", "allowed prefix"),
+        ("ARTIFACT:" + "C" * 64, "artifact:<sha256 hex>"),
+    ],
+)
+async def test_a_lora_uri_is_normalised_before_the_allow_list(
+    lora_catalog: CatalogStub, uri: str, problem: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await lora_catalog.CreateSubject(pb.CreateSubjectRequest(name="A", lora=pb.Lora(uri=uri)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(caught.value)) == {"lora.uri"}
+    assert problem in field_violations(caught.value)["lora.uri"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "stored"),
+    [
+        (
+            "HTTPS://ALLOWED.example:443/loras/./ana/%7Ev1.safetensors",
+            "https://allowed.example/loras/ana/~v1.safetensors",
+        ),
+        ("https://allowed.example/loras", "https://allowed.example/loras"),
+        ("S3://Loras/ana/../bo.safetensors", "s3://loras/bo.safetensors"),
+        ("s3://loras/../bo.safetensors", "s3://loras/bo.safetensors"),  # still in the bucket
+    ],
+)
+async def test_an_allowed_lora_uri_is_stored_normalised(
+    lora_catalog: CatalogStub, uri: str, stored: str
+) -> None:
+    created = await lora_catalog.CreateSubject(
+        pb.CreateSubjectRequest(name="A", lora=pb.Lora(uri=uri))
+    )
+    assert created.subject.lora.uri == stored
+    got = await lora_catalog.GetSubject(pb.GetSubjectRequest(subject_id=created.subject.id))
+    assert got.subject.lora.uri == stored
+
+
+async def test_a_lora_prefix_that_is_not_an_absolute_uri_stops_the_start(tmp_path: Path) -> None:
+    for prefix in ("loras/", "https://h/%2e%2e/loras/"):
+        settings = make_settings(tmp_path)
+        media = settings.media.model_copy(update={"lora_prefixes": (prefix,)})
+        app = App(settings.model_copy(update={"media": media}), compute=FakeComputeBackend())
+        with pytest.raises(StartupError, match="LoRA prefix"):
+            async with app:
+                pass
+
+
+async def test_a_catalog_list_names_a_bad_page_size_and_token_at_once(
+    catalog: CatalogStub,
+) -> None:
+    for request in (
+        pb.ListSubjectsRequest(page_size=1000, page_token="garbage!"),
+        pb.ListProductsRequest(page_size=-1, page_token="garbage!"),
+        pb.ListStylesRequest(page_size=201, page_token="x.y"),
+    ):
+        method = getattr(catalog, type(request).__name__.removesuffix("Request"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await method(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert set(field_violations(caught.value)) == {"page_size", "page_token"}

@@ -110,3 +110,59 @@ async def test_same_request_id_different_request_is_already_exists(
         await stub.CreateGenerateGeneration(different)
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert len(await list_all(stub, 10)) == 1
+
+
+async def test_one_invalid_argument_names_every_bad_field_of_a_list(
+    stub: GenerationStub, product_id: str
+) -> None:
+    for _ in range(2):
+        await stub.CreateGenerateGeneration(req(product_id))
+    page = await stub.ListGenerations(generation_service_pb2.ListGenerationsRequest(page_size=1))
+    bad_filter = generation_service_pb2.GenerationFilter(
+        statuses=[
+            enums_pb2.GENERATION_STATUS_UNSPECIFIED,
+            enums_pb2.GenerationStatus.ValueType(999),
+        ],
+        strategies=[enums_pb2.STRATEGY_GENERATE],
+        labels={"Bad Key": "x"},
+    )
+    bad_filter.create_time_after.seconds = 10**12
+    request = generation_service_pb2.ListGenerationsRequest(
+        filter=bad_filter, page_size=101, page_token="garbage!"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListGenerations(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = set(field_violations(caught.value))
+    assert {
+        "filter.statuses[0]",
+        "filter.statuses[1]",
+        "filter.create_time_after",
+        "page_size",
+        "page_token",
+    } <= fields
+    assert any(f.startswith("filter.labels") for f in fields), fields
+    # A token this service issued is not judged against a filter that is itself invalid:
+    # only the filter and the page size are wrong here.
+    request.page_token = page.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListGenerations(request)
+    assert "page_token" not in field_violations(caught.value)
+    assert "page_size" in field_violations(caught.value)
+
+
+async def test_one_invalid_argument_names_every_bad_field_of_a_watch(
+    stub: GenerationStub,
+) -> None:
+    flt = generation_service_pb2.GenerationFilter(
+        types=[enums_pb2.GENERATION_TYPE_UNSPECIFIED], labels={"Bad Key": "x"}
+    )
+    call = stub.WatchGenerations(
+        generation_service_pb2.WatchGenerationsRequest(filter=flt, after_cursor=-5)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = set(field_violations(caught.value))
+    assert {"after_cursor", "filter.types[0]"} <= fields
+    assert any(f.startswith("filter.labels") for f in fields), fields

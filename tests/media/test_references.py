@@ -17,6 +17,7 @@ from server.media.references import (
     ReferencePolicy,
     UrlRef,
     format_reference,
+    is_fetched,
     parse_reference,
     parse_reference_or_raise,
 )
@@ -38,7 +39,10 @@ BAD_ARTIFACT = "must be artifact:<sha256> with 64 lowercase hexadecimal digits"
 NO_ROOTS = "must not be a file:// reference: the server has no input roots configured"
 NOT_ABSOLUTE = "must be file:///absolute/path"
 HAS_HOST = "must not name a host: a file reference is file:///absolute/path"
-DOT_DOT = "must not contain '..' segments"
+DOT_DOT = "must not contain '.' or '..' segments"
+BAD_PERCENT = "must percent-encode '%' as %25 (a '%' must be followed by two hex digits)"
+ENCODED_DOTS = "must not percent-encode dots or dot segments (%2E, ..%2F, %2F.., %5C)"
+UNSAFE = "must not contain whitespace, control characters or backslashes"
 OUTSIDE = "must be a file under one of the server's input roots"
 NO_HOST = "must be an http(s) URL with a host: http(s)://host/path"
 CREDENTIALS = "must not contain credentials (user:password@)"
@@ -126,10 +130,58 @@ def test_a_file_that_does_not_exist_yet_is_checked_when_read(root: Path) -> None
 
 def test_schemes_are_case_insensitive(root: Path) -> None:
     assert accepted(f"PREDICTION:{PREDICTION}", policy()) == PredictionRef(PREDICTION)
+    assert accepted(f"Prediction:{PREDICTION}", policy()) == PredictionRef(PREDICTION)
+    assert accepted(f"ARTIFACT:{SHA}", policy()) == ArtifactRef(SHA)
     assert accepted(f"FILE://{root}/looks/a.png", policy(root)) == FileRef(root / "looks/a.png")
-    assert accepted("HTTPS://images.example.com/a.png", policy()) == UrlRef(
-        "HTTPS://images.example.com/a.png"
+    for scheme in ("HTTPS", "Https", "hTTps"):
+        assert accepted(f"{scheme}://images.example.com/a.png", policy()) == UrlRef(
+            "https://images.example.com/a.png"
+        )
+    assert is_fetched("HTTP://x/a.png")
+    assert is_fetched("File:///srv/a.png")
+    assert not is_fetched(f"ARTIFACT:{SHA}")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "HTTPS://IMAGES.Example.COM/a.png",
+        "https://images.example.com:443/a.png",
+        "https://images.example.com/looks/../a.png",
+        "https://images.example.com/./a.png",
+        "https://images.example.com/%61.png",  # an unreserved character, encoded
+    ],
+)
+def test_a_url_is_stored_in_one_normal_spelling(text: str) -> None:
+    assert accepted(text, policy()) == UrlRef("https://images.example.com/a.png")
+
+
+def test_percent_encodings_are_upper_cased_and_non_ascii_encoded() -> None:
+    assert accepted("https://images.example.com/a%2fb/ü.png?q=%7e%3d", policy()) == UrlRef(
+        "https://images.example.com/a%2Fb/%C3%BC.png?q=~%3D"
     )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "%2e%2e/x",
+        "%2E%2E/x",
+        ".%2e/x",
+        "%2e/x",
+        "..%2fx",
+        "..%2Fx",
+        "x%2f..",
+        ".%5cx",
+        "%252e%252e/x",
+    ],
+)
+def test_encoded_dot_segments_are_refused(path: str) -> None:
+    text = f"https://images.example.com/looks/{path}"
+    assert refused(text, policy()) == [FieldViolation(FIELD, ENCODED_DOTS)]
+    assert refused(text.replace("https", "HTTPS", 1), policy()) == [
+        FieldViolation(FIELD, ENCODED_DOTS)
+    ]
 
 
 def test_the_longest_reference_is_accepted_and_one_more_character_is_not() -> None:
@@ -165,7 +217,7 @@ def test_host_names_are_left_to_the_connection_to_check() -> None:
         (f"prediction:{PREDICTION.replace('-', '')}", BAD_PREDICTION),
         (f"prediction:{{{PREDICTION}}}", BAD_PREDICTION),
         (f"prediction:urn:uuid:{PREDICTION}", BAD_PREDICTION),
-        (f"prediction: {PREDICTION}", BAD_PREDICTION),
+        (f"prediction: {PREDICTION}", UNSAFE),
         ("artifact:", BAD_ARTIFACT),
         (f"artifact:{SHA.upper()}", BAD_ARTIFACT),
         (f"artifact:{SHA[:-1]}", BAD_ARTIFACT),
@@ -177,17 +229,13 @@ def test_host_names_are_left_to_the_connection_to_check() -> None:
         ("https://user:secret@images.example.com/a.png", CREDENTIALS),
         ("https://token@images.example.com/a.png", CREDENTIALS),
         ("https://@images.example.com/a.png", CREDENTIALS),
-        (
-            "https://images.example.com/a b.png",
-            "must not contain whitespace, control characters or backslashes",
-        ),
-        (
-            "https://evil.example\\@127.0.0.1/",
-            "must not contain whitespace, control characters or backslashes",
-        ),
+        ("https://images.example.com/a b.png", UNSAFE),
+        ("https://evil.example\\@127.0.0.1/", UNSAFE),
+        ("HTTPS://evil.example\\@127.0.0.1/", UNSAFE),
         ("https://images.example.com:0/a.png", "must have a port from 1 to 65535"),
         ("https://images.example.com:70000/a.png", "must have a port from 1 to 65535"),
-        ("https://images%2Eexample.com/a.png", "must have a valid host name"),
+        ("https://images%2Eexample.com/a.png", ENCODED_DOTS),
+        ("https://images.example.com/a%zz.png", BAD_PERCENT),
     ],
 )
 def test_malformed_references_are_refused_on_their_field(text: str, description: str) -> None:
@@ -240,7 +288,8 @@ def test_file_references_are_refused_without_input_roots(root: Path) -> None:
         ("file://fileserver/ROOT/looks/a.png", HAS_HOST),
         ("file://localhost/ROOT/looks/a.png", HAS_HOST),
         ("file://ROOT/looks/../looks/a.png", DOT_DOT),
-        ("file://ROOT/looks/%2e%2e/looks/a.png", DOT_DOT),
+        ("file://ROOT/looks/%2e%2e/looks/a.png", ENCODED_DOTS),
+        ("FILE://ROOT/looks/./a.png", DOT_DOT),
         ("file://ROOT/../inputs/looks/a.png", DOT_DOT),
         (
             "file://ROOT/looks/a.png?v=1",

@@ -113,8 +113,13 @@ class Lora(_message.Message):
     Location of the LoRA weights: an upload of the caller's organization
     (`artifact:<sha256>`; another organization's is NOT_FOUND) or a URI
     under one of the prefixes the server's operator allows (e.g.
-    `s3://loras/`); anything else is INVALID_ARGUMENT. Passed on to the
-    compute backend as is. 1-2048 characters.
+    `s3://loras/`); anything else is INVALID_ARGUMENT. The URI is
+    normalised first (RFC 3986: scheme and host lower-cased, percent-encoding
+    normalised, `.` and `..` segments removed) and must then lie under a
+    prefix on a segment boundary; percent-encoded dots or dot segments
+    (`%2e`, `..%2f`), backslashes and credentials (`user:password@`) are
+    INVALID_ARGUMENT. The normalised URI is what is stored, returned and
+    passed on to the compute backend. 1-2048 characters.
     """
     default_weight: _builtins.float
     """Weight used when a generation does not set one, 0-2. Unset means 0.8."""

@@ -871,7 +871,10 @@ class ListGenerationsRequest(_message.Message):
     """
     @_builtins.property
     def filter(self) -> Global___GenerationFilter:
-        """Which generations to return; unset means all of the caller's."""
+        """Which generations to return; unset means all of the caller's. One
+        INVALID_ARGUMENT names every bad field of the request at once: filter
+        values, labels, `page_size` and `page_token`.
+        """
 
     def __init__(
         self,

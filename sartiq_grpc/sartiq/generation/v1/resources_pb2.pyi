@@ -45,6 +45,13 @@ of at most 2048 characters in one of these forms:
   and redirect limits; loopback, private and link-local targets are
   refused unless the server is configured to allow them.
 
+Schemes are matched in any case (`HTTP://` is `http://`): a reference is
+normalised (RFC 3986: scheme and host case, percent-encoding, dot segments)
+before it is classified, and http(s) references are fetched by their
+normalised spelling. Percent-encoded dots or dot segments (`%2e`, `..%2f`),
+backslashes and whitespace are INVALID_ARGUMENT, as are `.`/`..` segments
+in a `file://` path.
+
 A malformed or disallowed reference (bad syntax, scheme, root or length) is
 INVALID_ARGUMENT; a `prediction:` or `artifact:` reference to nothing the
 caller can see is NOT_FOUND; a `prediction:` reference to a prediction that
