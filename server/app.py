@@ -315,6 +315,7 @@ class App:
             slots,
             settings=s.orchestration,
             retry=RetryPolicy(budget_s=s.compute.retry_budget),
+            store=store,
         )
         workflows = WorkflowRegistry(
             {
