@@ -44,8 +44,7 @@ def artifact(
     """An artifact row as a domain record, as its viewer owns it.
 
     ``stored_recipe`` and ``owned_at`` come from the viewer's ownership row: its recipe
-    and when it first held the artifact. The URI is the resource name, whatever the
-    row's ``uri`` holds (rows from before 0008 held a server path).
+    and when it first held the artifact.
     """
     return model.Artifact(
         sha256=row.sha256,
@@ -53,7 +52,7 @@ def artifact(
         size_bytes=row.size_bytes,
         width=row.width,
         height=row.height,
-        uri=model.artifact_name(row.sha256),
+        uri=row.uri,
         # Without an ownership row (none should lack one), the content's own time.
         created_at=owned_at or row.created_at,
         duration_s=row.duration_s,
@@ -217,6 +216,8 @@ def catalog_entity(row: rows.CatalogEntity) -> model.CatalogEntity:
                 mime_type=ref.artifact.mime_type,
                 width=ref.artifact.width,
                 height=ref.artifact.height,
+                # The name, whatever the row holds (a server path before 0008): the
+                # catalog's answers are encoded from this record.
                 uri=model.artifact_name(ref.artifact.sha256),
             )
             for ref in row.reference_images
