@@ -50,9 +50,11 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    """A Timestamp for an aware ``value``, or None."""
+    """A Timestamp for ``value`` (naive means UTC, as the store keeps it), or None."""
     if value is None:
         return None
+    if value.tzinfo is None:  # e.g. inside an event stored as JSON by an early release
+        value = value.replace(tzinfo=UTC)
     micros = (value - _EPOCH) // _MICROSECOND  # exact integer arithmetic
     seconds, rest = divmod(micros, 1_000_000)
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=rest * 1000)

@@ -331,12 +331,15 @@ class Attempt(Base):
 class GenerationEvent(Base):
     """Append-only log of a generation's state changes, gap-free per generation.
 
-    ``cursor`` orders the events of all generations as they were committed, for
-    WatchGenerations; the other copied columns are what its filters match.
+    ``cursor`` numbers the events of one organization 1, 2, 3... as they were committed,
+    for WatchGenerations (unique per organization); the other copied columns are what
+    its filters match.
     """
 
     __tablename__ = "generation_events"
-    __table_args__ = (Index("ix_generation_events_org_cursor", "organization", "cursor"),)
+    __table_args__ = (
+        Index("ix_generation_events_org_cursor", "organization", "cursor", unique=True),
+    )
 
     # (generation, sequence) is the key: no surrogate id, so a transaction's events
     # go to the database as one batched insert.
