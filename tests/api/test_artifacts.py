@@ -226,6 +226,8 @@ async def test_uploads_cancelled_at_any_moment_leave_no_file_or_descriptor(
     before = _open_descriptors()
     rng = random.Random(15)
     plans = [rng.randint(0, len(chunks)) for _ in range(500)]
+    # 64 at once keep the server's threads busy, so cancels land at every step of an
+    # upload (creating its file included), not only between chunks.
     slots = asyncio.Semaphore(64)
 
     async def cancelled(sent: int) -> None:
