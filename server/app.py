@@ -156,6 +156,8 @@ class App:
         compute: a compute backend to use instead of the configured one (tests, benchmarks).
         fetcher: what fetches ``file://`` and ``http(s)://`` image inputs instead of the
             real fetcher (tests).
+        artifacts: the artifact store to use instead of one on ``media.artifact_dir``
+            (tests: a disk that is slow at a chosen moment).
     """
 
     def __init__(
@@ -165,8 +167,10 @@ class App:
         compute: ComputeBackend | None = None,
         fetcher: InputFetcher | None = None,
         evaluators: Evaluators | None = None,
+        artifacts: FileArtifactStore | None = None,
     ) -> None:
         self.settings = settings
+        self._artifacts_override = artifacts
         self._compute_override = compute
         self._fetcher_override = fetcher
         self._evaluators_override = evaluators
@@ -218,7 +222,7 @@ class App:
         else:
             self._writer = Writer.for_async(self._db, self._bus, lease_seconds=lease)
         await self._writer.start()
-        files = FileArtifactStore(s.media.artifact_dir)
+        files = self._artifacts_override or FileArtifactStore(s.media.artifact_dir)
         swept = await asyncio.to_thread(files.sweep_temporary, max_age=s.media.stale_temp_after)
         if swept:
             log.info("removed %d stale temporary artifact files", swept)
@@ -319,6 +323,7 @@ class App:
             slots,
             settings=s.orchestration,
             retry=RetryPolicy(budget_s=s.compute.retry_budget),
+            store=store,
         )
         workflows = WorkflowRegistry(
             {

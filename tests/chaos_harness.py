@@ -49,6 +49,7 @@ from sartiq_grpc.sartiq.generation.v1 import (
     generation_service_pb2,
     resources_pb2,
 )
+from server.media.artifacts import FileArtifactStore
 
 T = TypeVar("T")
 RETRYABLE = {
@@ -319,7 +320,9 @@ class _Load:
         await self.channel.close(grace=None)
 
 
-async def _verify(load: _Load, report: ChaosReport, settle_timeout: float) -> None:
+async def _verify(
+    load: _Load, report: ChaosReport, settle_timeout: float, artifacts: FileArtifactStore
+) -> None:
     """Check every promise through the API and on disk."""
     stub = load.stub
     deadline = time.monotonic() + settle_timeout
@@ -343,7 +346,7 @@ async def _verify(load: _Load, report: ChaosReport, settle_timeout: float) -> No
             await asyncio.sleep(0.1)  # polling until the engine settles
     await _check_uniqueness(load, report)
     for generation in final.values():
-        _check_generation(generation, report)
+        _check_generation(generation, report, artifacts)
         await _check_log(stub, generation, report)
     for generation_id, seen, ended in load.watch_results:
         if not ended or seen != list(range(seen[0], seen[0] + len(seen))) or seen[0] != 1:
@@ -374,7 +377,9 @@ async def _check_uniqueness(load: _Load, report: ChaosReport) -> None:
         report.broken("wrong", f"{request_id} exists but was never acknowledged")
 
 
-def _check_generation(generation: resources_pb2.Generation, report: ChaosReport) -> None:
+def _check_generation(
+    generation: resources_pb2.Generation, report: ChaosReport, artifacts: FileArtifactStore
+) -> None:
     if generation.status not in TERMINAL:
         report.broken("stuck", f"{generation.id} still {generation.status}")
         return
@@ -384,9 +389,10 @@ def _check_generation(generation: resources_pb2.Generation, report: ChaosReport)
     report.completed += 1
     for prediction in generation.predictions:
         artifact = prediction.artifact
-        path = Path(artifact.uri.removeprefix("file://"))
-        if not path.exists():
-            report.broken("wrong", f"{prediction.id}: {path} missing")
+        try:
+            path = artifacts.find_sync(artifact.sha256)
+        except FileNotFoundError:
+            report.broken("wrong", f"{prediction.id}: {artifact.sha256} missing")
             continue
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != artifact.sha256 or len(data) != artifact.size_bytes:
@@ -466,7 +472,8 @@ async def run_chaos(config: ChaosConfig, root: Path) -> ChaosReport:
                 await supervisor.kill_and_restart()
             await asyncio.sleep(max(0.0, started + config.seconds - time.monotonic()))
             load.stop.set()
-        await _verify(load, report, config.settle_timeout)
+        artifacts = FileArtifactStore(Path(supervisor.server.env["SARTIQ_MEDIA__ARTIFACT_DIR"]))
+        await _verify(load, report, config.settle_timeout, artifacts)
     finally:
         deaths.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -11,7 +11,7 @@ from server.config import MediaSettings
 from server.domain import model
 from server.domain.errors import InvalidArgumentError, NotFoundError, Violations
 from server.media.artifacts import FileArtifactStore, Upload
-from server.media.images import InvalidImageError, probe_image
+from server.media.images import ImageInfo, InvalidImageError, probe_image
 from server.store import mapping, repository, rows
 from server.store.sessions import Store
 from server.store.writer import Writer
@@ -54,34 +54,38 @@ class ArtifactService:
         if header.sha256 and not SHA256_RE.fullmatch(header.sha256):
             v.add("header.sha256", "must be 64 lowercase hex digits")
         v.raise_if_any()
-        upload = await asyncio.to_thread(self._files.begin_upload)
+        upload = self._files.begin_upload()
         try:
-            digest = await self._receive(upload, chunks, limit)
-            if header.size_bytes and header.size_bytes != upload.size_bytes:
-                raise InvalidArgumentError.of(
-                    "header.size_bytes",
-                    f"announced {header.size_bytes} bytes but {upload.size_bytes} arrived",
-                )
-            if header.sha256 and header.sha256 != digest:
-                raise InvalidArgumentError.of(
-                    "header.sha256", "does not match the content received"
-                )
-            try:
-                info = await asyncio.to_thread(
-                    probe_image,
-                    upload.path,
-                    max_bytes=limit,
-                    max_pixels=self._media.max_input_pixels,
-                )
-            except InvalidImageError as exc:
-                raise InvalidArgumentError.of("content", str(exc)) from None
+            # Created inside the guarded block: a cancel at any await below, this one
+            # included, still removes the file and closes its descriptor.
+            await asyncio.to_thread(upload.open)
+            info = await self._receive_image(upload, header, chunks, limit)
             blob = await asyncio.to_thread(upload.commit, info.mime_type)
-        except BaseException:
+        finally:
+            # After a commit there is nothing left to remove; discard is then a no-op.
             await asyncio.to_thread(upload.discard)
-            raise
         artifact = blob.image_artifact(info)
         await self._writer.write(rows.upload_ops(org, artifact))
-        return await self.get(org, blob.sha256)  # as first stored, if it was already
+        return await self.get(org, blob.sha256)  # as this organization first held it
+
+    async def _receive_image(
+        self, upload: Upload, header: UploadHeader, chunks: AsyncIterator[bytes], limit: int
+    ) -> ImageInfo:
+        """Receive every chunk, check them against the header, and probe the image."""
+        digest = await self._receive(upload, chunks, limit)
+        if header.size_bytes and header.size_bytes != upload.size_bytes:
+            raise InvalidArgumentError.of(
+                "header.size_bytes",
+                f"announced {header.size_bytes} bytes but {upload.size_bytes} arrived",
+            )
+        if header.sha256 and header.sha256 != digest:
+            raise InvalidArgumentError.of("header.sha256", "does not match the content received")
+        try:
+            return await asyncio.to_thread(
+                probe_image, upload.path, max_bytes=limit, max_pixels=self._media.max_input_pixels
+            )
+        except InvalidImageError as exc:
+            raise InvalidArgumentError.of("content", str(exc)) from None
 
     @staticmethod
     async def _receive(upload: Upload, chunks: AsyncIterator[bytes], limit: int) -> str:

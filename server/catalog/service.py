@@ -136,7 +136,7 @@ class CatalogService:
                     v.add(f"{path}.data", str(exc))
                     continue
                 sha = await asyncio.to_thread(_sha256, image.data)
-                uri = self._artifacts.path_for(sha, info.mime_type).as_uri()
+                uri = model.artifact_name(sha)
                 images.append(_Image(sha, image.data, info.mime_type, info.width, info.height, uri))
                 continue
             match = _ARTIFACT_URI.fullmatch(_normalized(image.artifact))
@@ -158,7 +158,7 @@ class CatalogService:
                     artifact.mime_type,
                     artifact.width,
                     artifact.height,
-                    artifact.uri,
+                    model.artifact_name(artifact.sha256),
                 )
             )
         return images

@@ -50,9 +50,11 @@ _MICROSECOND = timedelta(microseconds=1)
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    """A Timestamp for an aware ``value``, or None."""
+    """A Timestamp for ``value`` (naive means UTC, as the store keeps it), or None."""
     if value is None:
         return None
+    if value.tzinfo is None:  # e.g. inside an event stored as JSON by an early release
+        value = value.replace(tzinfo=UTC)
     micros = (value - _EPOCH) // _MICROSECOND  # exact integer arithmetic
     seconds, rest = divmod(micros, 1_000_000)
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=rest * 1000)
@@ -107,7 +109,11 @@ def recipe(value: model.Recipe | None) -> pb.Recipe | None:
 
 
 def artifact(value: model.Artifact | None) -> pb.Artifact | None:
-    """The Artifact message, or None."""
+    """The Artifact message, or None.
+
+    Its ``uri`` is the resource name made from the digest, whatever the record holds:
+    events stored before 0008 recorded a server path there.
+    """
     if value is None:
         return None
     result = pb.Artifact(
@@ -116,7 +122,7 @@ def artifact(value: model.Artifact | None) -> pb.Artifact | None:
         size_bytes=value.size_bytes,
         width=value.width,
         height=value.height,
-        uri=value.uri,
+        uri=model.artifact_name(value.sha256),
         recipe=recipe(value.recipe),
         frame_count=value.frame_count,
         create_time=timestamp(value.created_at),
@@ -361,12 +367,39 @@ def event(value: GenerationEvent) -> pb.GenerationEvent:
     return result
 
 
+_LEGACY_URI = b"file://"
+_PROTOBUF_TYPES = "google.protobuf."
+
+
+def _name_artifacts(message: Message) -> None:
+    """Give every Artifact inside ``message`` its resource name as its URI."""
+    if message.DESCRIPTOR is pb.Artifact.DESCRIPTOR:
+        artifact_message: Any = message
+        artifact_message.uri = model.artifact_name(artifact_message.sha256)
+        return
+    for field, value in message.ListFields():
+        kind = field.message_type
+        if kind is None or kind.full_name.startswith(_PROTOBUF_TYPES):
+            continue  # scalars, and well-known types (Struct parameters) hold no Artifact
+        if kind.GetOptions().map_entry:
+            if kind.fields_by_name["value"].message_type is None:
+                continue  # labels and other maps of scalars
+            children = list(value.values())
+        else:
+            children = list(value) if field.is_repeated else [value]
+        for child in children:
+            _name_artifacts(child)
+
+
 def decode_event(data: bytes) -> GenerationEvent:
     """A stored event: its columns' values, its counts and note, and the message itself.
 
-    The resources stay encoded: watchers send the message as it is.
+    The resources stay encoded: watchers send the message as it is, except that an
+    artifact stored with a server path as its URI (before 0008) gets its resource name.
     """
     message = pb.GenerationEvent.FromString(data)
+    if _LEGACY_URI in data:
+        _name_artifacts(message)
     counts = message.prediction_counts
     return GenerationEvent(
         generation_id=message.generation_id,

@@ -141,9 +141,21 @@ class Recipe:
     input_sha256: list[str] = field(default_factory=list)
 
 
+def artifact_name(sha256: str) -> str:
+    """The resource name of the artifact with this digest: what clients see as its URI.
+
+    A name, never a location: where the server keeps the bytes is its own business.
+    """
+    return f"artifacts/{sha256}"
+
+
 @dataclass(slots=True)
 class Artifact:
-    """A content-addressed image or video."""
+    """A content-addressed image or video.
+
+    ``uri`` is its resource name (``artifact_name``); ``created_at`` is when the
+    organization looking at it first held it, not when anyone first stored the bytes.
+    """
 
     sha256: str
     mime_type: str

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from server.domain.model import Artifact
+from server.domain.model import Artifact, artifact_name
 from server.domain.recorder import utcnow
 from server.media.images import ImageInfo
 
@@ -61,12 +63,17 @@ def _mtime(path: Path) -> float:
 
 @dataclass(frozen=True, slots=True)
 class StoredBlob:
-    """Where a blob landed."""
+    """Where a blob landed; ``existed`` when the same bytes were stored already."""
 
     sha256: str
     size_bytes: int
-    uri: str
     path: Path
+    existed: bool = False
+
+    @property
+    def uri(self) -> str:
+        """The blob's resource name, never where the server keeps it."""
+        return artifact_name(self.sha256)
 
     def image_artifact(self, info: ImageInfo) -> Artifact:
         """The artifact record of this blob holding the probed image ``info``."""
@@ -102,19 +109,20 @@ class FileArtifactStore:
         """Write ``data`` atomically (temp file, fsync, rename) unless already present."""
         sha256 = hashlib.sha256(data).hexdigest()
         path = self.path_for(sha256, mime_type)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix())
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        return StoredBlob(sha256, len(data), path.as_uri(), path)
+        if path.exists():
+            return StoredBlob(sha256, len(data), path, existed=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return StoredBlob(sha256, len(data), path)
 
     def sweep_temporary(self, *, max_age: float) -> int:
         """Remove temporary files that no write will ever finish; returns how many.
@@ -133,11 +141,11 @@ class FileArtifactStore:
         return removed
 
     def begin_upload(self) -> Upload:
-        """A new blob to be written chunk by chunk, hashed as it goes."""
-        directory = self._root / "incoming"
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix())
-        return Upload(self, os.fdopen(fd, "wb"), Path(tmp))
+        """A new blob to be written chunk by chunk, hashed as it goes.
+
+        Touches no file: ``Upload.open`` creates its temporary file.
+        """
+        return Upload(self, self._root / "incoming")
 
     def read_chunk(self, sha256: str, mime_type: str, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes of a stored blob from ``offset``.
@@ -154,10 +162,10 @@ class FileArtifactStore:
         path = self.path_for(sha256, mime_type)
         if path.exists():
             tmp.unlink(missing_ok=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        return StoredBlob(sha256, size, path.as_uri(), path)
+            return StoredBlob(sha256, size, path, existed=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+        return StoredBlob(sha256, size, path)
 
     async def put(self, data: bytes, mime_type: str) -> StoredBlob:
         """Write ``data`` off the event loop."""
@@ -187,36 +195,104 @@ class FileArtifactStore:
 class Upload:
     """A blob being written: chunks go to a temporary file while the sha256 is computed.
 
-    Call ``write`` for each chunk, then ``close``; then ``commit`` the blob under its
-    digest or ``discard`` it. Blocking methods: run them off the event loop.
+    Call ``open``, ``write`` for each chunk, then ``close``; then ``commit`` the blob
+    under its digest or ``discard`` it. ``discard`` may come at any moment, even while
+    another thread is still opening or writing (a caller cancelled mid-call cannot wait
+    for its thread): a lock orders them, and nothing is created once discarded, so no
+    temporary file or descriptor outlives the upload. Blocking methods: run them off
+    the event loop.
     """
 
-    def __init__(self, store: FileArtifactStore, handle: BinaryIO, path: Path) -> None:
+    def __init__(self, store: FileArtifactStore, directory: Path) -> None:
         self._store = store
-        self._handle = handle
-        self.path = path
+        self._directory = directory
+        self._lock = threading.Lock()
+        self._handle: BinaryIO | None = None
         self._hash = hashlib.sha256()
+        self._discarded = False
+        self._path: Path | None = None
         self.size_bytes = 0
 
+    @property
+    def path(self) -> Path:
+        """The temporary file holding what was written so far.
+
+        Raises:
+            ValueError: there is none (not opened, committed or discarded).
+        """
+        if self._path is None:
+            raise ValueError("the upload has no temporary file")
+        return self._path
+
+    def open(self) -> None:
+        """Create the temporary file (nothing, once discarded).
+
+        Raises:
+            OSError: the file cannot be created.
+        """
+        with self._lock:
+            if self._discarded or self._path is not None:
+                return
+            self._directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._directory, prefix=_temp_prefix())
+            self._path = Path(tmp)
+            try:
+                self._handle = os.fdopen(fd, "wb")
+            except BaseException:
+                os.close(fd)
+                raise
+
     def write(self, chunk: bytes) -> None:
-        """Append a chunk."""
-        self._handle.write(chunk)
-        self._hash.update(chunk)
-        self.size_bytes += len(chunk)
+        """Append a chunk.
+
+        Raises:
+            ValueError: the upload is not open (or was discarded meanwhile).
+        """
+        with self._lock:
+            handle = self._open_handle()
+            handle.write(chunk)
+            self._hash.update(chunk)
+            self.size_bytes += len(chunk)
 
     def close(self) -> str:
-        """Flush to disk and return the content's sha256."""
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-        return self._hash.hexdigest()
+        """Flush to disk and return the content's sha256; the descriptor is closed."""
+        with self._lock:
+            handle = self._open_handle()
+            try:
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                handle.close()
+            return self._hash.hexdigest()
 
     def commit(self, mime_type: str) -> StoredBlob:
-        """Store the closed upload under its digest."""
-        return self._store._adopt(self.path, self._hash.hexdigest(), self.size_bytes, mime_type)
+        """Store the closed upload under its digest.
+
+        Raises:
+            ValueError: the upload was never opened, or was discarded.
+        """
+        with self._lock:
+            if self._discarded or self._path is None:
+                raise ValueError("the upload was discarded")
+            blob = self._store._adopt(
+                self._path, self._hash.hexdigest(), self.size_bytes, mime_type
+            )
+            self._path = None  # it is the blob now, or gone: nothing left to discard
+            return blob
 
     def discard(self) -> None:
-        """Drop the upload; idempotent."""
-        if not self._handle.closed:
-            self._handle.close()
-        self.path.unlink(missing_ok=True)
+        """Drop the upload: close its file and remove it. Idempotent; never raises."""
+        with self._lock:
+            self._discarded = True
+            if self._handle is not None:
+                with contextlib.suppress(OSError):
+                    self._handle.close()
+            if self._path is not None:
+                with contextlib.suppress(OSError):
+                    self._path.unlink(missing_ok=True)
+                self._path = None
+
+    def _open_handle(self) -> BinaryIO:
+        if self._handle is None or self._handle.closed or self._discarded:
+            raise ValueError("the upload is not open")
+        return self._handle

@@ -50,6 +50,10 @@ class Engine:
         self._take_over = take_over_live_leases
         self._live: dict[str, LiveGeneration] = {}
         self._live_by_org: Counter[str] = Counter()
+        # Creates admitted but not launched yet (on their way to the commit): they count
+        # against the limits too, or concurrent creates would all pass the same check.
+        self._reserved = 0
+        self._reserved_by_org: Counter[str] = Counter()
         # Generations waiting for capacity are data, not tasks: a workflow starts once
         # fewer than ``max_running`` run (or at once when it must be closed). They wait
         # per organization, and organizations take turns (round robin), so one tenant's
@@ -71,8 +75,8 @@ class Engine:
 
     @property
     def in_flight(self) -> int:
-        """How many generations are live here (running or waiting for capacity)."""
-        return len(self._live)
+        """How many generations are live here (running or waiting), or being created."""
+        return len(self._live) + self._reserved
 
     @property
     def waiting(self) -> int:
@@ -80,8 +84,24 @@ class Engine:
         return len(self._waiting)
 
     def live_count(self, organization: str) -> int:
-        """How many generations of ``organization`` are live here."""
-        return self._live_by_org[organization]
+        """How many generations of ``organization`` are live here, or being created."""
+        return self._live_by_org[organization] + self._reserved_by_org[organization]
+
+    def reserve(self, organization: str) -> Reservation:
+        """Count one more generation of ``organization`` until the reservation is released.
+
+        A create holds one from its admission until its generation is launched (which
+        counts it as live) or the create fails.
+        """
+        self._reserved += 1
+        self._reserved_by_org[organization] += 1
+        return Reservation(self, organization)
+
+    def _unreserve(self, organization: str) -> None:
+        self._reserved -= 1
+        self._reserved_by_org[organization] -= 1
+        if not self._reserved_by_org[organization]:
+            del self._reserved_by_org[organization]
 
     def queue_position(self, generation_id: str) -> int:
         """The generation's place among those waiting to start (1 = next), 0 if not waiting."""
@@ -200,6 +220,26 @@ class Engine:
         except Exception:
             # Nothing more can be recorded now; the next start resumes the generation.
             log.exception("closing generation %s failed", live.id)
+
+
+class Reservation:
+    """A create's place in the engine's counts; ``with`` releases it, once."""
+
+    def __init__(self, engine: Engine, organization: str) -> None:
+        self._engine: Engine | None = engine
+        self._organization = organization
+
+    def release(self) -> None:
+        """Give the place back; idempotent."""
+        if self._engine is not None:
+            self._engine._unreserve(self._organization)
+            self._engine = None
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 class FairQueue:

@@ -10,7 +10,6 @@ from typing import Any
 from server.config import MediaSettings, OrchestrationSettings
 from server.domain.enums import CatalogKind, GenerationType, PredictionStatus, Strategy, TaskType
 from server.domain.errors import (
-    AlreadyExistsError,
     NotFoundError,
     ResourceExhaustedError,
     Violations,
@@ -21,7 +20,8 @@ from server.domain.model import Artifact, CatalogEntity, Generation, Orchestrati
 from server.domain.paging import Cursor, PageTokens, paginate, query_key
 from server.orchestration.adjust import MAX_PASSES
 from server.orchestration.blueprint import build_generation, fingerprint
-from server.orchestration.engine import Engine
+from server.orchestration.engine import Engine, Reservation
+from server.orchestration.idempotency import CreatesInFlight, same_request
 from server.orchestration.live import LiveGeneration
 from server.store import mapping, repository
 from server.store.sessions import Store
@@ -89,7 +89,7 @@ class GenerationService:
         self._tokens = tokens
         self._ids = IdSource()
         # Creates in flight by idempotency key: a concurrent duplicate waits for the first.
-        self._creating: dict[tuple[str, str], asyncio.Future[Generation]] = {}
+        self._creates = CreatesInFlight(self._stored)
 
     def capabilities(self) -> Capabilities:
         """The strategies, orchestration types and limits this server runs now."""
@@ -130,17 +130,29 @@ class GenerationService:
                 self._ids, org, strategy, options, orchestration, params, plan, digest, preview=True
             )
         key = (org, options.request_id)
+        creating: asyncio.Future[Generation] | None = None
         if options.request_id:
-            existing = await self._existing(key, digest)
-            if existing is not None:
-                return existing
-        self._admit(org)
-        plan = await handler.plan(self._lookups, org, params)
-        self._check_budget(orchestration, plan)
-        generation = build_generation(
-            self._ids, org, strategy, options, orchestration, params, plan, digest
-        )
-        return await self._record(key, generation)
+            claimed = await self._creates.claim(key, digest)
+            if isinstance(claimed, Generation):
+                return claimed  # a retry: it takes no slot of its own
+            creating = claimed
+        try:
+            # The slot is held from here until the workflow is launched (or the create
+            # fails): creates still on their way to the commit count against the limits.
+            with self._admit(org):
+                plan = await handler.plan(self._lookups, org, params)
+                self._check_budget(orchestration, plan)
+                generation = build_generation(
+                    self._ids, org, strategy, options, orchestration, params, plan, digest
+                )
+                snapshot = await self._record(key, generation)
+        except BaseException as exc:
+            if creating is not None:
+                self._creates.settle(key, creating, error=exc)
+            raise
+        if creating is not None:
+            self._creates.settle(key, creating, result=snapshot)
+        return snapshot
 
     def _check_budget(self, orchestration: Orchestration, plan: Plan) -> None:
         """Refuse an AGENTIC request that could cause more compute tasks than allowed.
@@ -175,48 +187,19 @@ class GenerationService:
         """Commit a new generation, then start its workflow; the PENDING snapshot."""
         live = LiveGeneration(generation, self._engine.writer, new=True)
         snapshot = live.recorder.created()
-        creating: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
-        creating.add_done_callback(_retrieve)
-        if key[1]:
-            self._creating[key] = creating
         try:
-            try:
-                await live.flush()
-            except DuplicateKeyError:
-                # Another process committed this request_id first: answer as the second.
-                existing = await self._stored(key, generation.fingerprint)
-                if existing is None:
-                    raise
-                snapshot = existing
-            else:
-                # Found without walking the line: a new generation waits at its end.
-                position = self._engine.launch(live)
-                if position:  # a new record: the snapshot's encoding was made already
-                    snapshot = clone(snapshot, queue_position=position)
-        except BaseException as exc:
-            creating.set_exception(exc)
-            raise
-        finally:
-            if self._creating.get(key) is creating:
-                del self._creating[key]
-        creating.set_result(snapshot)
+            await live.flush()
+        except DuplicateKeyError:
+            # Another process committed this request_id first: answer as the second.
+            existing = await self._stored(key, generation.fingerprint)
+            if existing is None:
+                raise
+            return existing
+        # Found without walking the line: a new generation waits at its end.
+        position = self._engine.launch(live)
+        if position:  # a new record: the snapshot's encoding was made already
+            snapshot = clone(snapshot, queue_position=position)
         return snapshot
-
-    async def _existing(self, key: tuple[str, str], digest: str) -> Generation | None:
-        """The generation this request_id created (or is creating right now), or None.
-
-        Raises:
-            AlreadyExistsError: it was created by a different request.
-        """
-        creating = self._creating.get(key)
-        if creating is not None:
-            try:
-                first = await asyncio.shield(creating)
-            except Exception:
-                first = None  # the first attempt failed: this one tries afresh
-            if first is not None:
-                return _same_request(first, key[1], digest)
-        return await self._stored(key, digest)
 
     async def _stored(self, key: tuple[str, str], digest: str) -> Generation | None:
         org, request_id = key
@@ -227,11 +210,18 @@ class GenerationService:
             row = await repository.get_generation(session, org, found[0])
             if row is None:
                 return None
-            return _same_request(mapping.generation(row), request_id, digest)
+            return same_request(mapping.generation(row), request_id, digest)
 
-    def _admit(self, org: str) -> None:
-        # Every live generation has a workflow in this process's engine, so its count
-        # is the queue length without a query.
+    def _admit(self, org: str) -> Reservation:
+        """A slot for one more live generation of ``org``; release it, or launch and release.
+
+        Every live generation has a workflow in this process's engine, and every create
+        on its way to the commit holds a reservation there, so the counts need no query
+        and concurrent creates cannot all pass the same check.
+
+        Raises:
+            ResourceExhaustedError: the queue bound or the organization's limit is reached.
+        """
         if self._engine.in_flight >= self._settings.max_queued_generations:
             raise ResourceExhaustedError(
                 "too many generations are in progress; retry later",
@@ -245,6 +235,7 @@ class GenerationService:
                 retry_after=self._settings.retry_after_seconds,
                 reason="ORGANIZATION_LIMIT",
             )
+        return self._engine.reserve(org)
 
     async def get(self, org: str, generation_id: str) -> Generation:
         """The generation with its predictions and tasks, as committed.
@@ -332,20 +323,6 @@ class _StoreLookups:
         async with self._store.read() as session:
             owned = await repository.get_owned_artifact(session, org, sha256)
         return None if owned is None else mapping.artifact(*owned)
-
-
-def _retrieve(future: asyncio.Future[Generation]) -> None:
-    """Mark a failed create's error as seen: its own caller has it already."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _same_request(generation: Generation, request_id: str, digest: str) -> Generation:
-    if generation.fingerprint != digest:
-        raise AlreadyExistsError(
-            "request_id was used for a different request", request_id=request_id
-        )
-    return generation
 
 
 def generation_not_found(generation_id: str) -> NotFoundError:

@@ -28,6 +28,8 @@ from server.domain.recorder import utcnow
 from server.media.artifacts import FileArtifactStore
 from server.orchestration.inputs import InputPreparer, input_hashes
 from server.orchestration.live import LiveGeneration
+from server.store import repository
+from server.store.sessions import Store
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,9 @@ class TaskRunner:
         *,
         settings: OrchestrationSettings,
         retry: RetryPolicy,
+        store: Store,
     ) -> None:
+        self._store = store
         self._compute = compute
         self._retry = retry
         self._files = files
@@ -209,6 +213,15 @@ class TaskRunner:
             return self._failed(live, prediction, task, error)
         output = snap.outputs[0]
         blob = await self._files.put(output.data, output.mime_type)
+        created_at = utcnow()
+        if blob.existed:
+            # Bytes seen before, perhaps by this organization: its events must show the
+            # time it first held them, as GetGeneration does (artifact_owners).
+            async with self._store.read() as session:
+                owned = await repository.owned_since(
+                    session, live.generation.organization, blob.sha256
+                )
+            created_at = owned or created_at
         artifact = Artifact(
             sha256=blob.sha256,
             mime_type=output.mime_type,
@@ -216,7 +229,7 @@ class TaskRunner:
             width=output.width,
             height=output.height,
             uri=blob.uri,
-            created_at=utcnow(),
+            created_at=created_at,
             duration_s=output.duration_s,
             frame_count=output.frame_count,
             recipe=Recipe(

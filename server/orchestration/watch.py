@@ -159,13 +159,19 @@ class Watcher:
         the caller stops reading (or the server shuts down).
 
         Raises:
+            InvalidArgumentError: the cursor is beyond the organization's last event.
             UnavailableError: the server is shutting down; resume from the last cursor.
         """
         subscription = self._store.bus.subscribe_organization(org)
         try:
-            last = after_cursor
-            if last < 0:
-                last = await self._latest_cursor(org)
+            latest = await self._latest_cursor(org)
+            # Cursors count this organization's events 1, 2, 3...: a larger one was never
+            # given out (or predates the renumbering of 0008), and would skip events.
+            v = Violations()
+            if after_cursor > latest:
+                v.add("after_cursor", f"must be between -1 and {latest}, the last cursor")
+            v.raise_if_any()
+            last = latest if after_cursor < 0 else after_cursor
             while True:
                 try:
                     async for item in self._organization_round(org, flt, subscription, last):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from server.domain import model
@@ -35,8 +36,16 @@ def recipe(stored: dict[str, Any] | None) -> model.Recipe | None:
     return None if not stored else model.from_json(model.Recipe, stored)
 
 
-def artifact(row: rows.Artifact, stored_recipe: dict[str, Any] | None = None) -> model.Artifact:
-    """An artifact row as a domain record, with the recipe its viewer owns."""
+def artifact(
+    row: rows.Artifact,
+    stored_recipe: dict[str, Any] | None = None,
+    owned_at: datetime | None = None,
+) -> model.Artifact:
+    """An artifact row as a domain record, as its viewer owns it.
+
+    ``stored_recipe`` and ``owned_at`` come from the viewer's ownership row: its recipe
+    and when it first held the artifact.
+    """
     return model.Artifact(
         sha256=row.sha256,
         mime_type=row.mime_type,
@@ -44,7 +53,8 @@ def artifact(row: rows.Artifact, stored_recipe: dict[str, Any] | None = None) ->
         width=row.width,
         height=row.height,
         uri=row.uri,
-        created_at=row.created_at,
+        # Without an ownership row (none should lack one), the content's own time.
+        created_at=owned_at or row.created_at,
         duration_s=row.duration_s,
         frame_count=row.frame_count,
         recipe=recipe(stored_recipe),
@@ -93,7 +103,9 @@ def attempt(row: rows.Attempt) -> model.Attempt:
         evaluation=None
         if row.evaluation is None
         else model.from_json(model.Evaluation, row.evaluation),
-        artifact=None if row.artifact is None else artifact(row.artifact, row.recipe),
+        artifact=None
+        if row.artifact is None
+        else artifact(row.artifact, row.recipe, row.artifact_owned_at),
         error=error(row.error),
         started_at=row.started_at,
         finished_at=row.finished_at,
@@ -137,7 +149,9 @@ def prediction(
         seed=row.seed,
         status=PredictionStatus(row.status),
         created_at=row.created_at,
-        artifact=None if row.artifact is None else artifact(row.artifact, row.recipe),
+        artifact=None
+        if row.artifact is None
+        else artifact(row.artifact, row.recipe, row.artifact_owned_at),
         score=row.score,
         tasks=[task(t) for t in row.tasks] if with_tasks else [],
         agentic=shot(row.shot, with_attempts=with_tasks, config=agentic),
@@ -202,7 +216,9 @@ def catalog_entity(row: rows.CatalogEntity) -> model.CatalogEntity:
                 mime_type=ref.artifact.mime_type,
                 width=ref.artifact.width,
                 height=ref.artifact.height,
-                uri=ref.artifact.uri,
+                # The name, whatever the row holds (a server path before 0008): the
+                # catalog's answers are encoded from this record.
+                uri=model.artifact_name(ref.artifact.sha256),
             )
             for ref in row.reference_images
         ],

@@ -19,10 +19,12 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    select,
     text,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
+from sqlalchemy.sql.selectable import ScalarSelect
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -84,7 +86,9 @@ class ArtifactOwner(Base):
     """Which organization may see an artifact: content is shared, visibility is not.
 
     The recipe is the owner's own (the same bytes may be one tenant's output and
-    another's upload); unset for uploads and catalog images.
+    another's upload); unset for uploads and catalog images. ``created_at`` is when the
+    organization first held the artifact: the create time it is shown, never the
+    artifact row's (which would tell it when another tenant stored the same bytes).
     """
 
     __tablename__ = "artifact_owners"
@@ -171,6 +175,25 @@ class Generation(Base):
     )
 
 
+def _owned_since(sha256: Mapped[str | None], generation_id: Mapped[str]) -> ScalarSelect[datetime]:
+    """When the generation's organization first held the artifact ``sha256`` (a subquery).
+
+    Read with a prediction or attempt, so its output shows that organization's time.
+    """
+    organization = (
+        select(Generation.organization)
+        .where(Generation.id == generation_id)
+        .correlate_except(Generation)
+        .scalar_subquery()
+    )
+    return (
+        select(ArtifactOwner.created_at)
+        .where(ArtifactOwner.sha256 == sha256, ArtifactOwner.organization == organization)
+        .correlate_except(ArtifactOwner)
+        .scalar_subquery()
+    )
+
+
 class GenerationLabel(Base):
     """One key/value label of a generation, a row so lists can filter on it."""
 
@@ -205,6 +228,9 @@ class Prediction(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     artifact: Mapped[Artifact | None] = relationship(lazy="joined")
+    artifact_owned_at: Mapped[datetime | None] = column_property(
+        _owned_since(artifact_sha256, generation_id)
+    )
     # Chains run in order: tasks sort by (attempt number, step), never by time.
     tasks: Mapped[list[Task]] = relationship(
         lazy="joined", order_by="[Task.attempt_number, Task.step]"
@@ -297,17 +323,23 @@ class Attempt(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     artifact: Mapped[Artifact | None] = relationship(lazy="joined")
+    artifact_owned_at: Mapped[datetime | None] = column_property(
+        _owned_since(artifact_sha256, generation_id)
+    )
 
 
 class GenerationEvent(Base):
     """Append-only log of a generation's state changes, gap-free per generation.
 
-    ``cursor`` orders the events of all generations as they were committed, for
-    WatchGenerations; the other copied columns are what its filters match.
+    ``cursor`` numbers the events of one organization 1, 2, 3... as they were committed,
+    for WatchGenerations (unique per organization); the other copied columns are what
+    its filters match.
     """
 
     __tablename__ = "generation_events"
-    __table_args__ = (Index("ix_generation_events_org_cursor", "organization", "cursor"),)
+    __table_args__ = (
+        Index("ix_generation_events_org_cursor", "organization", "cursor", unique=True),
+    )
 
     # (generation, sequence) is the key: no surrogate id, so a transaction's events
     # go to the database as one batched insert.

@@ -201,18 +201,26 @@ async def get_artifact(session: AsyncSession, sha256: str) -> Artifact | None:
 
 async def get_owned_artifact(
     session: AsyncSession, org: str, sha256: str
-) -> tuple[Artifact, dict[str, Any] | None] | None:
-    """The artifact with this digest and ``org``'s recipe for it.
+) -> tuple[Artifact, dict[str, Any] | None, datetime] | None:
+    """The artifact with this digest, ``org``'s recipe for it and when ``org`` first held it.
 
     None when ``org`` does not own it, exactly as if it did not exist.
     """
     stmt = (
-        select(Artifact, ArtifactOwner.recipe)
+        select(Artifact, ArtifactOwner.recipe, ArtifactOwner.created_at)
         .join(ArtifactOwner, ArtifactOwner.sha256 == Artifact.sha256)
         .where(Artifact.sha256 == sha256, ArtifactOwner.organization == org)
     )
     row = (await session.execute(stmt)).one_or_none()
-    return None if row is None else (row[0], row[1])
+    return None if row is None else (row[0], row[1], row[2])
+
+
+async def owned_since(session: AsyncSession, org: str, sha256: str) -> datetime | None:
+    """When ``org`` first held the artifact ``sha256``, or None if it does not hold it."""
+    stmt = select(ArtifactOwner.created_at).where(
+        ArtifactOwner.organization == org, ArtifactOwner.sha256 == sha256
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def get_prediction_output(

@@ -10,6 +10,15 @@ On SQLite the whole batch is one call into a dedicated thread that owns a plain
 (synchronous) connection, so a batch costs one hop to the driver however many rows it
 holds. Elsewhere (PostgreSQL) the batch runs on an async connection, one round trip per
 statement.
+
+Event cursors are per organization: its events are numbered 1, 2, 3... in commit order,
+so a cursor tells a tenant nothing of the others' volume. The writer numbers them as it
+builds a transaction, from the last number committed (read from the store the first time
+an organization writes) and keeps the new numbers only once the transaction committed:
+a batch that fails leaves no gap. This holds while one writer serves a database. Several
+replicas on one PostgreSQL database will have to take the numbers inside the committing
+transaction (a counter row per organization, locked until commit), so that numbers
+become visible in order and a reader never skips one still in flight (DESIGN §13).
 """
 
 from __future__ import annotations
@@ -129,8 +138,8 @@ class _Backend:
         """Write the groups in one transaction; returns (statements, driver calls)."""
         raise NotImplementedError
 
-    async def last_cursor(self) -> int:
-        """The largest event cursor stored."""
+    async def last_cursor(self, organization: str) -> int:
+        """The largest event cursor stored for ``organization`` (0 when it has none)."""
         raise NotImplementedError
 
     async def renew(self, owner: str, expiry: datetime) -> None:
@@ -170,8 +179,10 @@ class _SqliteBackend(_Backend):
         self._connection.write(prepared)
         return len(prepared), 1
 
-    async def last_cursor(self) -> int:
-        rows = self._connection.query("SELECT max(cursor) FROM generation_events")
+    async def last_cursor(self, organization: str) -> int:
+        rows = self._connection.query(
+            "SELECT max(cursor) FROM generation_events WHERE organization = ?", (organization,)
+        )
         return int(rows[0][0] or 0)
 
     async def renew(self, owner: str, expiry: datetime) -> None:
@@ -231,9 +242,10 @@ class _AsyncBackend(_Backend):
             await connection.run_sync(run)
         return len(groups), len(groups) + 2  # BEGIN and COMMIT are round trips too
 
-    async def last_cursor(self) -> int:
+    async def last_cursor(self, organization: str) -> int:
+        top = select(func.max(EVENTS.c.cursor)).where(EVENTS.c.organization == organization)
         async with self._engine.connect() as connection:
-            found = (await connection.execute(select(func.max(EVENTS.c.cursor)))).scalar()
+            found = (await connection.execute(top)).scalar()
         return int(found or 0)
 
     async def renew(self, owner: str, expiry: datetime) -> None:
@@ -289,7 +301,8 @@ class Writer:
         self.stats = WriterStats()
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._cursor = 0
+        # The last event cursor committed, per organization that wrote since the start.
+        self._cursors: dict[str, int] = {}
         self._closed = False
 
     @classmethod
@@ -310,8 +323,7 @@ class Writer:
         return datetime.now(UTC) + timedelta(seconds=self._lease)
 
     async def start(self) -> None:
-        """Learn where the event cursor stands and start writing."""
-        self._cursor = await self._backend.last_cursor()
+        """Start writing."""
         self._task = asyncio.create_task(self._run(), name="store-writer")
 
     def submit(self, ops: list[Op], events: list[GenerationEvent]) -> asyncio.Future[None]:
@@ -382,22 +394,32 @@ class Writer:
         self._done(batch)
 
     async def _transaction(self, batch: list[_Write]) -> None:
-        cursor = self._cursor
+        cursors: dict[str, int] = {}  # numbers taken by this transaction, per organization
         ops: list[Op] = []
         for write in batch:
             for op in write.ops:
                 if op.table is EVENTS:
-                    cursor += 1
-                    op.row["cursor"] = cursor
+                    organization = op.row["organization"]
+                    cursor = cursors.get(organization)
+                    if cursor is None:
+                        cursor = await self._last_cursor(organization)
+                    cursors[organization] = op.row["cursor"] = cursor + 1
                 ops.append(op)
         started = time.perf_counter()
         statements, calls = await self._backend.write(group(ops))
         self.stats.busy_seconds += time.perf_counter() - started
-        self._cursor = cursor
+        self._cursors.update(cursors)  # committed: the numbers are taken
         self.stats.transactions += 1
         self.stats.statements += statements
         self.stats.driver_calls += calls
         self.stats.rows += len(ops)
+
+    async def _last_cursor(self, organization: str) -> int:
+        """The organization's last committed cursor, read from the store the first time."""
+        last = self._cursors.get(organization)
+        if last is None:
+            last = self._cursors[organization] = await self._backend.last_cursor(organization)
+        return last
 
     def _done(self, batch: list[_Write]) -> None:
         """Publish what was committed, then release the waiters."""

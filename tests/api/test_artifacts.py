@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
+import random
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,15 +15,17 @@ import grpc
 import numpy as np
 import pytest
 from conftest import make_settings
-from helpers import error_info, field_violations, wait_terminal
+from helpers import assert_eventually, error_info, field_violations, wait_terminal
 from PIL import Image
 
 from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2 as pb
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2
+from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2_grpc, enums_pb2
+from sartiq_grpc.sartiq.generation.v1.generation_service_pb2 import GetCapabilitiesRequest
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import ApiKey, AuthSettings, Settings
+from server.media.artifacts import FileArtifactStore, Upload
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-0123456789abcdef"
@@ -204,3 +209,124 @@ async def test_download_offsets_are_checked(client: SartiqClient, tmp_path: Path
         await client.download("f" * 64, tmp_path / "x")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert dict(error_info(caught.value).metadata) == {"sha256": "f" * 64}
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_uploads_cancelled_at_any_moment_leave_no_file_or_descriptor(
+    client: SartiqClient, tmp_path: Path
+) -> None:
+    data = noise_png(40)  # about 5 KB, sent in 1 KiB chunks
+    chunks = [data[i : i + 1024] for i in range(0, len(data), 1024)]
+    header = pb.UploadArtifactRequest(header=pb.UploadArtifactHeader(size_bytes=len(data)))
+    await client.upload(data)  # the first upload makes the directories and threads
+    root = tmp_path / "artifacts"
+    before = _open_descriptors()
+    rng = random.Random(15)
+    plans = [rng.randint(0, len(chunks)) for _ in range(500)]
+    # 64 at once keep the server's threads busy, so cancels land at every step of an
+    # upload (creating its file included), not only between chunks.
+    slots = asyncio.Semaphore(64)
+
+    async def cancelled(sent: int) -> None:
+        async with slots:
+            call = client.artifacts.UploadArtifact()  # type: ignore[call-arg]  # write() API
+            await call.write(header)
+            for chunk in chunks[:sent]:
+                await call.write(pb.UploadArtifactRequest(chunk=chunk))
+            call.cancel()  # right after the header when sent == 0
+
+    await asyncio.gather(*(cancelled(sent) for sent in plans))
+    assert plans.count(0) > 10
+
+    async def nothing_left() -> bool:
+        leftovers = await asyncio.to_thread(lambda: list(root.rglob(".tmp-*")))
+        return not leftovers and _open_descriptors() <= before
+
+    await assert_eventually(nothing_left, timeout=20)
+    # And the store still takes uploads.
+    assert (await client.upload(noise_png(24))).size_bytes > 0
+
+
+class HeldDisk(FileArtifactStore):
+    """A disk that is slow to create an upload's file: ``open`` returns when released."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.opened = threading.Event()
+        self.release = threading.Event()
+
+    def begin_upload(self) -> Upload:
+        disk = self
+
+        class Held(Upload):
+            def open(self) -> None:
+                super().open()
+                disk.opened.set()
+                disk.release.wait(timeout=30)  # a safety net; the test releases it
+
+        return Held(self, self.root / "incoming")
+
+
+async def test_a_cancel_while_the_file_is_created_leaves_nothing(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    disk = HeldDisk(settings.media.artifact_dir)
+    temporary = disk.root / "incoming"
+    async with (
+        App(settings, compute=FakeComputeBackend(), artifacts=disk) as app,
+        SartiqClient(f"127.0.0.1:{app.port}") as client,
+    ):
+        await client.generations.GetCapabilities(GetCapabilitiesRequest())  # connects
+        before = _open_descriptors()
+        try:
+            call = client.artifacts.UploadArtifact()  # type: ignore[call-arg]  # write() API
+            await call.write(pb.UploadArtifactRequest(header=pb.UploadArtifactHeader()))
+
+            async def opened() -> bool:
+                return disk.opened.is_set()
+
+            await assert_eventually(opened)
+            assert len(list(temporary.glob(".tmp-*"))) == 1
+            call.cancel()  # the server is still waiting for its file to be created
+
+            async def removed() -> bool:
+                return not await asyncio.to_thread(lambda: list(temporary.glob(".tmp-*")))
+
+            await assert_eventually(removed)
+        finally:
+            disk.release.set()
+
+        async def closed() -> bool:
+            return _open_descriptors() <= before
+
+        await assert_eventually(closed)
+
+
+async def test_an_upload_cut_by_a_server_stop_leaves_nothing(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    temporary = settings.media.artifact_dir / "incoming"
+
+    async def leftovers() -> list[Path]:
+        return await asyncio.to_thread(lambda: list(temporary.glob(".tmp-*")))
+
+    async with App(settings, compute=FakeComputeBackend()) as app:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+        stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+        call = stub.UploadArtifact()  # type: ignore[call-arg]  # write() API
+        await call.write(pb.UploadArtifactRequest(header=pb.UploadArtifactHeader()))
+        await call.write(pb.UploadArtifactRequest(chunk=noise_png(8)))
+
+        async def receiving() -> bool:
+            return bool(await leftovers())
+
+        await assert_eventually(receiving)
+    try:
+        # The server stopped with the upload unfinished: its file goes with it.
+        async def gone() -> bool:
+            return not await leftovers()
+
+        await assert_eventually(gone)
+    finally:
+        await channel.close(grace=None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
@@ -15,6 +14,7 @@ from PIL import Image
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
 from server.app import App
 from server.config import Settings
+from server.media.artifacts import FileArtifactStore
 
 
 @pytest.fixture
@@ -30,13 +30,17 @@ def request(**params: object) -> generation_service_pb2.CreateGenerateGeneration
     )
 
 
-def artifact_bytes(prediction: resources_pb2.Prediction) -> bytes:
-    assert prediction.artifact.uri.startswith("file://")
-    return Path(prediction.artifact.uri.removeprefix("file://")).read_bytes()
+def artifact_bytes(app: App, prediction: resources_pb2.Prediction) -> bytes:
+    assert prediction.artifact.uri == f"artifacts/{prediction.artifact.sha256}"
+    return (
+        FileArtifactStore(app.settings.media.artifact_dir)
+        .find_sync(prediction.artifact.sha256)
+        .read_bytes()
+    )
 
 
 async def test_batch_of_three_completes_with_distinct_pngs(
-    stub: GenerationStub, subject_id: str, product_id: str
+    app: App, stub: GenerationStub, subject_id: str, product_id: str
 ) -> None:
     created = await stub.CreateGenerateGeneration(
         request(
@@ -58,7 +62,7 @@ async def test_batch_of_three_completes_with_distinct_pngs(
     assert done.prediction_counts.completed_count == 3
     digests = set()
     for prediction in done.predictions:
-        data = artifact_bytes(prediction)
+        data = artifact_bytes(app, prediction)
         assert hashlib.sha256(data).hexdigest() == prediction.artifact.sha256
         image = Image.open(io.BytesIO(data))
         assert image.format == "PNG"
@@ -71,7 +75,7 @@ async def test_batch_of_three_completes_with_distinct_pngs(
     assert [p.seed for p in done.predictions] == [42, 43, 44]
 
 
-async def test_same_seed_gives_same_bytes(stub: GenerationStub, product_id: str) -> None:
+async def test_same_seed_gives_same_bytes(app: App, stub: GenerationStub, product_id: str) -> None:
     ids = []
     for _ in range(2):
         created = await stub.CreateGenerateGeneration(
@@ -82,7 +86,9 @@ async def test_same_seed_gives_same_bytes(stub: GenerationStub, product_id: str)
         ids.append(created.generation.id)
     first, second = [await wait_terminal(stub, i) for i in ids]
     assert first.predictions[0].artifact.sha256 == second.predictions[0].artifact.sha256
-    assert artifact_bytes(first.predictions[0]) == artifact_bytes(second.predictions[0])
+    assert artifact_bytes(app, first.predictions[0]) == artifact_bytes(app, second.predictions[0])
+    # The same bytes again: this organization first held them with the first generation.
+    assert first.predictions[0].artifact.create_time == second.predictions[0].artifact.create_time
 
 
 async def test_resource_echoes_defaults_and_prompt_inputs(

@@ -22,8 +22,8 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def _temp(root: Path, name: str, *, age: float = 0.0) -> Path:
-    path = root / "ab" / name
+def _temp(root: Path, name: str, *, age: float = 0.0, directory: str = "ab") -> Path:
+    path = root / directory / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"partial")
     if age:
@@ -56,5 +56,10 @@ async def test_start_removes_stale_temporary_files(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     host = socket.gethostname()
     stale = _temp(settings.media.artifact_dir, f".tmp-{host}-{_dead_pid()}-abcd1234")
+    # An upload a killed process was receiving.
+    upload = _temp(
+        settings.media.artifact_dir, f".tmp-{host}-{_dead_pid()}-ef56", directory="incoming"
+    )
     async with App(settings, compute=FakeComputeBackend()):
         assert not stale.exists()
+        assert not upload.exists()

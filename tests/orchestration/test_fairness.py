@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +14,22 @@ from google.rpc import error_details_pb2
 from helpers import (
     CatalogStub,
     GenerationStub,
+    assert_eventually,
     create_product,
     error_info,
     generate_request,
+    png_bytes,
     rich_status,
     wait_submitted,
     wait_terminal,
 )
 
-from sartiq_grpc.sartiq.generation.v1 import enums_pb2
+from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2 as art
+from sartiq_grpc.sartiq.generation.v1 import (
+    artifact_service_pb2_grpc,
+    enums_pb2,
+    resources_pb2,
+)
 from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 from server.app import App
 from server.compute.fake import FakeComputeBackend
@@ -36,6 +44,7 @@ class Two:
     stub: GenerationStub
     compute: FakeComputeBackend
     products: dict[str, str]
+    channel: grpc.aio.Channel
 
     @staticmethod
     def auth(org: str) -> tuple[tuple[str, str], ...]:
@@ -69,7 +78,7 @@ async def _two(
         products = {}
         for org in KEYS:
             products[org] = await create_product(catalog, f"{org} dress", metadata=Two.auth(org))
-        yield Two(GenerationStub(channel), compute, products)
+        yield Two(GenerationStub(channel), compute, products, channel)
 
 
 @pytest.fixture
@@ -135,6 +144,112 @@ async def test_an_organization_at_its_live_limit_is_told_to_wait(tmp_path: Path)
         await wait_terminal(
             two.stub, (await two.create("org-b")).generation.id, metadata=two.auth("org-b")
         )
+
+
+def _retry_delay(error: grpc.aio.AioRpcError) -> float:
+    retry = error_details_pb2.RetryInfo()
+    (packed,) = [d for d in rich_status(error).details if d.Is(retry.DESCRIPTOR)]
+    packed.Unpack(retry)
+    return float(retry.retry_delay.ToTimedelta().total_seconds())
+
+
+async def _upload(two: Two, org: str) -> str:
+    """An image of ``org``'s, as ``artifact:<sha256>``."""
+
+    async def parts() -> AsyncIterator[art.UploadArtifactRequest]:
+        yield art.UploadArtifactRequest(header=art.UploadArtifactHeader())
+        yield art.UploadArtifactRequest(chunk=png_bytes((40, 90, 160)))
+
+    stub = artifact_service_pb2_grpc.ArtifactServiceStub(two.channel)
+    uploaded = await stub.UploadArtifact(parts(), metadata=two.auth(org))
+    return f"artifact:{uploaded.artifact.sha256}"
+
+
+async def _burst(two: Two, orgs: list[str]) -> tuple[list[str], list[grpc.aio.AioRpcError]]:
+    """Fire one create per entry of ``orgs`` at once: the ids admitted, the refusals.
+
+    Each adjusts an upload, so each create reads the store before its commit (checking
+    that the organization owns the image): the creates overlap on their way to it.
+    """
+    images = {org: await _upload(two, org) for org in set(orgs)}
+    answers = await asyncio.gather(
+        *(
+            two.stub.CreateImageAdjustingGeneration(
+                pb.CreateImageAdjustingGenerationRequest(
+                    params=resources_pb2.ImageAdjustingParams(
+                        base_image_url=images[org], brightness=0.2
+                    )
+                ),
+                metadata=two.auth(org),
+            )
+            for org in orgs
+        ),
+        return_exceptions=True,
+    )
+    admitted = [
+        a.generation.id for a in answers if isinstance(a, pb.CreateImageAdjustingGenerationResponse)
+    ]
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(admitted) + len(refused) == len(orgs)  # nothing else (no INTERNAL)
+    return admitted, refused
+
+
+async def test_the_live_cap_holds_under_concurrent_creates(tmp_path: Path) -> None:
+    async for two in _two(tmp_path, max_live_per_organization=10):
+        admitted, refused = await _burst(two, ["org-a"] * 50)
+        assert len(admitted) == 10
+        assert len(refused) == 40
+        for error in refused:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info(error).reason == "ORGANIZATION_LIMIT"
+            assert _retry_delay(error) > 0
+        listed = await two.stub.ListGenerations(
+            pb.ListGenerationsRequest(page_size=100), metadata=two.auth("org-a")
+        )
+        assert sorted(g.id for g in listed.generations) == sorted(admitted)
+        # A refused create took nothing: finishing one frees exactly one place.
+        await wait_submitted(two.compute, 1)
+        two.compute.complete(next(iter(two.compute.tasks)))
+
+        async def one_done(two: Two = two) -> bool:
+            listed = await two.stub.ListGenerations(
+                pb.ListGenerationsRequest(page_size=100), metadata=two.auth("org-a")
+            )
+            return sum(g.done for g in listed.generations) == 1
+
+        await assert_eventually(one_done)
+        again, still = await _burst(two, ["org-a"] * 5)
+        assert (len(again), len(still)) == (1, 4)
+
+
+async def test_retries_of_one_request_take_one_place(tmp_path: Path) -> None:
+    async for two in _two(tmp_path, max_live_per_organization=10):
+        requests = []
+        for n in range(10):
+            request = generate_request(two.products["org-a"])
+            request.request_id = f"request-{n}"
+            requests += [request] * 5  # each sent five times at once
+        answers = await asyncio.gather(
+            *(two.stub.CreateGenerateGeneration(r, metadata=two.auth("org-a")) for r in requests)
+        )
+        by_request: dict[str, set[str]] = {}
+        for request, answer in zip(requests, answers, strict=True):
+            by_request.setdefault(request.request_id, set()).add(answer.generation.id)
+        assert all(len(ids) == 1 for ids in by_request.values())
+        assert len({i for ids in by_request.values() for i in ids}) == 10
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await two.create("org-a")  # the eleventh request: the cap is reached
+        assert error_info(caught.value).reason == "ORGANIZATION_LIMIT"
+
+
+async def test_the_queue_bound_holds_under_concurrent_creates(tmp_path: Path) -> None:
+    async for two in _two(tmp_path, max_queued_generations=10):
+        admitted, refused = await _burst(two, ["org-a", "org-b"] * 25)
+        assert len(admitted) == 10
+        assert len(refused) == 40
+        for error in refused:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _retry_delay(error) > 0
 
 
 async def test_each_organization_has_its_own_call_rate(tmp_path: Path) -> None:

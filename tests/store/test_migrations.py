@@ -13,8 +13,10 @@ from helpers import schema_diff
 from procs import run_process, server_env
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from server.config import DatabaseSettings
+from server.contract import encode as contract
 from server.store import mapping, repository
 from server.store.db import create_engine, create_session_factory
 from server.store.migrate import MigrationError, alembic_config, head_revision, upgrade_to_head
@@ -50,6 +52,7 @@ import asyncio, os, signal, sys
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from server.config import DatabaseSettings
+from server.contract import encode as contract
 from server.store.migrate import upgrade_to_head
 
 url, kill_after = sys.argv[1], int(sys.argv[2])
@@ -226,6 +229,69 @@ async def test_0003_carries_an_existing_database_forward(tmp_path: Path) -> None
     assert events[2].prediction is not None
     assert events[2].prediction.artifact is not None
     assert owned is not None  # the organization still sees its output
+    # 0008: the row names the artifact instead of locating it, and so does the old event.
+    assert first.artifact.uri == f"artifacts/{sha}"
+    assert contract.event(events[2]).prediction.artifact.uri == f"artifacts/{sha}"
+
+
+async def test_0008_numbers_each_organizations_events_from_1(tmp_path: Path) -> None:
+    settings = DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    # One counter over both tenants, as before 0008: a's events were 1, 2, 4, 7; b's 3, 5, 6.
+    order = ["a", "a", "b", "a", "b", "b", "a"]
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0007"))
+            for org in "ab":
+                await conn.execute(
+                    text(
+                        "INSERT INTO generations (id, organization, type, strategy, status,"
+                        " fingerprint, params, orchestration, created_at, event_seq)"
+                        " VALUES (:id, :org, 'BASE', 'GENERATE', 'PENDING', 'f', '{}', '{}',"
+                        " '2026-11-27 10:00:00', 0)"
+                    ),
+                    {"id": f"g-{org}", "org": f"org-{org}"},
+                )
+            for cursor, org in enumerate(order, start=1):
+                sequence = order[:cursor].count(org)
+                await conn.execute(
+                    text(
+                        "INSERT INTO generation_events (generation_id, sequence, time, kind,"
+                        " terminal, organization, cursor, generation_status, strategy, type)"
+                        " VALUES (:gid, :seq, '2026-11-27 10:00:00', 'GENERATION_CHANGED', 0,"
+                        " :org, :cursor, 'PENDING', 'GENERATE', 'BASE')"
+                    ),
+                    {"gid": f"g-{org}", "seq": sequence, "org": f"org-{org}", "cursor": cursor},
+                )
+    finally:
+        await engine.dispose()
+    await upgrade_to_head(settings)
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT organization, sequence, cursor FROM generation_events"
+                        " ORDER BY organization, cursor"
+                    )
+                )
+            ).all()
+            assert [tuple(row) for row in rows] == [
+                ("org-a", 1, 1),
+                ("org-a", 2, 2),
+                ("org-a", 3, 3),
+                ("org-a", 4, 4),
+                ("org-b", 1, 1),
+                ("org-b", 2, 2),
+                ("org-b", 3, 3),
+            ]
+            with pytest.raises(IntegrityError):  # one number, one event
+                await conn.execute(
+                    text("UPDATE generation_events SET cursor = 1 WHERE organization = 'org-b'")
+                )
+    finally:
+        await engine.dispose()
 
 
 def _missing() -> Any:

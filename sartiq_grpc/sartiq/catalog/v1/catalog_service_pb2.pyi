@@ -80,8 +80,9 @@ class ReferenceImage(_message.Message):
     height: _builtins.int
     """Height in pixels."""
     uri: _builtins.str
-    """Where the server keeps the content. Informational only; download the
-    bytes with `sartiq.generation.v1.ArtifactService.DownloadArtifact`.
+    """The artifact's resource name, `artifacts/<sha256>`: a name, not a
+    location. Download the bytes with
+    `sartiq.generation.v1.ArtifactService.DownloadArtifact`.
     """
     def __init__(
         self,

@@ -1075,7 +1075,8 @@ class WatchGenerationsRequest(_message.Message):
     after_cursor: _builtins.int
     """Only events with `cursor` greater than this are sent: 0 replays every
     stored event of the organization that matches; -1 sends only events
-    committed after the call. Other negative values are INVALID_ARGUMENT.
+    committed after the call. Other negative values, and a cursor beyond the
+    organization's last event, are INVALID_ARGUMENT.
     """
     @_builtins.property
     def filter(self) -> Global___GenerationFilter:

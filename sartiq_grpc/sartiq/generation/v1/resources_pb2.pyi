@@ -901,9 +901,9 @@ class Artifact(_message.Message):
     height: _builtins.int
     """Height in pixels."""
     uri: _builtins.str
-    """Where the server keeps the content, e.g. a `file://` path on its disk.
-    Informational only: it is usually not reachable by clients; download
-    through `ArtifactService` instead.
+    """The artifact's resource name, `artifacts/<sha256>`: a name, not a
+    location (it never says where or how the server stores the bytes).
+    Download the bytes through `ArtifactService.DownloadArtifact`.
     """
     frame_count: _builtins.int
     """Number of frames of a video; 0 for images."""
@@ -917,7 +917,10 @@ class Artifact(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When the artifact was first stored."""
+        """When the caller's organization first held the artifact: its first upload
+        of these bytes, or the first of its generations that produced them.
+        Another organization holding the same bytes earlier does not show.
+        """
 
     def __init__(
         self,
@@ -1759,9 +1762,11 @@ class GenerationEvent(_message.Message):
     """
     cursor: _builtins.int
     """Position of the event in its organization's stream
-    (`WatchGenerations`): larger for every later event of the organization,
-    with gaps. Pass the last one received as
-    `WatchGenerationsRequest.after_cursor` to resume.
+    (`WatchGenerations`): the organization's events, over all its
+    generations, are numbered 1, 2, 3... in the order they were committed,
+    with no gaps (a filtered stream skips the numbers it does not match).
+    It counts only the caller's organization's events. Pass the last one
+    received as `WatchGenerationsRequest.after_cursor` to resume.
     """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
