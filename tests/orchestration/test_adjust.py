@@ -154,10 +154,15 @@ def test_brightness_at_its_limit_hands_the_rest_to_gamma() -> None:
 
 
 def test_exposure_is_judged_on_the_level_reached_not_the_passing_score() -> None:
-    # Exposure 0.8 is no finding (>= 0.6), but a 0.30 level is short of the band: act on it.
-    short = _attempt({"exposure": 0.8}, {"mean_level": 0.3})
+    # Exposure 0.83 is no finding (>= 0.6), but a 0.30 level is short of the band: it is
+    # corrected along with the finding (soft), not left for later.
+    short = _attempt({"exposure": 0.83, "sharpness": 0.2}, {"mean_level": 0.3})
     retry = plan_retry(Strategy.IMAGE_ADJUSTING, ADJUST, short, 2, 7)
     assert retry.adjustments["brightness"] == pytest.approx(0.5)
+    assert retry.adjustments["detail_pass"] == 0.6
+    # Even a score past "good" does not hide a level short of the band.
+    nearly = _attempt({"exposure": 0.93}, {"mean_level": 0.33})
+    assert plan_retry(Strategy.IMAGE_ADJUSTING, ADJUST, nearly, 2, 7).adjustments["brightness"] > 0
     inside = _attempt({"exposure": 1.0}, {"mean_level": 0.4})
     assert plan_retry(Strategy.IMAGE_ADJUSTING, ADJUST, inside, 2, 7).adjustments == {}
 
