@@ -243,7 +243,10 @@ def feedback(
     size: tuple[int, int],
     expected: tuple[int, int] | None,
 ) -> str:
-    """Short findings for every criterion below ``LOW``; "no issues found" otherwise."""
+    """Short findings for every criterion below ``LOW``; "no issues found" otherwise.
+
+    A mean level outside ``LEVEL_BAND`` is named even when the exposure score passes.
+    """
     found: list[str] = []
     if criteria["sharpness"] < LOW:
         found.append(f"soft (detail ratio {measures['detail_ratio']:.2f})")

@@ -1121,7 +1121,7 @@ class Evaluation(_message.Message):
     @_builtins.property
     def measures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """The raw measurements behind the criteria, keyed by name (e.g. the local
-        evaluator's "mean_level" 0-1 and "laplacian_variance"); the adjustments
+        evaluator's "mean_level" 0-1 and "detail_ratio"); the adjustments
         of the next attempt are computed from them. Provider-specific.
         """
 
