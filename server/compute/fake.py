@@ -12,7 +12,7 @@ import itertools
 import struct
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,9 @@ class FakeComputeBackend:
         self.submit_gate: asyncio.Event | None = None
         # How many snapshots watch() has handed out, over every task.
         self.snapshots_delivered = 0
+        # What a completed task's PNG derives from; None means its compute id, so every
+        # output differs. A test sets it to make outputs repeat, byte for byte.
+        self.output_key: Callable[[TaskRequest], str] | None = None
         self._by_key: dict[str, str] = {}
         self._ids = itertools.count(1)
 
@@ -125,7 +128,8 @@ class FakeComputeBackend:
         """Finish a task successfully with a small PNG of the asked size."""
         task = self.tasks[compute_id]
         params = task.request.params
-        output = tiny_png(task.id, int(params.get("width", 8)), int(params.get("height", 8)))
+        key = task.id if self.output_key is None else self.output_key(task.request)
+        output = tiny_png(key, int(params.get("width", 8)), int(params.get("height", 8)))
         self._finish(task, status=TaskStatus.COMPLETED, progress=1.0, outputs=(output,))
 
     def fail(self, compute_id: str, category: str, message: str) -> None:

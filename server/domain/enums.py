@@ -88,6 +88,8 @@ class StopReason(StrEnum):
     ATTEMPTS_EXHAUSTED = "ATTEMPTS_EXHAUSTED"
     CANCELLED = "CANCELLED"
     FAILED = "FAILED"
+    # The next attempt would have repeated an earlier one; the best so far was accepted.
+    NO_FURTHER_CHANGE = "NO_FURTHER_CHANGE"
 
 
 class EventKind(StrEnum):

@@ -1,15 +1,27 @@
 """The local evaluator: no-reference quality measures with NumPy and OpenCV.
 
 Every criterion is normalised to 0-1 (1 is best) and the total is their weighted mean
-over the criteria that apply to the output:
+over the criteria that apply to the output. Each one is measured so that the AGENTIC
+loop's other levers cannot move it: brightening, gamma and contrast change exposure (and
+contrast) only, never the sharpness or noise score of the same picture.
 
-* sharpness (weight 0.30): the variance v of the Laplacian of the luma (0-255);
-  score 1 - exp(-v / 120).
+* sharpness (weight 0.30): the fine-detail energy of the luma against its local contrast,
+  neighbourhood by neighbourhood: r = the mean, over neighbourhoods with structure, of
+  (LoG_1 * Y)^2 / (local variance of Y), where LoG_1 is the Laplacian after a 1-pixel
+  Gaussian (which also ignores 8-bit steps). Within a neighbourhood a tone change is
+  nearly affine, so only the shape of the edges counts; score r^3 / (r^3 + 0.4^3).
+  Pixel-sharp edges score about 0.9, the same edges under a 1-pixel Gaussian blur 0.7,
+  under 2 pixels below 0.2; fine texture (grain, fabric) raises the ratio.
 * exposure (0.25): the mean luma level m (0-1) and the clipped share c (luma below 2% or
-  above 98%); score (1 - clip((|m - 0.5| - 0.15) / 0.3)) x (1 - clip(c / 0.25)).
-* contrast (0.15): the standard deviation s of the luma (0-1); score clip(s / 0.18).
-* noise (0.10): Immerkaer's noise sigma n (0-255) away from edges; score
-  1 - clip((n - 1.5) / 8).
+  above 98%); score (1 - clip((|m - 0.5| - 0.15) / 0.3)) x (1 - clip(c / 0.25)). A level
+  outside 0.35-0.65 (where the level part falls below 1) is named in the feedback even
+  when the score stays above the finding threshold.
+* contrast (0.15): the spread of the luma relative to its level, s / m (standard
+  deviation over mean, both 0-1), so brightening alone does not change it; score
+  clip(s / m / 0.4) (the former s / 0.18 at the 0.45 level the loop aims for).
+* noise (0.10): Immerkaer's noise sigma n (0-255) away from edges, at the level the
+  picture would have at mean 0.5 (n x 0.5 / m), so brightening alone does not change it;
+  score 1 - clip((n - 1.5) / 8).
 * size (0.10, when the request fixes the size): min(w/W, W/w) x min(h/H, H/h).
 * face (0.10, when the shot implies a face): 1 when a frontal face is detected, else 0.
 * fidelity (0.15, when there is a base image and a region that should not change): the
@@ -50,6 +62,10 @@ WEIGHTS = {
 }
 WORK_SIDE = 512
 LOW = 0.6  # a criterion below this is a finding in the feedback
+LEVEL_BAND = (0.35, 0.65)  # mean levels the exposure score does not count against
+SHARPNESS_HALF = 0.4  # the detail ratio that scores 0.5
+REFERENCE_LEVEL = 0.5  # noise is judged as if the mean level were this
+_DARKEST = 0.01  # below this mean level there is no spread or noise to judge
 _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
 _LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -73,10 +89,30 @@ def luma(rgb: U8) -> F64:
     return out
 
 
+def _gaussian(grey: F64, sigma: float) -> F64:
+    return np.asarray(cv2.GaussianBlur(grey, (0, 0), sigma), dtype=np.float64)
+
+
 def sharpness(grey: F64) -> tuple[float, float]:
-    """(score, variance of the Laplacian)."""
-    variance = float(cv2.Laplacian(grey, cv2.CV_64F, ksize=3).var())
-    return 1.0 - math.exp(-variance / 120.0), variance
+    """(score, detail ratio): fine-detail energy over local-contrast energy, window by window.
+
+    In each neighbourhood (Gaussian, sigma 4) the energy of the Laplacian of the 1-pixel
+    smoothed luma is divided by the local variance (window sigma 3); the ratio is averaged
+    over the neighbourhoods with some structure (local variance at least 5% of the 90th
+    percentile). A tone change is nearly affine within a neighbourhood, so brightness,
+    contrast and gamma leave each ratio, and which neighbourhoods count, as they were;
+    only clipping, which makes real hard edges, moves it. No structure: ratio 0.
+    """
+    detail = np.asarray(cv2.Laplacian(_gaussian(grey, 1.0), cv2.CV_64F, ksize=3), np.float64)
+    mean = _gaussian(grey, 3.0)
+    variance: F64 = np.maximum(_gaussian(grey * grey, 3.0) - mean * mean, 0.0)
+    detail_energy, spread = _gaussian(detail * detail, 4.0), _gaussian(variance, 4.0)
+    floor = 0.05 * float(np.percentile(spread, 90))
+    structured = spread >= floor
+    if floor <= 1e-9 or not structured.any():
+        return 0.0, 0.0
+    ratio = float(np.mean(detail_energy[structured] / spread[structured]))
+    return ratio**3 / (ratio**3 + SHARPNESS_HALF**3), ratio
 
 
 def exposure(grey: F64) -> tuple[float, float, float]:
@@ -88,16 +124,20 @@ def exposure(grey: F64) -> tuple[float, float, float]:
 
 
 def contrast(grey: F64) -> tuple[float, float]:
-    """(score, standard deviation of the luma 0-1)."""
+    """(score, standard deviation of the luma 0-1): the spread relative to the level."""
     spread = float(grey.std()) / 255.0
-    return _clip01(spread / 0.18), spread
+    level = float(grey.mean()) / 255.0
+    if level < _DARKEST:
+        return 0.0, spread
+    return _clip01(spread / level / 0.4), spread
 
 
 def noise(grey: F64) -> tuple[float, float]:
-    """(score, noise sigma 0-255) by Immerkaer's method (1996), edges left out.
+    """(score, noise sigma 0-255 at the reference level) by Immerkaer's method (1996).
 
     The Laplacian-difference kernel answers to edges as much as to noise, so pixels near
-    a Canny edge do not count; an image that is all edges has no measurable noise.
+    a Canny edge do not count; an image that is all edges has no measurable noise. The
+    sigma is scaled to the reference mean level, as brightening would scale it.
     """
     h, w = grey.shape
     if h < 3 or w < 3:
@@ -109,6 +149,7 @@ def noise(grey: F64) -> tuple[float, float]:
     if not flat.any():
         return 1.0, 0.0
     sigma = float(response[flat].mean()) * math.sqrt(math.pi / 2) / 6.0
+    sigma *= REFERENCE_LEVEL / max(_DARKEST, float(grey.mean()) / 255.0)
     return 1.0 - _clip01((sigma - 1.5) / 8.0), sigma
 
 
@@ -166,7 +207,7 @@ def measure(item: EvaluationInput, max_pixels: int) -> Evaluation:
     grey = luma(work)
     criteria: dict[str, float] = {}
     measures: dict[str, float] = {}
-    criteria["sharpness"], measures["laplacian_variance"] = sharpness(grey)
+    criteria["sharpness"], measures["detail_ratio"] = sharpness(grey)
     criteria["exposure"], measures["mean_level"], measures["clipped"] = exposure(grey)
     criteria["contrast"], measures["luma_std"] = contrast(grey)
     criteria["noise"], measures["noise_sigma"] = noise(grey)
@@ -202,16 +243,21 @@ def feedback(
     size: tuple[int, int],
     expected: tuple[int, int] | None,
 ) -> str:
-    """Short findings for every criterion below ``LOW``; "no issues found" otherwise."""
+    """Short findings for every criterion below ``LOW``; "no issues found" otherwise.
+
+    A mean level outside ``LEVEL_BAND`` is named even when the exposure score passes.
+    """
     found: list[str] = []
     if criteria["sharpness"] < LOW:
-        found.append(f"soft (Laplacian variance {measures['laplacian_variance']:.0f})")
+        found.append(f"soft (detail ratio {measures['detail_ratio']:.2f})")
+    level = measures["mean_level"]
+    word = "under-exposed" if level < 0.5 else "over-exposed"
     if criteria["exposure"] < LOW:
-        level = measures["mean_level"]
-        word = "under-exposed" if level < 0.5 else "over-exposed"
         found.append(f"{word} (mean level {level:.2f}, {measures['clipped']:.0%} clipped)")
+    elif not LEVEL_BAND[0] <= level <= LEVEL_BAND[1]:
+        found.append(f"a little {word} (mean level {level:.2f})")
     if criteria["contrast"] < LOW:
-        found.append(f"flat (luma spread {measures['luma_std']:.2f})")
+        found.append(f"flat (luma spread {measures['luma_std']:.2f} at level {level:.2f})")
     if criteria["noise"] < LOW:
         found.append(f"noisy (sigma {measures['noise_sigma']:.1f})")
     if criteria.get("size", 1.0) < 0.99 and expected is not None:

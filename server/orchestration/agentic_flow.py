@@ -7,6 +7,12 @@ when it scores at least ``min_confidence_score``; otherwise, while fewer than
 ``adjust``) and run it. When attempts run out the best-scoring attempt is accepted (the
 earliest on ties); when every attempt failed, the prediction ends in ERROR.
 
+No attempt is wasted: a planned attempt that would compute what an earlier one did is
+not run (the best so far is accepted, stop reason NO_FURTHER_CHANGE), and an output
+byte-identical to an earlier attempt's is not judged again nor counted as a new
+candidate: it takes that attempt's evaluation, marked as a repeat, and the loop goes on
+from it.
+
 Everything the loop needs lives in the records, so a restart continues where it stood:
 an attempt's unfinished tasks are re-attached or submitted, an evaluation that was under
 way is done again, and a decision not yet recorded is taken again.
@@ -24,13 +30,14 @@ from server.domain.model import (
     ComputeTask,
     Evaluation,
     OrchestratedShot,
+    PlannedStep,
     Prediction,
     ResourceError,
 )
 from server.domain.recorder import utcnow
 from server.evaluation.base import EvaluationError, EvaluationInput, Evaluators
 from server.media.artifacts import FileArtifactStore
-from server.orchestration.adjust import plan_retry
+from server.orchestration.adjust import Retry, plan_retry, repeated
 from server.orchestration.inputs import chain_output, reuse_fetched
 from server.orchestration.live import LiveGeneration, Stopped
 from server.orchestration.steps import TaskRunner
@@ -73,9 +80,10 @@ class AgenticWorkflow:
                 attempt = shot.attempts[-1]
                 if not attempt.done:
                     await self._attempt(live, prediction, attempt)
-                if self._decide(live, prediction, shot):
+                retry = self._decide(live, prediction, shot)
+                if retry is None:
                     break
-                self._retry(live, prediction, shot)
+                self._retry(live, prediction, shot, retry)
                 live.flush_soon()
             if any(not p.done for p in live.generation.predictions):
                 live.flush_soon()
@@ -122,6 +130,8 @@ class AgenticWorkflow:
         """Evaluate the attempt's output (no compute slot held) and record the result."""
         shot = _shot_of(prediction)
         recorder = live.recorder
+        if self._repeat_of_output(live, shot, attempt):
+            return
         try:
             item = await self._input(live, prediction, attempt)
             evaluator = self._evaluators.get(shot.config.evaluation_provider)
@@ -170,10 +180,47 @@ class AgenticWorkflow:
             expectations=_shot_of(prediction).config.expectations,
         )
 
+    @staticmethod
+    def _repeat_of_output(live: LiveGeneration, shot: OrchestratedShot, attempt: Attempt) -> bool:
+        """Whether ``attempt``'s output repeats an evaluated earlier one's, byte for byte.
+
+        If so it takes that evaluation (marked, so the repeat is visible), is recorded as
+        EVALUATED and is never the best: the same bytes are not a new candidate.
+        """
+        sha = attempt.artifact.sha256 if attempt.artifact is not None else ""
+        same = next(
+            (
+                a
+                for a in shot.attempts
+                if a.number < attempt.number
+                and a.status is AttemptStatus.EVALUATED
+                and a.evaluation is not None
+                and a.artifact is not None
+                and a.artifact.sha256 == sha
+            ),
+            None,
+        )
+        if same is None or same.evaluation is None:
+            return False
+        marker = f"same output as attempt {same.number}: not a new candidate"
+        earlier = same.evaluation
+        attempt.evaluation = Evaluation(
+            score=earlier.score,
+            criteria=dict(earlier.criteria),
+            feedback=f"{marker}; {earlier.feedback}",
+            provider=earlier.provider,
+            measures=dict(earlier.measures),
+        )
+        note = f"attempt {attempt.number}'s output is byte-identical to attempt {same.number}'s"
+        live.recorder.attempt_status(attempt, AttemptStatus.EVALUATED, note=f"{note}: {marker}")
+        return True
+
     # -- deciding and retrying ------------------------------------------------------------
 
-    def _decide(self, live: LiveGeneration, prediction: Prediction, shot: OrchestratedShot) -> bool:
-        """Accept, give up, or go on (False); records the outcome."""
+    def _decide(
+        self, live: LiveGeneration, prediction: Prediction, shot: OrchestratedShot
+    ) -> Retry | None:
+        """Accept, give up, or the next attempt to run; records the outcome."""
         last = shot.attempts[-1]
         config = shot.config
         evaluation = last.evaluation
@@ -187,9 +234,9 @@ class AgenticWorkflow:
                 f">= {config.min_confidence_score:.2f}"
             )
             self._accept(live, prediction, last, StopReason.THRESHOLD_MET, note)
-            return True
+            return None
         if last.number < config.max_attempts:
-            return False
+            return self._next_or_stop(live, prediction, shot)
         if shot.best_attempt:
             best = shot.attempt(shot.best_attempt)
             score = best.evaluation.score if best.evaluation else 0.0
@@ -198,7 +245,7 @@ class AgenticWorkflow:
                 f"(score {score:.2f}, below {config.min_confidence_score:.2f})"
             )
             self._accept(live, prediction, best, StopReason.ATTEMPTS_EXHAUSTED, note)
-            return True
+            return None
         shot.stop_reason = StopReason.FAILED
         error = last.error or ResourceError.evaluation_failed("every attempt failed")
         live.recorder.prediction_status(
@@ -207,7 +254,7 @@ class AgenticWorkflow:
             error=error,
             note=f"every one of {last.number} attempts failed",
         )
-        return True
+        return None
 
     @staticmethod
     def _accept(
@@ -225,19 +272,49 @@ class AgenticWorkflow:
         prediction.score = attempt.evaluation.score if attempt.evaluation else None
         live.recorder.prediction_status(prediction, PredictionStatus.COMPLETED, note=note)
 
-    def _retry(self, live: LiveGeneration, prediction: Prediction, shot: OrchestratedShot) -> None:
-        """Record the next attempt and its chain of tasks, all in one commit."""
-        live.token.check()
-        previous = shot.attempts[-1]
+    @staticmethod
+    def _base_plan(prediction: Prediction, shot: OrchestratedShot) -> list[PlannedStep]:
+        """The chain every attempt starts from, reading what attempt 1 fetched."""
         first = shot.attempts[0]
-        number = previous.number + 1
         first_tasks = sorted(
             (t for t in prediction.tasks if t.attempt_id == first.id), key=lambda t: t.step
         )
-        plan = [
+        return [
             reuse_fetched(step, task) for step, task in zip(shot.plan, first_tasks, strict=True)
         ]
-        retry = plan_retry(live.generation.strategy, plan, previous, number, first.seed)
+
+    def _next_or_stop(
+        self, live: LiveGeneration, prediction: Prediction, shot: OrchestratedShot
+    ) -> Retry | None:
+        """The attempt after the last one; None (the best accepted) if it changes nothing.
+
+        An attempt that would compute what an evaluated earlier one did would only repeat
+        its output: the loop stops there with NO_FURTHER_CHANGE.
+        """
+        last = shot.attempts[-1]
+        strategy = live.generation.strategy
+        plan = self._base_plan(prediction, shot)
+        retry = plan_retry(strategy, plan, last, last.number + 1, shot.attempts[0].seed)
+        same = repeated(strategy, plan, retry.steps, shot.attempts)
+        if same is None or not shot.best_attempt:
+            return retry
+        best = shot.attempt(shot.best_attempt)
+        score = best.evaluation.score if best.evaluation else 0.0
+        note = (
+            f"attempt {last.number + 1} would compute what attempt {same.number} did "
+            f"({retry.reason}): nothing more can be changed; accepted attempt {best.number}, "
+            f"the best of {last.number} (score {score:.2f}, below "
+            f"{shot.config.min_confidence_score:.2f})"
+        )
+        self._accept(live, prediction, best, StopReason.NO_FURTHER_CHANGE, note)
+        return None
+
+    def _retry(
+        self, live: LiveGeneration, prediction: Prediction, shot: OrchestratedShot, retry: Retry
+    ) -> None:
+        """Record the next attempt and its chain of tasks, all in one commit."""
+        live.token.check()
+        number = shot.attempts[-1].number + 1
         attempt = Attempt(
             id=self._ids.new(),
             prediction_id=prediction.id,

@@ -10,6 +10,7 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import COMPUTE_TOKEN
 from PIL import Image
@@ -24,7 +25,7 @@ from server.compute.base import (
 from server.compute.fake import FakeComputeBackend
 from server.compute.http import HttpComputeBackend
 from server.compute.local import LocalComputeBackend
-from server.compute.processors.tasks import default_registry
+from server.compute.processors.tasks import SEED_FREE, default_registry
 from server.domain.enums import ComputeErrorCategory, TaskStatus, TaskType
 from server.domain.states import TASK_TERMINAL
 
@@ -37,7 +38,15 @@ def _png(size: tuple[int, int] = (48, 32)) -> bytes:
     return buffer.getvalue()
 
 
-INPUTS = {"artifact:" + "1" * 64: _png()}
+def _textured() -> bytes:
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((112, 80)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+TEXTURED = "artifact:" + "3" * 64
+INPUTS = {"artifact:" + "1" * 64: _png(), TEXTURED: _textured()}
 
 
 def _resolve(reference: str) -> bytes:
@@ -149,5 +158,48 @@ async def test_a_wrong_token_is_a_permanent_error(compute_server: str) -> None:
         assert caught.value.category is ComputeErrorCategory.INTERNAL
         assert not caught.value.transient
         assert "refused this service" in caught.value.message
+    finally:
+        await backend.aclose()
+
+
+SEED_CHECKS: dict[TaskType, dict[str, Any]] = {
+    TaskType.IMAGE_ADJUSTER: {"brightness": 0.2, "gamma": 1.3},
+    TaskType.DETAIL_ENHANCER: {"strength": 0.7},
+    TaskType.REFINE: {"upscale_enabled": True, "upscale_factor": 1.5},
+    TaskType.FACE_ENHANCER: {"strength": 0.5},
+    TaskType.BACKGROUND_FIX: {"background_prompt": "white studio"},  # reads its seed
+}
+
+
+@pytest.mark.parametrize("kind", ["local", "http"])
+async def test_seed_free_task_types_give_the_same_bytes_for_any_seed(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    # The AGENTIC loop trusts SEED_FREE on whichever backend runs the tasks.
+    if kind == "local":
+        backend: ComputeBackend = LocalComputeBackend(
+            default_registry(), resolve=_resolve, workers=1, max_input_pixels=10**7
+        )
+    else:
+        url = request.getfixturevalue("compute_server")
+        backend = HttpComputeBackend(url, resolve=_resolve, token=COMPUTE_TOKEN)
+    try:
+        outputs: dict[tuple[TaskType, int], bytes] = {}
+        for task_type, params in SEED_CHECKS.items():
+            for seed in (1, 2):
+                task = TaskRequest(
+                    task_type=task_type,
+                    params={"base_image": TEXTURED, **params, "seed": seed},
+                    idempotency_key=f"contract-{next(_keys)}",
+                    organization="default",
+                )
+                last = await _last(backend, await backend.submit(task))
+                assert last.status is TaskStatus.COMPLETED, last.error_message
+                outputs[task_type, seed] = last.outputs[0].data
+            same = outputs[task_type, 1] == outputs[task_type, 2]
+            assert same == (task_type in SEED_FREE), task_type
+        plain = _request(base_image=TEXTURED, brightness=0.2)
+        last = await _last(backend, await backend.submit(plain))
+        assert last.outputs[0].data != outputs[TaskType.IMAGE_ADJUSTER, 1]  # gamma was applied
     finally:
         await backend.aclose()

@@ -26,7 +26,7 @@ from scripts.faces import face_image, no_face_image
 from server.compute.base import OutputFile
 from server.compute.processors.face import FACE_MARGIN, detect_faces
 from server.compute.processors.imaging import decode_input
-from server.compute.processors.tasks import default_registry
+from server.compute.processors.tasks import SEED_FREE, default_registry
 from server.compute.registry import ProcessorContext, ProcessorError
 from server.domain.enums import TaskType
 from server.domain.sizes import refine_output_size
@@ -333,6 +333,16 @@ def test_same_params_and_inputs_give_identical_bytes(task: TaskType) -> None:
 
 
 @pytest.mark.parametrize("task", NEW_TASKS)
+def test_the_seed_free_declaration_is_true(task: TaskType) -> None:
+    # SEED_FREE lets the AGENTIC loop skip an attempt that would differ by its seed only.
+    inputs = Inputs()
+    params = _params_for(task, inputs)
+    first, _ = _run(task, params, inputs)
+    other, _ = _run(task, {**params, "seed": 12345}, inputs)
+    assert (first.data == other.data) == (task in SEED_FREE)
+
+
+@pytest.mark.parametrize("task", NEW_TASKS)
 def test_bad_base_image_is_a_validation_error(task: TaskType) -> None:
     inputs = Inputs()
     params = _params_for(task, inputs)
@@ -428,8 +438,31 @@ def test_adjuster_keeps_alpha() -> None:
     assert np.array_equal(out[..., 3], alpha)
 
 
+def test_gamma_lifts_the_shadows_and_keeps_black_and_white() -> None:
+    ramp = np.tile(np.linspace(0, 255, 96).astype(np.uint8), (96, 1))
+    img = Image.fromarray(np.stack([ramp] * 3, axis=-1))
+    src = _arr(img)
+    lifted = _adjust(img, gamma=2.0)
+    expected = np.round(255 * (src / 255) ** 0.5)
+    assert np.abs(lifted - expected).max() <= 1
+    assert (lifted[:, 0] == 0).all()
+    assert (lifted[:, -1] == 255).all()
+    assert _luma(_adjust(img, gamma=0.5)).mean() < _luma(src).mean() - 30
+    assert np.array_equal(_adjust(img, gamma=1.0), src)  # 1 is neutral
+    # Gamma after brightness: x2 then gamma 2 is sqrt(min(1, 2x)).
+    both = _adjust(img, brightness=1.0, gamma=2.0)
+    assert np.abs(both - np.round(255 * np.minimum(1.0, 2 * src / 255) ** 0.5)).max() <= 1
+
+
 def test_adjuster_values_out_of_range_are_validation_errors() -> None:
-    for key, value in (("brightness", 1.5), ("contrast", -2.0), ("saturation", float("nan"))):
+    for key, value in (
+        ("brightness", 1.5),
+        ("contrast", -2.0),
+        ("saturation", float("nan")),
+        ("gamma", 0.1),
+        ("gamma", 5.0),
+        ("gamma", "bright"),
+    ):
         with pytest.raises(ProcessorError) as info:
             _adjust(_colourful(), **{key: value})
         assert info.value.category == "validation"

@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
+from pictures import dark_and_blurred, scene
 from PIL import Image, ImageEnhance, ImageFilter
 
 from scripts.faces import face_image, no_face_image
+from server.compute.processors.adjust import Adjustment, adjust_image
 from server.domain.enums import Strategy
 from server.evaluation.base import EvaluationError, EvaluationInput
-from server.evaluation.local import WEIGHTS, LocalEvaluator, measure
+from server.evaluation.local import LOW, WEIGHTS, LocalEvaluator, luma, measure
 
 
 def _png(image: Image.Image) -> bytes:
@@ -36,8 +39,8 @@ def test_a_sharp_checkerboard_is_sharper_than_its_blur() -> None:
     board = checkerboard()
     _, sharp, _ = _judge(board)
     _, soft, feedback = _judge(board.filter(ImageFilter.GaussianBlur(6)))
-    assert sharp["sharpness"] > 0.99
-    assert soft["sharpness"] < 0.5
+    assert sharp["sharpness"] > 0.9  # pixel-sharp edges
+    assert soft["sharpness"] < 0.2
     assert "soft" in feedback
 
 
@@ -112,3 +115,88 @@ async def test_undecodable_output_is_an_evaluation_error() -> None:
         await evaluator.evaluate(
             EvaluationInput(output=b"not an image", strategy=Strategy.GENERATE)
         )
+
+
+# -- criteria the AGENTIC loop's other levers cannot move ----------------------------------
+
+
+def _tone(image: Image.Image, **values: float) -> Image.Image:
+    """``image`` through the IMAGE_ADJUSTER processor's own arithmetic."""
+    adjustment = Adjustment(
+        brightness=values.get("brightness", 0.0),
+        contrast=values.get("contrast", 0.0),
+        gamma=values.get("gamma", 1.0),
+    )
+    return adjust_image(image, adjustment, "")
+
+
+TONES = {
+    "brighter x2": {"brightness": 1.0},
+    "darker x0.6": {"brightness": -0.4},
+    "contrast +0.3": {"contrast": 0.3},
+    "contrast -0.3": {"contrast": -0.3},
+    "gamma 1.5": {"gamma": 1.5},
+    "brighter x2, contrast +0.3": {"brightness": 1.0, "contrast": 0.3},
+}
+
+
+@pytest.mark.parametrize("source", ["scene", "portrait"])
+def test_brightening_and_contrast_leave_the_sharpness_of_a_blurred_picture(source: str) -> None:
+    sharp = scene() if source == "scene" else face_image(320, 320)
+    blurred = dark_and_blurred(sharp, blur=2.0, gain=0.35)
+
+    def judged(image: Image.Image) -> tuple[float, float]:
+        item = EvaluationInput(output=_png(image), strategy=Strategy.IMAGE_ADJUSTING)
+        evaluation = measure(item, 10**8)
+        return evaluation.criteria["sharpness"], evaluation.measures["detail_ratio"]
+
+    score, ratio = judged(blurred)
+    for name, values in TONES.items():
+        after_score, after_ratio = judged(_tone(blurred, **values))
+        assert after_score == pytest.approx(score, abs=0.04), name
+        assert after_ratio == pytest.approx(ratio, rel=0.08), name
+    # The raw Laplacian variance the criterion used to be grows ~6.8x from the first
+    # change alone: the reason it is normalised.
+    grey = luma(np.asarray(blurred.convert("RGB")))
+    brighter = luma(np.asarray(_tone(blurred, brightness=1.0, contrast=0.3).convert("RGB")))
+    laplacian = [float(cv2.Laplacian(g, cv2.CV_64F).var()) for g in (grey, brighter)]
+    assert laplacian[1] > 5 * laplacian[0]
+
+
+@pytest.mark.parametrize("blur", [1.5, 2.0, 3.0])
+def test_a_blurred_picture_scores_lower_than_its_sharp_source_at_any_exposure(
+    blur: float,
+) -> None:
+    source = scene()
+    gains = (0.35, 0.6, 1.0, 1.3)
+    sharp = [_judge(ImageEnhance.Brightness(source).enhance(g))[1]["sharpness"] for g in gains]
+    soft = [_judge(dark_and_blurred(source, blur=blur, gain=g))[1]["sharpness"] for g in gains]
+    soft += [
+        _judge(_tone(dark_and_blurred(source, blur), **v))[1]["sharpness"] for v in TONES.values()
+    ]
+    assert max(soft) < min(sharp) - 0.1
+    assert min(sharp) > 0.95
+    if blur >= 2.0:
+        assert max(soft) < LOW  # a finding, whatever the exposure
+
+
+def test_contrast_and_noise_are_judged_relative_to_the_level() -> None:
+    grainy = np.asarray(scene(), dtype=np.float64) * 0.5
+    grainy += np.random.default_rng(2).normal(0, 3, grainy.shape)
+    dim = Image.fromarray(np.clip(grainy, 0, 255).astype(np.uint8))
+    _, before, _ = _judge(dim)
+    _, brighter, _ = _judge(_tone(dim, brightness=0.8))
+    assert brighter["contrast"] == pytest.approx(before["contrast"], abs=0.03)
+    assert brighter["noise"] == pytest.approx(before["noise"], abs=0.05)
+    _, flatter, _ = _judge(_tone(dim, contrast=-0.3))
+    assert flatter["contrast"] < before["contrast"] - 0.2  # the contrast lever does move it
+
+
+def test_a_level_short_of_the_band_is_named_even_with_a_passing_exposure_score() -> None:
+    portrait = face_image(256, 256)  # mean level about 0.45
+    _, criteria, feedback = _judge(ImageEnhance.Brightness(portrait).enhance(0.68))
+    assert LOW <= criteria["exposure"] < 1.0
+    assert "a little under-exposed (mean level 0.3" in feedback
+    _, fine, fine_note = _judge(portrait)
+    assert fine["exposure"] == 1.0
+    assert "exposed" not in fine_note

@@ -1,15 +1,18 @@
-"""IMAGE_ADJUSTER: global brightness, contrast and saturation, plus free-text hints.
+"""IMAGE_ADJUSTER: global brightness, gamma, contrast and saturation, plus free-text hints.
 
 Each value v in -1..1 is applied as the enhancement factor f = 1 + v (0 changes nothing):
 
 * brightness multiplies every channel by f (-1 gives black, 1 doubles);
+* gamma g (0.25-4, 1 changes nothing; a task parameter the AGENTIC loop sets when
+  brightness is at its bound, not a field of the public request) maps every channel
+  value c to c ** (1 / g): above 1 lifts shadows and mid-tones, keeping black and white;
 * contrast blends the image with its mean grey (mean luma) by f (-1 gives flat grey,
   1 doubles every pixel's distance to the mean);
 * saturation blends the image with its greyscale (luma) version by f (-1 gives greyscale,
   1 doubles the colourfulness).
 
-The prompt hints run first, then brightness, contrast and saturation, each result clipped
-to the valid range. Alpha is kept as it is.
+The prompt hints run first, then brightness, gamma, contrast and saturation, each result
+clipped to the valid range. Alpha is kept as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from PIL import Image
 from server.compute.processors.imaging import F32, LUMA, join_alpha, split_alpha
 
 HINT_STEP = 0.2  # the adjustment one hint word stands for
+MIN_GAMMA, MAX_GAMMA = 0.25, 4.0
 _WARM_GAIN = np.array([1.08, 1.0, 0.92], dtype=np.float32)  # red up, blue down
 _HINTS: tuple[tuple[str, str, float], ...] = (
     (r"\bwarm(er)?\b", "warmth", 1.0),
@@ -40,12 +44,13 @@ _HINTS: tuple[tuple[str, str, float], ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Adjustment:
-    """Brightness, contrast and saturation changes, each in -1..1, and a colour balance."""
+    """Brightness, contrast and saturation changes, each in -1..1, a gamma and a colour balance."""
 
     brightness: float = 0.0
     contrast: float = 0.0
     saturation: float = 0.0
     warmth: float = 0.0  # +1 per "warmer", -1 per "cooler"
+    gamma: float = 1.0
 
 
 def parse_hints(prompt: str) -> Adjustment:
@@ -65,6 +70,11 @@ def parse_hints(prompt: str) -> Adjustment:
 def brightness(rgb: F32, v: float) -> F32:
     """Every channel times 1 + v, clipped."""
     return _clip(rgb * np.float32(1.0 + v))
+
+
+def gamma(rgb: F32, g: float) -> F32:
+    """Every channel c becomes c ** (1 / g), clipped; 1 changes nothing."""
+    return _clip(np.power(np.clip(rgb, 0.0, 1.0), np.float32(1.0 / g)))
 
 
 def contrast(rgb: F32, v: float) -> F32:
@@ -88,10 +98,15 @@ def warmth(rgb: F32, amount: float) -> F32:
 
 
 def apply_adjustment(rgb: F32, adj: Adjustment) -> F32:
-    """Colour balance, brightness, contrast then saturation, each clipped (zeros are no-ops)."""
+    """Colour balance, brightness, gamma, contrast then saturation, each clipped.
+
+    Neutral values (0, and 1 for gamma) leave the pixels as they are.
+    """
     out = warmth(rgb, adj.warmth)
     if adj.brightness:
         out = brightness(out, adj.brightness)
+    if adj.gamma != 1.0:
+        out = gamma(out, adj.gamma)
     if adj.contrast:
         out = contrast(out, adj.contrast)
     if adj.saturation:
@@ -100,7 +115,7 @@ def apply_adjustment(rgb: F32, adj: Adjustment) -> F32:
 
 
 def adjust_image(img: Image.Image, values: Adjustment, prompt: str) -> Image.Image:
-    """Apply the prompt hints, then ``values`` (brightness, contrast, saturation).
+    """Apply the prompt hints, then ``values`` (brightness, gamma, contrast, saturation).
 
     Args:
         img: An RGB or RGBA image.
@@ -112,7 +127,8 @@ def adjust_image(img: Image.Image, values: Adjustment, prompt: str) -> Image.Ima
     """
     rgb, alpha = split_alpha(img)
     rgb = apply_adjustment(rgb, parse_hints(prompt))
-    rgb = apply_adjustment(rgb, Adjustment(values.brightness, values.contrast, values.saturation))
+    explicit = Adjustment(values.brightness, values.contrast, values.saturation, gamma=values.gamma)
+    rgb = apply_adjustment(rgb, explicit)
     return join_alpha(rgb, alpha)
 
 

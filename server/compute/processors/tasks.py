@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from server.compute.base import OutputFile
-from server.compute.processors.adjust import Adjustment, adjust_image
+from server.compute.processors.adjust import MAX_GAMMA, MIN_GAMMA, Adjustment, adjust_image
 from server.compute.processors.background import MAX_EXPANSION, BackgroundSpec, fix_background
 from server.compute.processors.editing import EditingInput, Entity, enhance_detail, render_edit
 from server.compute.processors.face import detect_faces, enhance_faces
@@ -27,6 +27,14 @@ from server.domain.sizes import MAX_SIDE, refine_output_size
 
 NO_FACE_NOTE = "no face detected; the image is unchanged"
 MAX_REFERENCE_IMAGES = 8
+# The task types whose processors ignore the seed: the same parameters and inputs give the
+# same bytes whatever the seed. The AGENTIC loop does not run such a chain again for a new
+# seed alone. The compute server runs these same processors (tests/compute checks the
+# claim on both backends); a compute server whose processors broke it would cost at most
+# a byte-identical attempt, which the loop recognises and does not count as a candidate.
+SEED_FREE = frozenset(
+    {TaskType.DETAIL_ENHANCER, TaskType.REFINE, TaskType.IMAGE_ADJUSTER, TaskType.FACE_ENHANCER}
+)
 
 
 def _reference(value: dict[str, Any] | None, ctx: ProcessorContext) -> ReferenceSet | None:
@@ -235,12 +243,13 @@ def run_background_fix(params: dict[str, Any], ctx: ProcessorContext) -> list[Ou
 
 
 def run_image_adjuster(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
-    """IMAGE_ADJUSTER: prompt hints, then brightness, contrast and saturation (f = 1 + v)."""
+    """IMAGE_ADJUSTER: prompt hints, then brightness, gamma, contrast and saturation."""
     seed = _seed(params)
     values = Adjustment(
         brightness=_number(params, "brightness", 0.0, -1.0, 1.0),
         contrast=_number(params, "contrast", 0.0, -1.0, 1.0),
         saturation=_number(params, "saturation", 0.0, -1.0, 1.0),
+        gamma=_number(params, "gamma", 1.0, MIN_GAMMA, MAX_GAMMA),
     )
     base = _image(params.get("base_image"), ctx)
     ctx.progress(0.3)

@@ -457,6 +457,14 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     """The generation was cancelled, or its deadline passed."""
     STOP_REASON_FAILED: _StopReason.ValueType  # 4
     """Every attempt failed; the prediction ended in ERROR."""
+    STOP_REASON_NO_FURTHER_CHANGE: _StopReason.ValueType  # 5
+    """Attempting stopped before `AgenticConfig.max_attempts`: the next attempt
+    would have computed exactly what an earlier one did (every parameter the
+    evaluation points at is at its limit, or none is pointed at and no task
+    of the chain depends on the seed). The best-scoring attempt so far (the
+    earliest on ties) was accepted; the prediction's last event says which
+    attempt would have been repeated.
+    """
 
 class StopReason(_StopReason, metaclass=_StopReasonEnumTypeWrapper):
     """Why an AGENTIC prediction stopped attempting."""
@@ -475,6 +483,14 @@ STOP_REASON_CANCELLED: StopReason.ValueType  # 3
 """The generation was cancelled, or its deadline passed."""
 STOP_REASON_FAILED: StopReason.ValueType  # 4
 """Every attempt failed; the prediction ended in ERROR."""
+STOP_REASON_NO_FURTHER_CHANGE: StopReason.ValueType  # 5
+"""Attempting stopped before `AgenticConfig.max_attempts`: the next attempt
+would have computed exactly what an earlier one did (every parameter the
+evaluation points at is at its limit, or none is pointed at and no task
+of the chain depends on the seed). The best-scoring attempt so far (the
+earliest on ties) was accepted; the prediction's last event says which
+attempt would have been repeated.
+"""
 Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
 
 class _EditingTool:

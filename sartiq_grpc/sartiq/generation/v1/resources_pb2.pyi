@@ -193,7 +193,8 @@ class AgenticConfig(_message.Message):
     EXPECTATIONS_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
     """Total number of attempts per prediction, the first one included.
-    1-10; unset means 3.
+    1-10; unset means 3. Fewer run when the next attempt would repeat an
+    earlier one (STOP_REASON_NO_FURTHER_CHANGE).
     """
     min_confidence_score: _builtins.float
     """Evaluation score, 0-1, at or above which an attempt is accepted without
@@ -1114,7 +1115,11 @@ class Evaluation(_message.Message):
     `AgenticConfig.min_confidence_score`.
     """
     feedback: _builtins.str
-    """Free-text findings that drove the next attempt's adjustments."""
+    """Free-text findings that drove the next attempt's adjustments. An attempt
+    whose output is byte-identical to an earlier attempt's is not judged
+    again: it carries that attempt's evaluation, its feedback starting with
+    "same output as attempt <n>: not a new candidate".
+    """
     provider: _builtins.str
     """The evaluator that produced this evaluation, e.g. "local" or "remote"."""
     @_builtins.property
@@ -1126,7 +1131,7 @@ class Evaluation(_message.Message):
     @_builtins.property
     def measures(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """The raw measurements behind the criteria, keyed by name (e.g. the local
-        evaluator's "mean_level" 0-1 and "laplacian_variance"); the adjustments
+        evaluator's "mean_level" 0-1 and "detail_ratio"); the adjustments
         of the next attempt are computed from them. Provider-specific.
         """
 
@@ -1182,7 +1187,9 @@ class Attempt(_message.Message):
     """Seed used by this attempt (every attempt gets a new seed)."""
     adjustment_reason: _builtins.str
     """Why those changes were made, from the previous attempt's evaluation;
-    empty for the first attempt.
+    a parameter already at its bound is named "at its limit" and another one
+    takes over where there is one (gamma after brightness). Empty for the
+    first attempt.
     """
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1193,7 +1200,8 @@ class Attempt(_message.Message):
     @_builtins.property
     def adjustments(self) -> _struct_pb2.Struct:
         """The parameter changes made for this attempt relative to the request,
-        e.g. {"steps": 45} or {"refine_pass": true}; empty for the first attempt.
+        cumulative over the attempts, e.g. {"steps": 45, "detail_pass": 0.6} or
+        {"brightness": 1.0, "gamma": 1.45}; empty for the first attempt.
         """
 
     @_builtins.property
@@ -1261,8 +1269,9 @@ class OrchestratedShot(_message.Message):
     attempt_count: _builtins.int
     """Number of attempts started so far."""
     best_attempt: _builtins.int
-    """Number of the best-scoring attempt so far (the earliest on ties); once
-    the prediction is done, the accepted one. 0 while none was evaluated.
+    """Number of the best-scoring attempt so far (the earliest on ties: a later
+    attempt with a byte-identical output never replaces it); once the
+    prediction is done, the accepted one. 0 while none was evaluated.
     """
     stop_reason: _enums_pb2.StopReason.ValueType
     """Why attempting stopped; UNSPECIFIED while still attempting."""
