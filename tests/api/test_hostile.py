@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 from typing import Any
 
 import grpc
@@ -132,11 +131,11 @@ async def test_a_label_flood_in_a_filter_is_refused_at_once(stub: GenerationStub
     flt = pb.GenerationFilter()
     for i in range(5000):
         flt.labels[f"k{i}"] = "v"
-    started = time.perf_counter()
     error = await _raised(stub.ListGenerations(pb.ListGenerationsRequest(filter=flt)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Refused by the request's bounds, before any query is built (no timing check: how
+    # long it takes on a loaded machine proves nothing).
     assert list(field_violations(error)) == ["filter.labels"]
-    assert time.perf_counter() - started < 5  # not seconds of SQL on the loop
 
 
 async def test_huge_echoes_are_cut_so_the_error_arrives(

@@ -466,7 +466,9 @@ async def test_a_stalled_server_times_out_within_the_limit(server: LocalServer) 
         error = await fetch_error(fetcher, UrlRef(server.url("/slow.png")))
 
     assert error.reason == "timeout"
-    assert 0.4 < time.monotonic() - started < 2.0
+    # Not a speed check: the stalled answer never ends, so only the limit stops the fetch;
+    # the bound is loose enough for a loaded machine and far below the test's own timeout.
+    assert 0.4 < time.monotonic() - started < 10.0
     assert str(error) == f"fetching {server.url('/slow.png')} took more than 0.5 s"
 
 
@@ -478,7 +480,8 @@ async def test_the_time_limit_covers_the_whole_fetch(server: LocalServer) -> Non
         error = await fetch_error(fetcher, UrlRef(server.url("/drip.png")))
 
     assert error.reason == "timeout"
-    assert time.monotonic() - started < 2.0
+    # The drip would complete its 500 bytes after 25 s; the limit ends it long before.
+    assert time.monotonic() - started < 10.0
 
 
 async def test_a_closed_port_is_unreachable() -> None:

@@ -291,18 +291,24 @@ async def test_watch_generations_filters_orders_and_resumes(
     cursors = [e.cursor for e in replayed]
     assert cursors == sorted(cursors)
     assert len(set(cursors)) == len(cursors)
-    # Resume from the middle: exactly the rest, then live events of a new generation.
-    live = asyncio.create_task(
-        _org_events(
-            stub,
-            generation_service_pb2.WatchGenerationsRequest(filter=flt, after_cursor=cursors[2]),
-            len(first_log) - 3 + 2,
-        )
+    # Resume from the middle: exactly the rest, then live events of a new generation,
+    # created only once the replayed part has arrived (so the tail is the live path).
+    call = stub.WatchGenerations(
+        generation_service_pb2.WatchGenerationsRequest(filter=flt, after_cursor=cursors[2])
     )
-    await asyncio.sleep(0.1)  # let the stream catch up before the new generation starts
+    stream = aiter(call)
+    resumed: list[Any] = []
+    while len(resumed) < len(first_log) - 3:
+        item = await asyncio.wait_for(anext(stream), 10)
+        if item.HasField("event"):
+            resumed.append(item.event)
     fake_compute.hold = True
     second = (await stub.CreateGenerateGeneration(labelled)).generation.id
-    resumed = await asyncio.wait_for(live, 10)
+    while len(resumed) < len(first_log) - 3 + 2:
+        item = await asyncio.wait_for(anext(stream), 10)
+        if item.HasField("event"):
+            resumed.append(item.event)
+    call.cancel()
     assert [e.cursor for e in resumed[: len(first_log) - 3]] == cursors[3:]
     assert [e.generation_id for e in resumed[len(first_log) - 3 :]] == [second, second]
     assert [e.sequence for e in resumed[len(first_log) - 3 :]] == [1, 2]
