@@ -204,3 +204,25 @@ async def test_a_log_stored_by_an_earlier_release_is_sent_by_presence(
         stub = GenerationStub(channel)
         _check_presence(await watch_all(stub, generation_id))
         assert await _rebuilt(stub, generation_id) == expected
+
+
+async def test_replay_goes_by_presence_not_emptiness(stub: GenerationStub, product_id: str) -> None:
+    generation_id = await create_generation(stub, product_id)
+    done = await wait_terminal(stub, generation_id)
+    events = await watch_all(stub, generation_id)
+    last_task_event = max(i for i, e in enumerate(events) if e.kind in TASK_EVENTS)
+    # A task event that sets parameters replaces them, even with an empty Struct...
+    emptied = resources_pb2.GenerationEvent()
+    emptied.CopyFrom(events[last_task_event])
+    emptied.task.parameters.SetInParent()
+    tree = None
+    for event in [*events[:last_task_event], emptied, *events[last_task_event + 1 :]]:
+        tree = replay.apply(tree, event)
+    assert tree is not None
+    task = tree.predictions[0].tasks[0]
+    assert task.HasField("parameters")
+    assert not task.parameters.fields
+    # ...and one that leaves them unset keeps them.
+    assert done.predictions[0].tasks[0].parameters.fields
+    assert not events[last_task_event].task.HasField("parameters")
+    assert await _rebuilt(stub, generation_id) == done

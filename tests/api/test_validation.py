@@ -285,3 +285,18 @@ async def test_every_unknown_editing_input_is_named(
     }
     assert info.reason == "NOT_FOUND"
     await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_an_unknown_id_wins_over_an_input_that_is_not_ready(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.hold = True  # the first generation's prediction stays unfinished
+    created = await stub.CreateGenerateGeneration(gen(product_id=product_id, shot_type_string="x"))
+    unready = f"prediction:{created.generation.predictions[0].id}"
+    error = await edit_error(stub, edit(base_img_path=unready, tool=SWAP, subject_id="gone"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(error_info(error).metadata) == {"params.subject_id": "gone"}
+    # With every id known, the unfinished input is what is wrong.
+    error = await edit_error(stub, edit(base_img_path=unready, tool=ENHANCE, product_id=product_id))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(error_info(error).metadata) == {"field": "params.base_img_path"}

@@ -213,10 +213,18 @@ async def test_a_bad_key_is_one_line_and_exit_4(keyed_server: str, image: str) -
     assert_all({name: failure_problems(run, 4, *needles) for name, run in runs.items()})
 
 
+async def test_a_usage_error_is_one_line_and_exit_2() -> None:
+    run = await sartiq("generate", "--product", "p")  # --shot is required
+    assert failure_problems(run, 2, "usage:", "--shot", "sartiq generate --help") == []
+
+
 async def test_the_server_refusals_name_the_field_or_id(app: App, image: str) -> None:
     target = ("--target", f"127.0.0.1:{app.port}")
     invalid, unknown, enhance, loopback = await asyncio.gather(
-        sartiq(*target, "generate", "--shot", "front", "--width", "65"),
+        # More faults than the status message lists: the line names each, and why.
+        sartiq(
+            *target, "generate", "--shot", "f", "--width", "65", "--height", "9000", "--batch", "17"
+        ),
         sartiq(*target, "get", GENERATION_ID),
         sartiq(*target, "edit", image, "--tool", "PRODUCT_ENHANCEMENT"),
         # A URL with its scheme in capitals is a URL (here one the server refuses).
@@ -225,7 +233,14 @@ async def test_the_server_refusals_name_the_field_or_id(app: App, image: str) ->
     assert_all(
         {
             "generate": failure_problems(
-                invalid, 2, "params.width", "params.subject_id", "params.product_id"
+                invalid,
+                2,
+                "params.width: ",
+                "params.height: ",
+                "params.batch_size: ",
+                "params.subject_id: ",
+                "params.product_id: ",
+                "multiple of 8",
             ),
             "get": failure_problems(unknown, 3, f"generation_id={GENERATION_ID}"),
             "edit": failure_problems(enhance, 2, "params.product_id"),
