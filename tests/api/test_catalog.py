@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 
 import grpc
 import pytest
-from helpers import CatalogStub, field_violations, png_bytes
+from helpers import CatalogStub, error_info, field_violations, png_bytes
 
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2 as pb
 from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2, artifact_service_pb2_grpc
@@ -169,3 +169,26 @@ async def test_lora_weights_come_from_an_allowed_prefix_or_an_own_upload(
         pb.CreateSubjectRequest(name="D", lora=pb.Lora(uri=f"artifact:{sha}"))
     )
     assert own.subject.lora.uri == f"artifact:{sha}"
+
+
+async def test_every_unknown_artifact_of_a_create_is_named(catalog: CatalogStub) -> None:
+    unknown = [f"artifact:{digit * 64}" for digit in "de"]
+    request = pb.CreateProductRequest(
+        name="Dress",
+        reference_images=[
+            pb.ImageInput(data=PNG),
+            pb.ImageInput(artifact=unknown[0]),
+            pb.ImageInput(artifact=unknown[1]),
+        ],
+        lora=pb.Lora(uri="artifact:" + "f" * 64),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await catalog.CreateProduct(request)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # One ErrorInfo.metadata entry per unknown id, as the contract promises.
+    assert dict(error_info(caught.value).metadata) == {
+        "reference_images[1].artifact": unknown[0][:64] + "...",
+        "reference_images[2].artifact": unknown[1][:64] + "...",
+        "lora.uri": ("artifact:" + "f" * 64)[:64] + "...",
+    }
+    assert list((await catalog.ListProducts(pb.ListProductsRequest())).products) == []
