@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -86,9 +87,17 @@ async def _strategy_params(
     client: SartiqClient, args: argparse.Namespace, local: dict[str, bytes]
 ) -> StrategyParams:
     base = await _image(client, args.image, local)
+    references = [await _image(client, ref, local) for ref in getattr(args, "reference", [])]
+    background = await _image(client, getattr(args, "background", ""), local)
+    with _out_of_range():
+        return _strategy_message(args, base, references, background)
+
+
+def _strategy_message(
+    args: argparse.Namespace, base: str, references: list[str], background: str
+) -> StrategyParams:
     common = _set({}, seed=args.seed)
     if args.command == "edit":
-        references = [await _image(client, ref, local) for ref in args.reference]
         tool = f"EDITING_TOOL_{args.tool}" if args.tool else "EDITING_TOOL_UNSPECIFIED"
         return resources_pb2.EditingParams(
             base_img_path=base,
@@ -126,7 +135,7 @@ async def _strategy_params(
         return resources_pb2.BackgroundFixingParams(
             base_image_url=base,
             background_prompt=args.prompt,
-            background_image_url=await _image(client, args.background, local),
+            background_image_url=background,
             mask_expansion=args.expand,
             **common,
         )
@@ -176,10 +185,21 @@ async def _generate(client: SartiqClient, args: argparse.Namespace) -> None:
     }
     if args.seed is not None:
         params["seed"] = args.seed
-    generation = await client.generate(
-        request_id=args.request_id, orchestration=_orchestration(args), **params
+    with _out_of_range():
+        request = resources_pb2.GenerateParams(**params)
+    generation = await client.create(
+        request, request_id=args.request_id, orchestration=_orchestration(args)
     )
     print(generation.id)
+
+
+@contextlib.contextmanager
+def _out_of_range() -> Iterator[None]:
+    """Turn protobuf's refusal of a number its field cannot hold into a usage failure."""
+    try:
+        yield
+    except ValueError as exc:  # e.g. "Value out of range: 99999999999" for an int32
+        raise CliError(EXIT_USAGE, "arguments", str(exc)) from None
 
 
 async def _ref(client: SartiqClient, args: argparse.Namespace) -> None:

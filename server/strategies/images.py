@@ -87,9 +87,11 @@ async def resolve_inputs(
     """
     found = await find_images(lookups, org, policy, images)
     loaded, unknown = await find_entities(lookups, org, params, entities)
-    what = ("image", "catalog entity" if not found.missing else "image or catalog entity")
+    what = "image"
+    if unknown:
+        what = "image or catalog entity" if found.missing else "catalog entity"
     found.missing.update(unknown)
-    found.raise_if_any(what[bool(unknown)])
+    found.raise_if_any(what)
     return found.resolved, loaded
 
 

@@ -220,7 +220,7 @@ async def test_a_usage_error_is_one_line_and_exit_2() -> None:
 
 async def test_the_server_refusals_name_the_field_or_id(app: App, image: str) -> None:
     target = ("--target", f"127.0.0.1:{app.port}")
-    invalid, unknown, enhance, loopback = await asyncio.gather(
+    invalid, unknown, enhance, loopback, huge = await asyncio.gather(
         # More faults than the status message lists: the line names each, and why.
         sartiq(
             *target, "generate", "--shot", "f", "--width", "65", "--height", "9000", "--batch", "17"
@@ -229,6 +229,8 @@ async def test_the_server_refusals_name_the_field_or_id(app: App, image: str) ->
         sartiq(*target, "edit", image, "--tool", "PRODUCT_ENHANCEMENT"),
         # A URL with its scheme in capitals is a URL (here one the server refuses).
         sartiq(*target, "refine", "HTTP://127.0.0.1/a.png"),
+        # A number no int32 field can hold: a usage failure, not a traceback.
+        sartiq(*target, "video", image, "--fps", "99999999999"),
     )
     assert_all(
         {
@@ -245,6 +247,7 @@ async def test_the_server_refusals_name_the_field_or_id(app: App, image: str) ->
             "get": failure_problems(unknown, 3, f"generation_id={GENERATION_ID}"),
             "edit": failure_problems(enhance, 2, "params.product_id"),
             "refine": failure_problems(loopback, 2, "params.base_image_url"),
+            "video": failure_problems(huge, 2, "arguments", "out of range"),
         }
     )
 
