@@ -130,6 +130,7 @@ async def test_replay_after_a_lost_task_equals_get(
     generation_id = await create_generation(stub, product_id, batch=2)
     await wait_terminal(stub, generation_id)
     assert await _rebuilt(stub, generation_id) == await _get(stub, generation_id)
+    _check_presence(await watch_all(stub, generation_id))
 
 
 async def test_replay_must_start_at_creation(stub: GenerationStub, product_id: str) -> None:
