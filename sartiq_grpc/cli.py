@@ -249,30 +249,35 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
 
 
 async def _connect(client: SartiqClient, target: str, within: float) -> None:
-    """Wait for a connection, at most ``within`` seconds, saying so when it takes a while.
+    """Wait for a connection, at most ``within`` seconds, saying so.
 
-    The notice and its outcome share one line on stderr: "sartiq: HOST: waiting up to
-    N s ... gave up: <why>" (or the notice is erased on a terminal once connected).
+    Giving up is one line on stderr: "sartiq: HOST: waiting up to N s for the server
+    (--connect-timeout)... gave up: <why>". On a terminal its first half shows as soon
+    as the wait takes noticeably long, and is erased if the server then answers;
+    elsewhere (logs, scripts) the whole line is written when giving up, so a slow but
+    successful connection leaves stderr empty.
 
     Raises:
         CliError: no connection in time (exit status 5).
     """
-    quiet = min(_QUIET_WAIT, within)
+    notice = f"sartiq: {target}: waiting up to {within:g} s for the server (--connect-timeout)... "
+    live = sys.stderr.isatty()
+    quiet = min(_QUIET_WAIT, within) if live else within
     try:
         await client.connect(quiet)
         return
     except errors.TransportError as error:
-        if within <= quiet:
-            why = f"no connection within {within:g} s (--connect-timeout): {error}"
-            raise CliError(EXIT_UNAVAILABLE, target, why) from None
-    notice = f"sartiq: {target}: waiting up to {within:g} s for the server (--connect-timeout)... "
+        if quiet >= within:
+            raise CliError(
+                EXIT_UNAVAILABLE, target, notice + f"gave up: {error}", bare=True
+            ) from None
     sys.stderr.write(notice)
     sys.stderr.flush()
     try:
         await client.connect(within - quiet)
     except errors.TransportError as error:
-        raise CliError(EXIT_UNAVAILABLE, target, f"gave up: {error}", continues=True) from None
-    sys.stderr.write("\r\x1b[K" if sys.stderr.isatty() else "connected\n")
+        raise CliError(EXIT_UNAVAILABLE, target, f"gave up: {error}", bare=True) from None
+    sys.stderr.write("\r\x1b[K")  # connected: the notice goes
     sys.stderr.flush()
 
 

@@ -44,20 +44,20 @@ _OPAQUE_SCHEMES = ("prediction", "artifact")  # references without "//"
 class CliError(Exception):
     """A failure the CLI reports as ``sartiq: <what>: <why>`` and exits ``status``."""
 
-    def __init__(self, status: int, what: str, why: str, *, continues: bool = False) -> None:
+    def __init__(self, status: int, what: str, why: str, *, bare: bool = False) -> None:
         super().__init__(f"{what}: {why}")
         self.status = status
         self.what = what
         self.why = why
-        self.continues = continues
+        self.bare = bare
 
     def line(self) -> str:
         """What is printed on stderr, control characters flattened to spaces.
 
-        With ``continues`` the line was begun already (a "waiting ..." notice) and only
-        ``why`` completes it.
+        With ``bare`` it is ``why`` alone: a line that is whole already, or the end of
+        one begun on a terminal (a "waiting ..." notice).
         """
-        return one_line(self.why if self.continues else f"sartiq: {self.what}: {self.why}")
+        return one_line(self.why if self.bare else f"sartiq: {self.what}: {self.why}")
 
 
 def one_line(text: str) -> str:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
+import select
 import socket
 import sys
+import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -194,6 +197,59 @@ async def test_an_unreachable_server_is_waited_for_within_the_bound_then_exit_5(
     # One line: the notice that it waits, and for how long, then why it gave up.
     needles = (target, f"waiting up to {CONNECT_TIMEOUT} s", "gave up: Connection refused")
     assert_all({name: failure_problems(run, 5, *needles) for name, run in runs.items()})
+
+
+def read_terminal(fd: int, until: bytes, timeout: float) -> bytes:
+    """What a pseudo-terminal shows until ``until`` appears, it closes, or ``timeout``."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while until not in seen and (left := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], left)[0]:
+            break
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the other side closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    return seen
+
+
+async def test_on_a_terminal_the_wait_shows_while_it_lasts() -> None:
+    target = f"127.0.0.1:{closed_port()}"
+    primary, secondary = pty.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sartiq_grpc.cli",
+            "--target",
+            target,
+            "--connect-timeout",
+            "6",
+            "watch",
+            GENERATION_ID,
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("SARTIQ_")},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=secondary,  # a terminal: the notice shows at once, not only at the end
+        )
+        os.close(secondary)
+        notice = f"sartiq: {target}: waiting up to 6 s for the server".encode()
+        shown = await asyncio.to_thread(read_terminal, primary, notice, 30)
+        assert notice in shown, shown
+        # Shown while it still waits: the outcome comes seconds later, not with it.
+        assert b"gave up" not in shown, shown
+        rest = await asyncio.to_thread(read_terminal, primary, b"\n", 30)
+        await asyncio.wait_for(process.wait(), 30)
+    finally:
+        os.close(primary)
+    text = (shown + rest).decode()
+    assert process.returncode == 5, text
+    assert "Traceback" not in text
+    assert text.strip().endswith("gave up: Connection refused"), text
 
 
 @pytest.fixture
