@@ -18,15 +18,15 @@ access to the server's disk.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sartiq_grpc import errors
+from sartiq_grpc import errors, resume
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2, catalog_service_pb2_grpc
 from sartiq_grpc.sartiq.generation.v1 import (
     artifact_service_pb2,
@@ -68,9 +68,8 @@ _CREATE_METHODS = {
 }
 _CATALOG_KINDS = ("subject", "product", "style")
 T = TypeVar("T")
-# Codes after which a watch reconnects and resumes: the server went away or is
-# shutting down, or the connection was cut.
-_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+# How long the probe that explains a failed connection may take.
+_PROBE_SECONDS = 0.5
 
 
 async def _checked(call: Awaitable[T]) -> T:
@@ -164,6 +163,50 @@ class SartiqClient:
         """Close the channel."""
         await self._channel.close(grace=None)
 
+    async def connect(self, within: float) -> None:
+        """Wait until the channel is connected, at most ``within`` seconds.
+
+        Calls connect by themselves; this bounds the wait and says why it failed.
+
+        Raises:
+            TransportError: no connection in ``within`` seconds; the message gives the
+                transport's reason when it has one (e.g. "Connection refused").
+        """
+        if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), within)
+        except TimeoutError:
+            raise errors.TransportError(await self._why_unconnected()) from None
+
+    async def _why_unconnected(self) -> str:
+        """The transport's reason the channel is not connected, from one quick call."""
+        try:
+            await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=_PROBE_SECONDS
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return "no answer"
+            # The last clause is the cause: "failed to connect to all addresses; last
+            # error: UNKNOWN: ipv4:127.0.0.1:9: Failed to connect to remote host:
+            # Connection refused", "errors resolving h:1: [...: Domain name not found]".
+            cause = (error.details() or "").rsplit(": ", 1)[-1].strip("[]() ")
+            return cause or error.code().name
+        return "connected only as the wait ended"
+
+    async def health(self, service: str = "") -> str:
+        """The server's ``grpc.health.v1`` status for ``service`` ("" is the server), by name.
+
+        Raises:
+            ApiError: the server answered with an error (e.g. NOT_FOUND for an unknown
+                service).
+        """
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await _checked(health_pb2_grpc.HealthStub(self._channel).Check(request))
+        name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return name
+
     async def upload(self, data: bytes) -> resources_pb2.Artifact:
         """Upload an image in 1 MiB chunks; returns its artifact (use ``artifact:<sha256>``)."""
 
@@ -190,10 +233,13 @@ class SartiqClient:
             offset = handle.tell()
             request = artifact_service_pb2.DownloadArtifactRequest(sha256=sha256, offset=offset)
             artifact = resources_pb2.Artifact()
-            async for item in self.artifacts.DownloadArtifact(request, metadata=self._metadata):
-                if item.HasField("artifact"):
-                    artifact = item.artifact
-                handle.write(item.chunk)
+            try:
+                async for item in self.artifacts.DownloadArtifact(request, metadata=self._metadata):
+                    if item.HasField("artifact"):
+                        artifact = item.artifact
+                    handle.write(item.chunk)
+            except grpc.aio.AioRpcError as error:
+                raise errors.from_rpc_error(error) from None
         return artifact
 
     async def create_entity(
@@ -215,7 +261,7 @@ class SartiqClient:
         ]
         request = request_type(name=name, description=description, reference_images=references)
         method = getattr(self.catalog, f"Create{kind.title()}")
-        response = await method(request, metadata=self._metadata)
+        response = await _checked(method(request, metadata=self._metadata))
         return getattr(response, kind)
 
     async def generate(
@@ -294,32 +340,39 @@ class SartiqClient:
         )
 
     async def watch(
-        self, generation_id: str, after_sequence: int = 0, *, resume_for: float = 60.0
+        self,
+        generation_id: str,
+        after_sequence: int = 0,
+        *,
+        resume_for: float = 60.0,
+        on_wait: Callable[[str], None] | None = None,
     ) -> AsyncIterator[resources_pb2.GenerationEvent]:
         """Yield the generation's events after ``after_sequence`` until its terminal one.
 
-        Heartbeats are skipped. When the server goes away (it restarts, shuts down, or the
-        connection is cut) the watch reconnects with the last sequence received, so every
-        event arrives exactly once; it gives up with ``TransportError`` after
-        ``resume_for`` seconds without progress.
+        Heartbeats are skipped. When the server cannot be reached or goes away (it
+        restarts, shuts down, or the connection is cut) the watch waits for it and
+        reconnects with the last sequence received, so every event arrives exactly once;
+        it gives up with ``TransportError`` after ``resume_for`` seconds without
+        progress. ``on_wait`` is called with the reason each time it starts waiting.
 
         Raises:
             ApiError: the server refused the watch (unknown id, bad cursor, ...).
-            TransportError: the server stayed unreachable.
+            TransportError: the server stayed unreachable for ``resume_for`` seconds.
         """
 
         def open_stream(after: int) -> Any:
             request = generation_service_pb2.WatchGenerationRequest(
                 generation_id=generation_id, after_sequence=after
             )
-            return self.generations.WatchGeneration(
-                request, metadata=self._metadata, wait_for_ready=True
-            )
+            return self.generations.WatchGeneration(request, metadata=self._metadata)
 
         def position(item: Any) -> int | None:
             return int(item.event.sequence) if item.HasField("event") else None
 
-        async for item in self._resuming(open_stream, after_sequence, position, resume_for):
+        resuming = resume.resuming(
+            self.connect, open_stream, after_sequence, position, resume_for, on_wait
+        )
+        async for item in resuming:
             if item.HasField("event"):
                 yield item.event
                 if item.event.terminal:
@@ -331,60 +384,31 @@ class SartiqClient:
         after_cursor: int = -1,
         *,
         resume_for: float = 60.0,
+        on_wait: Callable[[str], None] | None = None,
     ) -> AsyncIterator[resources_pb2.GenerationEvent]:
         """Yield the events of the organization's generations matching ``flt``, for ever.
 
         ``after_cursor`` -1 starts from now; pass the last ``event.cursor`` to resume.
-        Reconnects by itself like ``watch``, from the last cursor seen (heartbeats
-        advance it too).
+        Waits for the server and reconnects by itself like ``watch``, from the last
+        cursor seen (heartbeats advance it too).
 
         Raises:
             ApiError: the server refused the watch (a bad filter, ...).
-            TransportError: the server stayed unreachable.
+            TransportError: the server stayed unreachable for ``resume_for`` seconds.
         """
 
         def open_stream(after: int) -> Any:
             request = generation_service_pb2.WatchGenerationsRequest(filter=flt, after_cursor=after)
-            return self.generations.WatchGenerations(
-                request, metadata=self._metadata, wait_for_ready=True
-            )
+            return self.generations.WatchGenerations(request, metadata=self._metadata)
 
         def position(item: Any) -> int | None:
             if item.HasField("event"):
                 return int(item.event.cursor)
             return int(item.heartbeat.cursor) or None
 
-        async for item in self._resuming(open_stream, after_cursor, position, resume_for):
+        resuming = resume.resuming(
+            self.connect, open_stream, after_cursor, position, resume_for, on_wait
+        )
+        async for item in resuming:
             if item.HasField("event"):
                 yield item.event
-
-    async def _resuming(
-        self,
-        open_stream: Callable[[int], Any],
-        start: int,
-        position: Callable[[Any], int | None],
-        resume_for: float,
-    ) -> AsyncIterator[Any]:
-        """Items of a stream, reopened from the last position whenever it breaks."""
-        last = start
-        delay = 0.1
-        deadline = time.monotonic() + resume_for
-        while True:
-            try:
-                async for item in open_stream(last):
-                    moved = position(item)
-                    if moved is not None:
-                        last = moved
-                    deadline = time.monotonic() + resume_for
-                    delay = 0.1
-                    yield item
-                return  # the server ended the stream normally
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in _RESUMABLE:
-                    raise errors.from_rpc_error(error) from None
-                if time.monotonic() > deadline:
-                    raise errors.TransportError(
-                        f"the server stayed unreachable for {resume_for:g} s: {error.details()}"
-                    ) from None
-            await asyncio.sleep(delay)  # back off before reconnecting
-            delay = min(delay * 2, 2.0)

@@ -6,7 +6,9 @@
     # tree now equals GetGeneration's answer, field by field
 
 Each event carries the changed resource; the fold replaces the resource with the same id
-(adding it when new) and keeps what events leave out: children, and creation-time inputs.
+(adding it when new) and keeps what events leave out: children, creation-time inputs, and
+a task's ``parameters`` when the event leaves that field unset (presence, not emptiness,
+says whether they changed).
 """
 
 from __future__ import annotations
@@ -105,11 +107,12 @@ def _replace_task(tree: resources_pb2.Generation, change: resources_pb2.ComputeT
         return  # a task always follows its prediction's creation; nothing to attach to
     for task in prediction.tasks:
         if task.id == change.id:
-            parameters = resources_pb2.ComputeTask()
-            parameters.parameters.CopyFrom(task.parameters)
+            kept = resources_pb2.ComputeTask()
+            kept.CopyFrom(task)
             task.CopyFrom(change)
-            if not change.HasField("parameters") or not change.parameters.fields:
-                task.parameters.CopyFrom(parameters.parameters)
+            # By presence, as the contract says: unset means unchanged, and only that.
+            if not change.HasField("parameters") and kept.HasField("parameters"):
+                task.parameters.CopyFrom(kept.parameters)
             return
     prediction.tasks.add().CopyFrom(change)
 

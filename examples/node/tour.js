@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 // A tour of the Sartiq generation service from Node.js, written only from the
 // .proto files in ../../protos: upload an image, put it in the catalog, see a
-// rich validation error, generate, watch (with a resume), and download (with a
-// resume). It does what a client on another machine would do: every byte goes
+// rich validation error, generate, watch (with a resume), rebuild the
+// generation from its events, and download (with a resume). It does what a client on another machine would do: every byte goes
 // over gRPC, nothing is read from the server's disk.
 //
 //   node tour.js --target 127.0.0.1:50051 --image dress.png --out ./out [--api-key KEY]
@@ -247,7 +247,7 @@ async function watchSome(generations, metadata, generationId, afterSequence, lim
     // Heartbeats only keep idle streams alive through proxies; no state.
     if (item.item !== 'event') continue;
     const event = item.event;
-    seen.push(event.sequence);
+    seen.push(event);
     console.log(`  event ${event.sequence} ${event.kind}${event.terminal ? ' (terminal)' : ''}`);
     if (event.terminal) {
       // The server closes the stream right after the terminal event; let it.
@@ -269,20 +269,88 @@ async function watchWithResume(generations, metadata, generationId) {
   if (!terminal) {
     // Resume from the last sequence received: the server replays what we
     // missed while disconnected, then goes live, with no gap and no duplicate.
-    const last = seen[seen.length - 1];
+    const last = seen[seen.length - 1].sequence;
     console.log(`resuming after sequence ${last}:`);
     terminal = await watchSome(generations, metadata, generationId, last, Infinity, seen);
   }
   // The log starts at 1 and grows by 1: exactly 1..N, in order.
-  seen.forEach((sequence, index) => {
+  const sequences = seen.map((event) => event.sequence);
+  sequences.forEach((sequence, index) => {
     if (sequence !== index + 1) {
-      fail(`event sequences are not 1..${seen.length}: ${seen.join(',')}`);
+      fail(`event sequences are not 1..${seen.length}: ${sequences.join(',')}`);
     }
   });
   console.log(`saw events 1..${seen.length} with no gap or duplicate`);
+  return seen;
 }
 
-async function finishedArtifact(generations, metadata, generationId) {
+// Rebuild a generation from its events by the rule in the GenerationEvent
+// comment: start from the GENERATION_CREATED tree, then replace each changed
+// resource, keeping what events leave out (children, creation-time inputs, and
+// a task's `parameters` when the event leaves that field unset). Presence is
+// what counts: with `defaults: true` an unset message field reads as null,
+// while an empty one would read as `{ fields: {} }` and replace.
+function rebuild(events) {
+  let tree = null;
+  for (const event of events) {
+    if (event.kind === 'EVENT_KIND_GENERATION_CREATED') {
+      tree = structuredClone(event.generation);
+    } else if (tree === null) {
+      fail('the event log does not start with GENERATION_CREATED');
+    } else {
+      applyChange(tree, event);
+    }
+    tree.last_event_sequence = event.sequence;
+    tree.prediction_counts = event.prediction_counts;
+  }
+  return tree;
+}
+
+const CREATION_INPUTS = ['refinement', 'labels', 'orchestration', 'request_id', 'organization'];
+
+function applyChange(tree, event) {
+  const change = structuredClone(event[event.payload]);
+  const prediction = (id) => tree.predictions.find((p) => p.id === id);
+  if (event.payload === 'generation') {
+    // The `params` oneof names the member that is set (e.g. 'generate').
+    for (const name of ['predictions', ...CREATION_INPUTS, 'params', tree.params]) {
+      if (name) change[name] = tree[name];
+    }
+    for (const name of Object.keys(tree)) delete tree[name];
+    Object.assign(tree, change);
+  } else if (event.payload === 'prediction') {
+    const current = prediction(change.id);
+    if (!current) return tree.predictions.push(change);
+    change.tasks = current.tasks;
+    if (change.agentic) change.agentic.attempts = current.agentic?.attempts ?? [];
+    tree.predictions[tree.predictions.indexOf(current)] = change;
+  } else if (event.payload === 'task') {
+    const tasks = prediction(change.prediction_id)?.tasks;
+    if (!tasks) return;
+    const index = tasks.findIndex((t) => t.id === change.id);
+    if (index < 0) return tasks.push(change);
+    if (change.parameters === null) change.parameters = tasks[index].parameters;
+    tasks[index] = change;
+  } else if (event.payload === 'attempt') {
+    const attempts = prediction(change.prediction_id)?.agentic?.attempts;
+    if (!attempts) return;
+    const index = attempts.findIndex((a) => a.id === change.id);
+    if (index < 0) attempts.push(change);
+    else attempts[index] = change;
+  }
+}
+
+// JSON with object keys sorted, so two decodings of the same message compare
+// equal whatever order their map entries arrived in.
+function canonical(value) {
+  return JSON.stringify(value, (_key, item) =>
+    item && typeof item === 'object' && !Array.isArray(item) && !Buffer.isBuffer(item)
+      ? Object.fromEntries(Object.entries(item).sort(([a], [b]) => (a < b ? -1 : 1)))
+      : item,
+  );
+}
+
+async function finishedArtifact(generations, metadata, generationId, events) {
   const { generation } = await unary(
     generations,
     'GetGeneration',
@@ -294,6 +362,11 @@ async function finishedArtifact(generations, metadata, generationId) {
   if (generation.status !== 'GENERATION_STATUS_COMPLETED') {
     fail(`generation ended ${generation.status}: ${JSON.stringify(generation.error)}`);
   }
+  // The events alone rebuild exactly what GetGeneration shows.
+  if (canonical(rebuild(events)) !== canonical(generation)) {
+    fail('the generation rebuilt from its events differs from GetGeneration');
+  }
+  console.log(`rebuilt from ${events.length} events: equal to GetGeneration`);
   const artifact = generation.predictions[0]?.artifact;
   if (!artifact?.sha256) fail('the first prediction has no artifact');
   return artifact;
@@ -421,9 +494,9 @@ async function tour(options, services, types) {
     const created = await createGeneration(generations, metadata, product.id);
     console.log(`created generation ${created.id} (${created.status})`);
 
-    await watchWithResume(generations, metadata, created.id);
+    const events = await watchWithResume(generations, metadata, created.id);
 
-    const artifact = await finishedArtifact(generations, metadata, created.id);
+    const artifact = await finishedArtifact(generations, metadata, created.id, events);
     console.log(`generation completed: artifact ${artifact.sha256}`);
 
     const file = await downloadWithResume(artifacts, metadata, artifact.sha256, options.out);

@@ -91,9 +91,10 @@ class CatalogService:
 
         Raises:
             InvalidArgumentError: every offending field at once.
-            NotFoundError: an ``artifact:`` reference names nothing stored.
+            NotFoundError: ``artifact:`` references to nothing stored, every one named.
         """
         v = Violations()
+        missing: dict[str, str] = {}  # unknown artifacts by field path, reported together
         name = entity.name.strip()
         if not name:
             v.add("name", "is required")
@@ -109,18 +110,21 @@ class CatalogService:
             v.add("reference_images", f"must have at most {MAX_REFERENCE_IMAGES} images")
             images: list[_Image] = []
         else:
-            images = await self._check_images(org, entity.reference_images, v)
+            images = await self._check_images(org, entity.reference_images, v, missing)
         v.raise_if_any()
         if entity.lora is not None and (match := _ARTIFACT_URI.fullmatch(entity.lora.uri)):
             async with self._store.read() as session:
                 owned = await repository.get_owned_artifact(session, org, match.group(1))
             if owned is None:
-                raise NotFoundError.of("artifact", {"lora.uri": entity.lora.uri})
+                missing["lora.uri"] = entity.lora.uri
+        if missing:
+            raise NotFoundError.of("artifact", missing)
         return await self._insert(org, kind, name, entity, images)
 
     async def _check_images(
-        self, org: str, inputs: Sequence[ImageInput], v: Violations
+        self, org: str, inputs: Sequence[ImageInput], v: Violations, missing: dict[str, str]
     ) -> list[_Image]:
+        """The usable images; faults go to ``v``, unknown artifacts to ``missing``."""
         images: list[_Image] = []
         for index, image in enumerate(inputs):
             path = f"reference_images[{index}]"
@@ -146,7 +150,8 @@ class CatalogService:
             async with self._store.read() as session:
                 owned = await repository.get_owned_artifact(session, org, match.group(1))
             if owned is None:
-                raise NotFoundError.of("artifact", {f"{path}.artifact": image.artifact})
+                missing[f"{path}.artifact"] = image.artifact
+                continue
             artifact = owned[0]
             if not artifact.mime_type.startswith("image/"):
                 v.add(f"{path}.artifact", f"must be an image, not {artifact.mime_type}")

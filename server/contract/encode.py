@@ -67,10 +67,15 @@ _STRUCTS: OrderedDict[int, tuple[dict[str, Any], struct_pb2.Struct]] = OrderedDi
 _STRUCTS_KEPT = 4096
 
 
-def struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
-    """A Struct holding a JSON-like dict."""
+def struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
+    """A Struct holding a JSON-like dict; None (the field left unset) for an empty one.
+
+    Events rely on this: a task change that did not touch the parameters carries none,
+    and a client rebuilding by field presence keeps what it has (see GenerationEvent).
+    An empty Struct would read as "the parameters are now empty".
+    """
     if not value:
-        return struct_pb2.Struct()
+        return None
     cached = _STRUCTS.get(id(value))
     if cached is not None and cached[0] is value:
         return cached[1]
@@ -400,6 +405,11 @@ def decode_event(data: bytes) -> GenerationEvent:
     message = pb.GenerationEvent.FromString(data)
     if _LEGACY_URI in data:
         _name_artifacts(message)
+    task = message.task
+    if message.HasField("task") and task.HasField("parameters") and not task.parameters.fields:
+        # Logs stored by earlier releases say "unchanged" with an empty Struct; the
+        # contract says it by leaving the field unset, so old logs are sent that way.
+        task.ClearField("parameters")
     counts = message.prediction_counts
     return GenerationEvent(
         generation_id=message.generation_id,

@@ -16,8 +16,8 @@ from server.strategies.base import (
     expect_input,
 )
 from server.strategies.common import MAX_SEED, check_dimension, check_length, check_seed
-from server.strategies.entities import load_entities, reference_set
-from server.strategies.images import check_image, choose_seed, resolve_images
+from server.strategies.entities import reference_set
+from server.strategies.images import check_image, choose_seed, resolve_inputs
 from server.strategies.inputs import EditingInput
 
 MAX_REFERENCES = 8
@@ -51,10 +51,14 @@ class EditingStrategy(ImageStrategy):
                 check_image(v, self._policy, field, text, required=True)
         if given.tool is None:
             v.add("params.tool", "is required: EDIT, SUBJECT_SWAP or PRODUCT_ENHANCEMENT")
-        elif given.tool is EditingTool.EDIT and not given.reference_images:
-            v.add("params.reference_images", "EDIT composites references: give at least one")
+        elif given.tool is EditingTool.EDIT:
+            if not given.reference_images and not given.prompt.strip():
+                for name in ("params.reference_images", "params.prompt"):
+                    v.add(name, "EDIT needs reference images, a prompt, or both")
         elif given.tool is EditingTool.SUBJECT_SWAP and not given.subject_id:
             v.add("params.subject_id", "is required when tool is SUBJECT_SWAP")
+        elif given.tool is EditingTool.PRODUCT_ENHANCEMENT and not given.product_id:
+            v.add("params.product_id", "is required when tool is PRODUCT_ENHANCEMENT")
         for name, value in (("width", given.width), ("height", given.height)):
             if value:
                 check_dimension(v, f"params.{name}", value)
@@ -80,8 +84,10 @@ class EditingStrategy(ImageStrategy):
             f"params.reference_images[{i}]": text
             for i, text in enumerate(params["reference_images"])
         }
-        resolved = await resolve_images(lookups, org, self._policy, images)
-        entities = await load_entities(lookups, org, params, _ENTITIES)
+        # Unknown images and entities are reported together: one NOT_FOUND naming each.
+        resolved, entities = await resolve_inputs(
+            lookups, org, self._policy, images, params, _ENTITIES
+        )
         seed = choose_seed(params)
         base = resolved["params.base_img_path"]
         width, height = params["width"], params["height"]

@@ -21,6 +21,19 @@ async def load_entities(
     Raises:
         NotFoundError: every unknown id at once, by field path.
     """
+    found, missing = await find_entities(lookups, org, params, names)
+    if missing:
+        raise NotFoundError.of("catalog entity", missing)
+    return found
+
+
+async def find_entities(
+    lookups: Lookups, org: str, params: dict[str, Any], names: Sequence[tuple[str, CatalogKind]]
+) -> tuple[dict[str, CatalogEntity], dict[str, str]]:
+    """The entities found, by name, and the unknown ids, by field path (``params.<name>_id``).
+
+    For callers that report unknown entities together with other unknown ids.
+    """
     found: dict[str, CatalogEntity] = {}
     missing: dict[str, str] = {}
     for name, kind in names:
@@ -32,9 +45,7 @@ async def load_entities(
             missing[f"params.{name}_id"] = entity_id
         else:
             found[name] = entity
-    if missing:
-        raise NotFoundError.of("catalog entity", missing)
-    return found
+    return found, missing
 
 
 def reference_set(entity: CatalogEntity, weight: float | None = None) -> dict[str, Any]:

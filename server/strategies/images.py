@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from server.domain.enums import PredictionStatus, TaskType
+from server.domain.enums import CatalogKind, PredictionStatus, TaskType
 from server.domain.errors import FailedPreconditionError, NotFoundError, Violations
-from server.domain.model import Artifact
+from server.domain.model import Artifact, CatalogEntity
 from server.media.references import (
     ArtifactRef,
     FileRef,
@@ -28,6 +29,7 @@ from server.media.references import (
 )
 from server.strategies.base import Lookups, Plan, PlannedPrediction, PlannedTask
 from server.strategies.common import MAX_SEED
+from server.strategies.entities import find_entities
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,26 +64,86 @@ async def resolve_images(
         FailedPreconditionError: a referenced prediction has not completed.
         InvalidArgumentError: a ``file://`` reference to no regular file.
     """
-    resolved: dict[str, ResolvedImage] = {}
-    missing: dict[str, str] = {}
-    v = Violations()
-    for field, text in images.items():
+    found = await find_images(lookups, org, policy, images)
+    found.raise_if_any()
+    return found.resolved
+
+
+async def resolve_inputs(
+    lookups: Lookups,
+    org: str,
+    policy: ReferencePolicy,
+    images: dict[str, str],
+    params: dict[str, Any],
+    entities: Sequence[tuple[str, CatalogKind]],
+) -> tuple[dict[str, ResolvedImage], dict[str, CatalogEntity]]:
+    """Resolve a request's images and load its catalog entities, checking both first.
+
+    Raises:
+        NotFoundError: every unknown image reference and entity id together, one
+            metadata entry each (the contract's promise for NOT_FOUND).
+        FailedPreconditionError: a referenced prediction has not completed.
+        InvalidArgumentError: a ``file://`` reference to no regular file.
+    """
+    found = await find_images(lookups, org, policy, images)
+    loaded, unknown = await find_entities(lookups, org, params, entities)
+    what = "image"
+    if unknown:
+        what = "image or catalog entity" if found.missing else "catalog entity"
+    found.missing.update(unknown)
+    found.raise_if_any(what)
+    return found.resolved, loaded
+
+
+@dataclass(slots=True)
+class FoundImages:
+    """What resolving a request's images found: each fault is kept, none raised yet."""
+
+    resolved: dict[str, ResolvedImage] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)  # field path -> the reference
+    unready: FailedPreconditionError | None = None
+    violations: Violations = field(default_factory=Violations)
+
+    def raise_if_any(self, what: str = "image") -> None:
+        """Raise the worst fault found: unknown ids, then unready inputs, then bad files.
+
+        ``what`` names the unknown things in the NOT_FOUND message.
+
+        Raises:
+            NotFoundError: anything in ``missing``, every entry named.
+            FailedPreconditionError: the first input that is not ready.
+            InvalidArgumentError: the inputs only resolving revealed as bad.
+        """
+        if self.missing:
+            raise NotFoundError.of(what, self.missing)
+        if self.unready is not None:
+            raise self.unready
+        self.violations.raise_if_any()
+
+
+async def find_images(
+    lookups: Lookups, org: str, policy: ReferencePolicy, images: dict[str, str]
+) -> FoundImages:
+    """Resolve every non-empty image reference, by field path, collecting every fault."""
+    found = FoundImages()
+    for field_path, text in images.items():
         if not text:
             continue
-        reference = parse_reference(text, field, v, policy)
+        reference = parse_reference(text, field_path, found.violations, policy)
         if reference is None:
             continue  # validation already refused it; only a changed policy gets here
-        image = await _resolve(lookups, org, field, reference)
+        try:
+            image = await _resolve(lookups, org, field_path, reference)
+        except FailedPreconditionError as unready:
+            found.unready = found.unready or unready
+            continue
         if image is None:
-            missing[field] = text
+            found.missing[field_path] = text
         elif isinstance(image, str):
-            v.add(field, image)
+            found.violations.add(field_path, image)
         else:
-            resolved[field] = image
-    if missing:
-        raise NotFoundError.of("image", missing)
-    v.raise_if_any()
-    return resolved
+            found.resolved[field_path] = image
+    return found
 
 
 async def _resolve(

@@ -15,9 +15,10 @@ import grpc
 import numpy as np
 import pytest
 from conftest import make_settings
-from helpers import assert_eventually, error_info, field_violations, wait_terminal
+from helpers import assert_eventually, field_violations, wait_terminal
 from PIL import Image
 
+from sartiq_grpc import errors
 from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2 as pb
 from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2_grpc, enums_pb2
@@ -104,17 +105,15 @@ async def test_upload_generate_download_over_grpc_only(tmp_path: Path) -> None:
 
             # Another tenant sees neither the upload nor the output, even by hash.
             for sha in (uploaded.sha256, output.sha256):
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                with pytest.raises(errors.NotFoundError):  # the client's error tree
                     await b.download(sha, tmp_path / "stolen")
-                assert caught.value.code() == grpc.StatusCode.NOT_FOUND
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await b.artifacts.GetArtifact(
                         pb.GetArtifactRequest(sha256=sha), metadata=_auth(KEY_B)
                     )
                 assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
+            with pytest.raises(errors.NotFoundError):
                 await b.create_entity("product", "theft", artifacts=[output.sha256])
-            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def _auth(key: str) -> tuple[tuple[str, str]]:
@@ -205,10 +204,9 @@ async def test_download_offsets_are_checked(client: SartiqClient, tmp_path: Path
     assert [(m.offset, m.chunk, m.artifact.sha256) for m in at_end] == [
         (uploaded.size_bytes, b"", uploaded.sha256)
     ]
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
+    with pytest.raises(errors.NotFoundError) as unknown:
         await client.download("f" * 64, tmp_path / "x")
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert dict(error_info(caught.value).metadata) == {"sha256": "f" * 64}
+    assert unknown.value.ids == {"sha256": "f" * 64}
 
 
 def _open_descriptors() -> int:

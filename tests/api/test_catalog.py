@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import make_settings
-from helpers import CatalogStub, field_violations, png_bytes
+from helpers import CatalogStub, error_info, field_violations, png_bytes
 
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2 as pb
 from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2, artifact_service_pb2_grpc
@@ -272,3 +272,26 @@ async def test_a_catalog_list_names_a_bad_page_size_and_token_at_once(
             await method(request)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert set(field_violations(caught.value)) == {"page_size", "page_token"}
+
+
+async def test_every_unknown_artifact_of_a_create_is_named(catalog: CatalogStub) -> None:
+    unknown = [f"artifact:{digit * 64}" for digit in "de"]
+    request = pb.CreateProductRequest(
+        name="Dress",
+        reference_images=[
+            pb.ImageInput(data=PNG),
+            pb.ImageInput(artifact=unknown[0]),
+            pb.ImageInput(artifact=unknown[1]),
+        ],
+        lora=pb.Lora(uri="artifact:" + "f" * 64),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await catalog.CreateProduct(request)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # One ErrorInfo.metadata entry per unknown id, as the contract promises.
+    assert dict(error_info(caught.value).metadata) == {
+        "reference_images[1].artifact": unknown[0][:64] + "...",
+        "reference_images[2].artifact": unknown[1][:64] + "...",
+        "lora.uri": ("artifact:" + "f" * 64)[:64] + "...",
+    }
+    assert list((await catalog.ListProducts(pb.ListProductsRequest())).products) == []

@@ -293,6 +293,44 @@ async def test_editing_composites_the_reference_with_a_detail_pass(
     assert edit_output != done.predictions[0].artifact.sha256
 
 
+async def test_an_edit_with_a_prompt_alone_applies_its_colour_hints(
+    client: SartiqClient, stub: GenerationStub, tmp_path: Path
+) -> None:
+    source = figure((96, 96), (120, 120, 120))
+    params = resources_pb2.EditingParams(
+        base_img_path=await _upload(client, source),
+        tool=enums_pb2.EDITING_TOOL_EDIT,
+        prompt="Warmer and brighter, please",
+    )
+    done = await _done(
+        stub, await stub.CreateEditingGeneration(pb.CreateEditingGenerationRequest(params=params))
+    )
+    before, after = _pixels(source), _pixels(await _output(client, done, tmp_path))
+    assert after.shape == before.shape
+    assert _luma(after) > _luma(before) + 10  # brighter
+    warmth = after[..., 0] - after[..., 2]
+    assert float(warmth.mean()) > float((before[..., 0] - before[..., 2]).mean()) + 5  # warmer
+    notes = [e.note for e in await watch_all(stub, done.id) if e.note]
+    assert any("colour hints (warmer, brighter)" in note for note in notes), notes
+
+
+async def test_an_edit_with_a_prompt_it_cannot_follow_fails_as_unsupported(
+    client: SartiqClient, stub: GenerationStub
+) -> None:
+    params = resources_pb2.EditingParams(
+        base_img_path=await _upload(client, figure()),
+        tool=enums_pb2.EDITING_TOOL_EDIT,
+        prompt="put her on a beach at sunset",
+    )
+    created = await stub.CreateEditingGeneration(pb.CreateEditingGenerationRequest(params=params))
+    done = await wait_terminal(stub, created.generation.id, timeout=60)
+    assert done.status == FAILED
+    error = done.predictions[0].error
+    assert (error.reason, error.metadata["category"]) == ("COMPUTE_FAILED", "unsupported")
+    assert error.code == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    assert "colour hints" in error.message
+
+
 # -- chaining and references ----------------------------------------------------------
 
 

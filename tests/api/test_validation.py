@@ -7,9 +7,11 @@ import uuid
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from helpers import GenerationStub, error_info, field_violations
+from helpers import GenerationStub, error_info, field_violations, png_bytes, wait_submitted
 
+from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2, resources_pb2
+from server.app import App
 from server.compute.fake import FakeComputeBackend
 
 
@@ -191,3 +193,110 @@ async def test_every_unknown_catalog_id_is_named(
         "params.style_id": "gone-3",
     }
     await assert_nothing_stored(stub, fake_compute)
+
+
+# -- EDITING: what each tool requires, and every unknown input named at once -----------
+
+EDIT = enums_pb2.EDITING_TOOL_EDIT
+SWAP = enums_pb2.EDITING_TOOL_SUBJECT_SWAP
+ENHANCE = enums_pb2.EDITING_TOOL_PRODUCT_ENHANCEMENT
+UNKNOWN_PREDICTION = f"prediction:{uuid.UUID(int=1)}"
+
+
+def edit(**params: object) -> generation_service_pb2.CreateEditingGenerationRequest:
+    params.setdefault("base_img_path", UNKNOWN_PREDICTION)
+    return generation_service_pb2.CreateEditingGenerationRequest(
+        params=resources_pb2.EditingParams(**params)  # type: ignore[arg-type]
+    )
+
+
+async def edit_error(
+    stub: GenerationStub, req: generation_service_pb2.CreateEditingGenerationRequest
+) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateEditingGeneration(req)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"tool": EDIT}, {"params.reference_images", "params.prompt"}),
+        ({"tool": EDIT, "prompt": " \n "}, {"params.reference_images", "params.prompt"}),
+        ({"tool": SWAP, "product_id": "p"}, {"params.subject_id"}),
+        ({"tool": ENHANCE}, {"params.product_id"}),
+        ({"tool": ENHANCE, "subject_id": "s", "prompt": "x"}, {"params.product_id"}),
+    ],
+    ids=["edit-bare", "edit-blank-prompt", "swap", "enhance", "enhance-with-others"],
+)
+async def test_each_editing_tool_names_what_it_lacks(
+    stub: GenerationStub,
+    fake_compute: FakeComputeBackend,
+    params: dict[str, object],
+    expected: set[str],
+) -> None:
+    error = await edit_error(stub, edit(**params))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(error)) == expected
+    await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_an_edit_with_a_prompt_alone_is_accepted(
+    app: App, stub: GenerationStub, fake_compute: FakeComputeBackend
+) -> None:
+    async with SartiqClient(f"127.0.0.1:{app.port}") as client:
+        base = f"artifact:{(await client.upload(png_bytes((20, 90, 200)))).sha256}"
+    created = await stub.CreateEditingGeneration(
+        edit(base_img_path=base, tool=EDIT, prompt="warmer and brighter")
+    )
+    task = created.generation.predictions[0].tasks[0]
+    assert task.parameters.fields["prompt"].string_value == "warmer and brighter"
+    assert list(task.parameters.fields["reference_images"].list_value.values) == []
+    await wait_submitted(fake_compute, 1)
+
+
+async def test_every_unknown_editing_input_is_named(
+    stub: GenerationStub, fake_compute: FakeComputeBackend
+) -> None:
+    # The case: SUBJECT_SWAP with an unknown base image and an unknown subject.
+    error = await edit_error(stub, edit(tool=SWAP, subject_id="gone-subject"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(error_info(error).metadata) == {
+        "params.base_img_path": UNKNOWN_PREDICTION,
+        "params.subject_id": "gone-subject",
+    }
+    unknown_artifact = "artifact:" + "0" * 64
+    error = await edit_error(
+        stub,
+        edit(
+            tool=SWAP,
+            reference_images=[unknown_artifact],
+            subject_id="gone-subject",
+            product_id="gone-product",
+        ),
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    info = error_info(error)
+    assert dict(info.metadata) == {
+        "params.base_img_path": UNKNOWN_PREDICTION,
+        "params.reference_images[0]": unknown_artifact[:64] + "...",
+        "params.subject_id": "gone-subject",
+        "params.product_id": "gone-product",
+    }
+    assert info.reason == "NOT_FOUND"
+    await assert_nothing_stored(stub, fake_compute)
+
+
+async def test_an_unknown_id_wins_over_an_input_that_is_not_ready(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.hold = True  # the first generation's prediction stays unfinished
+    created = await stub.CreateGenerateGeneration(gen(product_id=product_id, shot_type_string="x"))
+    unready = f"prediction:{created.generation.predictions[0].id}"
+    error = await edit_error(stub, edit(base_img_path=unready, tool=SWAP, subject_id="gone"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert dict(error_info(error).metadata) == {"params.subject_id": "gone"}
+    # With every id known, the unfinished input is what is wrong.
+    error = await edit_error(stub, edit(base_img_path=unready, tool=ENHANCE, product_id=product_id))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert dict(error_info(error).metadata) == {"field": "params.base_img_path"}

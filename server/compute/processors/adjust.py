@@ -67,6 +67,12 @@ def parse_hints(prompt: str) -> Adjustment:
     return Adjustment(**totals)
 
 
+def hint_phrases(prompt: str) -> list[str]:
+    """The known hint words and phrases found in ``prompt``, as written, in ``_HINTS`` order."""
+    text = prompt.lower()
+    return [m.group(0) for pattern, _, _ in _HINTS if (m := re.search(pattern, text))]
+
+
 def brightness(rgb: F32, v: float) -> F32:
     """Every channel times 1 + v, clipped."""
     return _clip(rgb * np.float32(1.0 + v))

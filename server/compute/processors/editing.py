@@ -4,6 +4,9 @@
   then composites each reference image's cut-out onto it, scaled and placed
   deterministically (by seed) where the base has the least foreground and no earlier
   reference; position words in the prompt (left, right, top, bottom, centre) bias where.
+  Without reference images the edit is the prompt's colour hints alone; a prompt with
+  none of them fails as "unsupported" (there is no generative model here to follow
+  free text), rather than completing with the image unchanged.
 * SUBJECT_SWAP fills the base's person (its segmented foreground) with a smooth fit of
   the surrounding background and puts the subject's cut-out in its place, fitted to the
   person's box (height first) and standing on the same baseline. (The subject's LoRA
@@ -27,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from server.compute.processors.adjust import apply_adjustment, parse_hints
+from server.compute.processors.adjust import apply_adjustment, hint_phrases, parse_hints
 from server.compute.processors.background import foreground_mask, smooth_background
 from server.compute.processors.imaging import (
     F32,
@@ -94,6 +97,8 @@ def render_edit(spec: EditingInput, progress: ProgressFn) -> Image.Image:
         raise ProcessorError("validation", f"unknown editing tool {spec.tool!r}")
     if spec.tool == "SUBJECT_SWAP" and spec.subject is None:
         raise ProcessorError("validation", "SUBJECT_SWAP needs a subject")
+    if spec.tool == "EDIT" and not spec.references:
+        prompt_only_hints(spec.prompt)  # refuses a prompt-only edit it cannot do
     rgb, alpha = split_alpha(spec.base)
     h, w = rgb.shape[:2]
     canvas = np.concatenate(
@@ -113,6 +118,26 @@ def render_edit(spec: EditingInput, progress: ProgressFn) -> Image.Image:
     keep_alpha = float(canvas[..., 3].min()) < 1.0
     img = Image.fromarray(to_u8(canvas if keep_alpha else canvas[..., :3]))
     return fit_cover(img, out_w, out_h)
+
+
+def prompt_only_hints(prompt: str) -> list[str]:
+    """The colour hints an EDIT without reference images applies: the whole edit.
+
+    Raises:
+        ProcessorError: "validation" when the prompt is empty too (nothing asked);
+            "unsupported" when it names none of the hints ``adjust.parse_hints`` knows.
+    """
+    if not prompt.strip():
+        raise ProcessorError("validation", "EDIT needs reference images, a prompt, or both")
+    hints = hint_phrases(prompt)
+    if not hints:
+        raise ProcessorError(
+            "unsupported",
+            "the local EDIT follows a prompt without reference images only through its "
+            "colour hints (warmer, cooler, brighter, darker, more/less contrast, "
+            "more/less saturated, vivid, muted); this prompt has none",
+        )
+    return hints
 
 
 def fit_cover(img: Image.Image, w: int, h: int) -> Image.Image:

@@ -11,7 +11,13 @@ from PIL import Image
 from server.compute.base import OutputFile
 from server.compute.processors.adjust import MAX_GAMMA, MIN_GAMMA, Adjustment, adjust_image
 from server.compute.processors.background import MAX_EXPANSION, BackgroundSpec, fix_background
-from server.compute.processors.editing import EditingInput, Entity, enhance_detail, render_edit
+from server.compute.processors.editing import (
+    EditingInput,
+    Entity,
+    enhance_detail,
+    prompt_only_hints,
+    render_edit,
+)
 from server.compute.processors.face import detect_faces, enhance_faces
 from server.compute.processors.generation import (
     GenerationInput,
@@ -153,7 +159,11 @@ def run_editing(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFil
     ctx.progress(0.1)
     image = render_edit(spec, ctx.progress)
     ctx.progress(0.95)
-    return _png(image, seed)
+    notes: tuple[str, ...] = ()
+    if spec.tool == "EDIT" and not spec.references:
+        applied = ", ".join(prompt_only_hints(spec.prompt))
+        notes = (f"no reference images: the edit applied the prompt's colour hints ({applied})",)
+    return _png(image, seed, notes)
 
 
 def run_detail_enhancer(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:

@@ -503,7 +503,11 @@ class _EditingToolEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EditingTo
     """Not set. INVALID_ARGUMENT on create."""
     EDITING_TOOL_EDIT: _EditingTool.ValueType  # 1
     """Composite the reference images onto the base image, guided by the
-    prompt. Requires at least one of `reference_images` and `prompt`.
+    prompt. Requires at least one of `reference_images` and `prompt`; with
+    the prompt alone the edit is what the prompt asks of the base image. A
+    backend that cannot follow such a prompt fails the prediction with
+    reason COMPUTE_FAILED, category "unsupported" (the local CPU backend
+    follows colour hints only: see the README).
     """
     EDITING_TOOL_SUBJECT_SWAP: _EditingTool.ValueType  # 2
     """Replace the person in the base image with the catalog subject. Requires
@@ -523,7 +527,11 @@ EDITING_TOOL_UNSPECIFIED: EditingTool.ValueType  # 0
 """Not set. INVALID_ARGUMENT on create."""
 EDITING_TOOL_EDIT: EditingTool.ValueType  # 1
 """Composite the reference images onto the base image, guided by the
-prompt. Requires at least one of `reference_images` and `prompt`.
+prompt. Requires at least one of `reference_images` and `prompt`; with
+the prompt alone the edit is what the prompt asks of the base image. A
+backend that cannot follow such a prompt fails the prediction with
+reason COMPUTE_FAILED, category "unsupported" (the local CPU backend
+follows colour hints only: see the README).
 """
 EDITING_TOOL_SUBJECT_SWAP: EditingTool.ValueType  # 2
 """Replace the person in the base image with the catalog subject. Requires

@@ -434,10 +434,13 @@ class EditingParams(_message.Message):
     prediction.
 
     What each tool requires (missing requirements are INVALID_ARGUMENT):
-    EDITING_TOOL_EDIT needs at least one of `reference_images` and `prompt`;
-    EDITING_TOOL_SUBJECT_SWAP needs `subject_id`;
+    EDITING_TOOL_EDIT needs at least one of `reference_images` and `prompt`
+    (a prompt of only white space counts as none; both fields are named when
+    neither is given); EDITING_TOOL_SUBJECT_SWAP needs `subject_id`;
     EDITING_TOOL_PRODUCT_ENHANCEMENT needs `product_id`. Fields a tool does
-    not use are allowed and ignored.
+    not use are allowed and ignored. Unknown ids and image references are
+    reported together: one NOT_FOUND whose metadata has an entry for each
+    (e.g. `params.base_img_path` and `params.subject_id`).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1012,7 +1015,8 @@ class ComputeTask(_message.Message):
         just before submitting the task (the fetched image becomes an artifact of
         the organization), and `step:<n>`, the output of step n of the same
         chain, when that step completes. Each resolution is an event carrying the
-        task with its new parameters.
+        task with its new parameters; other task events leave this field unset
+        (the parameters did not change).
         """
 
     @_builtins.property
@@ -1201,7 +1205,8 @@ class Attempt(_message.Message):
     def adjustments(self) -> _struct_pb2.Struct:
         """The parameter changes made for this attempt relative to the request,
         cumulative over the attempts, e.g. {"steps": 45, "detail_pass": 0.6} or
-        {"brightness": 1.0, "gamma": 1.45}; empty for the first attempt.
+        {"brightness": 1.0, "gamma": 1.45}; unset for the first attempt and
+        whenever nothing was changed.
         """
 
     @_builtins.property
@@ -1732,7 +1737,13 @@ class GenerationEvent(_message.Message):
       `refinement`, `labels`, `orchestration`, `request_id` and
       `organization`;
     * a task's `parameters`, sent in the event that adds the task and in each
-      event that resolves one of its image inputs.
+      event that resolves one of its image inputs, and left unset (not set to
+      an empty Struct) in every other task event.
+
+    Rebuild by field presence: a message field an event leaves unset is kept,
+    one it sets replaces. The server never sets a message field to an empty
+    message to mean "unchanged" (nor anywhere else: empty message fields are
+    unset, in events and in `GetGeneration` alike).
 
     Finally set `last_event_sequence` and `prediction_counts` from the last
     event. The result equals `GetGeneration` field by field.
