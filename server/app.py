@@ -37,6 +37,7 @@ from server.media.fetch import Fetcher, InputFetcher
 from server.media.references import ReferencePolicy
 from server.orchestration.agentic_flow import AgenticWorkflow
 from server.orchestration.base_flow import BaseWorkflow
+from server.orchestration.closing import release_policy
 from server.orchestration.engine import Engine
 from server.orchestration.inputs import InputPreparer
 from server.orchestration.service import GenerationService
@@ -325,13 +326,14 @@ class App:
     ) -> Engine:
         s = self.settings
         slots = asyncio.Semaphore(s.orchestration.max_tasks_in_flight)
+        retry = RetryPolicy(budget_s=s.compute.retry_budget)
         runner = TaskRunner(
             compute,
             files,
             inputs,
             slots,
             settings=s.orchestration,
-            retry=RetryPolicy(budget_s=s.compute.retry_budget),
+            retry=retry,
         )
         workflows = WorkflowRegistry(
             {
@@ -348,6 +350,7 @@ class App:
             # Enough workflows to keep every compute slot busy; the rest wait as data.
             max_running=2 * s.orchestration.max_tasks_in_flight,
             take_over_live_leases=is_sqlite(s.database.url),
+            release_retry=release_policy(retry),
         )
 
     def _authenticator(self) -> Authenticator:

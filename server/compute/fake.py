@@ -89,6 +89,8 @@ class FakeComputeBackend:
         # When set, every submit creates (or finds) its task and then raises this: an
         # answer lost or unreadable after the task was made.
         self.lose_submit_answer: Exception | None = None
+        # What cancel() answers: whether compute confirmed the release.
+        self.confirm_cancel = True
         self.fail_with: tuple[str, str] | None = None
         # When set and not yet released, cancel() waits for it (a slow compute server).
         self.cancel_gate: asyncio.Event | None = None
@@ -185,7 +187,7 @@ class FakeComputeBackend:
         task = self.tasks.get(compute_id)
         if task is not None and task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
             task.update(status=TaskStatus.CANCELLED)
-        return True
+        return self.confirm_cancel
 
     async def aclose(self) -> None:
         """Nothing to release."""

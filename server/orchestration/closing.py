@@ -64,7 +64,11 @@ def none_completed(generation: Generation) -> ResourceError:
 
 
 async def close(
-    live: LiveGeneration, compute: ComputeBackend, reason: Stop | ResourceError
+    live: LiveGeneration,
+    compute: ComputeBackend,
+    reason: Stop | ResourceError,
+    *,
+    retry: RetryPolicy | None = None,
 ) -> None:
     """End the generation early: release compute, then close every unfinished record.
 
@@ -76,7 +80,7 @@ async def close(
     if generation.done:
         return
     unfinished = [t for p in generation.predictions for t in p.tasks if not t.done]
-    releases = await asyncio.gather(*(release(compute, t) for t in unfinished))
+    releases = await asyncio.gather(*(release(compute, t, retry=retry) for t in unfinished))
     for task, released in zip(unfinished, releases, strict=True):
         task.compute_task_id = task.compute_task_id or released.compute_id
     notes = {t.id: released.note for t, released in zip(unfinished, releases, strict=True)}
@@ -128,7 +132,14 @@ def _record_closed(
 
 
 # Releasing a task retries transient errors briefly: closing must not wait long on compute.
-RELEASE_RETRY = RetryPolicy(budget_s=10.0)
+RELEASE_BUDGET_S = 10.0
+
+
+def release_policy(retry: RetryPolicy) -> RetryPolicy:
+    """The retry policy of releases: the compute policy's, its budget at most 10 s."""
+    return RetryPolicy(
+        base_s=retry.base_s, cap_s=retry.cap_s, budget_s=min(RELEASE_BUDGET_S, retry.budget_s)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,22 +150,25 @@ class Released:
     compute_id: str = ""
 
 
-async def release(compute: ComputeBackend, task: ComputeTask) -> Released:
+async def release(
+    compute: ComputeBackend, task: ComputeTask, *, retry: RetryPolicy | None = None
+) -> Released:
     """Ask compute to let go of ``task``, finding it by its idempotency key if need be.
 
     Never raises but ``CancelledError``: any failure becomes the note.
     """
+    policy = retry or release_policy(RetryPolicy())
     compute_id = task.compute_task_id
     if not compute_id:
         try:
-            found: str | None = await RELEASE_RETRY.call(lambda: compute.find(task.id))
+            found: str | None = await policy.call(lambda: compute.find(task.id))
         except Exception as exc:
             return Released(f"compute could not be asked for the task: {_why(exc, task)}")
         if not found:
             return Released("never reached compute")
         compute_id = found
     try:
-        confirmed = await RELEASE_RETRY.call(lambda: compute.cancel(compute_id))
+        confirmed = await policy.call(lambda: compute.cancel(compute_id))
     except Exception as exc:
         return Released(f"compute did not confirm release: {_why(exc, task)}", compute_id)
     if confirmed is not True:

@@ -32,7 +32,7 @@ from server.domain.enums import EventKind, GenerationStatus, PredictionStatus, T
 from server.domain.model import Artifact, ComputeTask, Prediction, Recipe, ResourceError
 from server.domain.recorder import utcnow
 from server.media.artifacts import FileArtifactStore
-from server.orchestration.closing import release
+from server.orchestration.closing import release, release_policy
 from server.orchestration.inputs import InputPreparer, input_hashes
 from server.orchestration.live import LiveGeneration
 
@@ -62,6 +62,7 @@ class TaskRunner:
     ) -> None:
         self._compute = compute
         self._retry = retry
+        self._release_retry = release_policy(retry)
         self._files = files
         self._inputs = inputs
         self._slots = slots
@@ -119,6 +120,10 @@ class TaskRunner:
                 self._attached(live, prediction, task, compute_id)
                 backoff.reset()
             except ComputeError as exc:  # permanent, or transient past the retry budget
+                # Giving up on following a task does not stop it: release it, so that it
+                # does not run on (or hold its slot) for nothing.
+                released = await release(self._compute, task, retry=self._release_retry)
+                live.recorder.task_changed(task, note=f"given up: {released.note}")
                 error = ResourceError.compute_failed(
                     exc.category, exc.message, task.compute_task_id
                 )
@@ -144,7 +149,7 @@ class TaskRunner:
                 lambda: self._compute.submit(request), sleep=live.token.sleep
             )
         except ComputeError as exc:
-            released = await release(self._compute, task)
+            released = await release(self._compute, task, retry=self._release_retry)
             if released.compute_id:
                 task.compute_task_id = released.compute_id
                 live.recorder.task_changed(
