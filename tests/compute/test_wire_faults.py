@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from compute_rig import COMPLETED, ComputeProcess, Rig, compute_process, rig
@@ -59,6 +60,39 @@ def _announce(data: bytes, *, kind: str = "") -> Callable[[bytes], bytes | None]
         return json.dumps(answer).encode()
 
     return change
+
+
+def _set(**fields: object) -> Callable[[bytes], bytes | None]:
+    """A rewrite setting top-level fields of a JSON answer."""
+
+    def change(body: bytes) -> bytes | None:
+        return json.dumps(json.loads(body) | fields).encode()
+
+    return change
+
+
+def _completed(change: Callable[[dict[str, Any]], None]) -> Callable[[bytes], bytes | None]:
+    """A rewrite of completed status answers only (the others pass untouched)."""
+
+    def rewrite(body: bytes) -> bytes | None:
+        answer = json.loads(body)
+        if answer["status"] != "completed":
+            return None
+        change(answer)
+        return json.dumps(answer).encode()
+
+    return rewrite
+
+
+def _first_output(**fields: object) -> Callable[[dict[str, Any]], None]:
+    def change(answer: dict[str, Any]) -> None:
+        answer["output"]["images"][0].update(fields)
+
+    return change
+
+
+def _no_outputs(answer: dict[str, Any]) -> None:
+    answer["output"] = {"images": [], "videos": []}
 
 
 def _mangled(call: str) -> list[Fault]:
@@ -144,8 +178,43 @@ async def _failed(r: Rig, generation_id: str, *words: str) -> None:
             ],
             ("failed verification", "not a decodable image"),
         ),
+        (
+            [Fault.content_type("text/html", call="status", times=None)],
+            ("malformed answer", "content type 'text/html'"),
+        ),
+        (
+            [Fault.rewrite(_set(id="local-another"), call="status", times=None)],
+            ("malformed answer", "answered another"),
+        ),
+        (
+            [Fault.rewrite(_completed(_no_outputs), call="status", times=None)],
+            ("malformed answer", "at least one output"),
+        ),
+        (
+            [Fault.rewrite(_completed(_first_output(size=10)), call="status", times=None)],
+            ("failed verification", "more than the 10 bytes announced"),
+        ),
+        (
+            [Fault.rewrite(_completed(_first_output(url="/health")), call="status", times=None)],
+            ("malformed answer", "not one of the task's output paths"),
+        ),
+        (
+            [Fault.rewrite(_set(idempotency_key="another"), call="submit", times=None)],
+            ("malformed answer", "another idempotency key"),
+        ),
     ],
-    ids=["status-null", "output-truncated", "output-bitflip", "output-lie"],
+    ids=[
+        "status-null",
+        "output-truncated",
+        "output-bitflip",
+        "output-lie",
+        "status-content-type",
+        "status-other-task",
+        "completed-without-outputs",
+        "output-longer-than-announced",
+        "output-elsewhere",
+        "submit-other-key",
+    ],
 )
 async def test_a_read_that_stays_mangled_fails_the_task_with_the_reason(
     faults: list[Fault], words: tuple[str, ...], tmp_path: Path, compute: ComputeProcess
