@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,12 @@ def compute(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComputeProcess
 def _status(value: str) -> Callable[[bytes], bytes | None]:
     """A rewrite giving the status answer an unknown status."""
 
-    def change(body: bytes) -> bytes | None:
+    def unknown_status(body: bytes) -> bytes | None:
         answer = json.loads(body)
         answer["status"] = value
         return json.dumps(answer).encode()
 
-    return change
+    return unknown_status
 
 
 def _announce(data: bytes, *, kind: str = "") -> Callable[[bytes], bytes | None]:
@@ -95,6 +95,12 @@ def _no_outputs(answer: dict[str, Any]) -> None:
     answer["output"] = {"images": [], "videos": []}
 
 
+def _swap_image(body: bytes) -> bytes | None:
+    """Another valid PNG, padded to the output's size: only its hash tells it apart."""
+    other = png_bytes((0, 0, 255), (16, 16))
+    return other + bytes(len(body) - len(other))
+
+
 def _mangled(call: str) -> list[Fault]:
     return [
         *(Fault.answer(payload, call=call) for payload in NOT_OBJECTS + NO_FIELDS),
@@ -112,11 +118,14 @@ ONCE = [
     Fault.bitflip(call="output"),
     Fault.answer(NOT_AN_IMAGE, call="output", content="image/png"),
     Fault.content_type("text/plain", call="output"),
+    Fault.rewrite(_swap_image, call="output"),
     Fault.drop(call="submit"),
 ]
 
 
 def _name(fault: Fault) -> str:
+    if fault.change is not None:
+        return f"{fault.call}-{fault.kind}-{fault.change.__name__}"
     payload = fault.payload.decode()[:20] if fault.payload else fault.content
     return f"{fault.call}-{fault.kind}-{payload}"
 
@@ -169,7 +178,7 @@ async def _failed(r: Rig, generation_id: str, *words: str) -> None:
     ("faults", "words"),
     [
         ([Fault.answer(b"null", call="status", times=None)], ("malformed answer", "object")),
-        ([Fault.truncate(call="output", times=None)], ("failed verification", "announced")),
+        ([Fault.truncate(call="output", times=None)], ("failed verification", "bytes where")),
         ([Fault.bitflip(call="output", times=None)], ("failed verification",)),
         (
             [
@@ -177,6 +186,10 @@ async def _failed(r: Rig, generation_id: str, *words: str) -> None:
                 Fault.answer(NOT_AN_IMAGE, call="output", content="image/png", times=None),
             ],
             ("failed verification", "not a decodable image"),
+        ),
+        (
+            [Fault.rewrite(_swap_image, call="output", times=None)],
+            ("failed verification", "SHA-256 is not the one announced"),
         ),
         (
             [Fault.content_type("text/html", call="status", times=None)],
@@ -208,6 +221,7 @@ async def _failed(r: Rig, generation_id: str, *words: str) -> None:
         "output-truncated",
         "output-bitflip",
         "output-lie",
+        "output-other-image",
         "status-content-type",
         "status-other-task",
         "completed-without-outputs",
@@ -303,3 +317,26 @@ async def test_unreadable_status_then_unreadable_cancel_answers_still_end_it(
 
 async def _seen(r: Rig, call: str, kind: str) -> bool:
     return (call, kind) in r.proxy.injected
+
+
+async def test_faults_spread_over_a_long_task_each_get_a_fresh_retry_budget(
+    tmp_path: Path, compute: ComputeProcess
+) -> None:
+    """The retry budget (1.5 s) runs from a failure; a snapshot since then starts it over."""
+    async with rig(tmp_path, compute, retry_budget=1.5) as r:
+        generation_id = await r.video(seconds=20, fps=24)
+
+        def progress(at_least: float) -> Callable[[], Awaitable[bool]]:
+            async def reached() -> bool:  # 480 frames take seconds to render
+                task = (await r.client.get(generation_id)).predictions[0].tasks[0]
+                return task.progress >= at_least
+
+            return reached
+
+        for at_least in (0.15, 0.6):  # seconds apart: the second fault is past the first budget
+            await assert_eventually(progress(at_least), timeout=60, interval=0.05)
+            r.proxy.faults = [Fault.error(503, call="status")]
+        generation = await r.terminal(generation_id, timeout=60)
+        assert generation.status == COMPLETED, generation.predictions[0].tasks[0].error.message
+        assert r.proxy.injected.count(("status", "error")) == 2
+        assert await r.check_outputs(generation, tmp_path) == 1
