@@ -151,3 +151,12 @@ async def test_a_wrong_token_is_a_permanent_error(compute_server: str) -> None:
         assert "refused this service" in caught.value.message
     finally:
         await backend.aclose()
+
+
+async def test_a_task_is_found_by_its_idempotency_key(backend: ComputeBackend) -> None:
+    request = _request()
+    assert await backend.find(request.idempotency_key) is None
+    compute_id = await backend.submit(request)
+    assert await backend.find(request.idempotency_key) == compute_id
+    assert await backend.find("never-used") is None
+    await _last(backend, compute_id)

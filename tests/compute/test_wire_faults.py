@@ -17,11 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from compute_rig import COMPLETED, ComputeProcess, Rig, compute_process, rig
-from faultproxy import NO_FIELDS, NOT_OBJECTS, Fault
+from compute_rig import COMPLETED, TOKEN, ComputeProcess, Rig, compute_process, rig
+from faultproxy import NO_FIELDS, NOT_OBJECTS, Fault, FaultProxy
 from helpers import assert_eventually, png_bytes
 
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2
+from server.compute.retry import RetryPolicy
+from server.domain.enums import Strategy
+from server.evaluation.base import EvaluationError, EvaluationInput
+from server.evaluation.remote import RemoteEvaluator
 
 FAILED = enums_pb2.GENERATION_STATUS_FAILED
 CANCELLED = enums_pb2.GENERATION_STATUS_CANCELLED
@@ -340,3 +344,27 @@ async def test_faults_spread_over_a_long_task_each_get_a_fresh_retry_budget(
         assert generation.status == COMPLETED, generation.predictions[0].tasks[0].error.message
         assert r.proxy.injected.count(("status", "error")) == 2
         assert await r.check_outputs(generation, tmp_path) == 1
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [*NOT_OBJECTS, b'{"criteria": {}}', b'{"score": 7, "criteria": {}}', b'{"score": 0.5}'],
+)
+async def test_a_malformed_evaluation_answer_is_retried_then_an_evaluation_error(
+    payload: bytes, compute: ComputeProcess
+) -> None:
+    proxy = FaultProxy(compute.port)
+    await proxy.start()
+    evaluator = RemoteEvaluator(proxy.url, token=TOKEN, retry=RetryPolicy(budget_s=1.0))
+    item = EvaluationInput(output=png_bytes((30, 90, 160), (64, 64)), strategy=Strategy.GENERATE)
+    try:
+        proxy.faults = [Fault.answer(payload, call="evaluation")]
+        evaluation = await evaluator.evaluate(item)  # the second answer is the real one
+        assert 0.0 <= evaluation.score <= 1.0
+        assert ("evaluation", "answer") in proxy.injected
+        proxy.faults = [Fault.answer(payload, call="evaluation", times=None)]
+        with pytest.raises(EvaluationError, match="malformed answer"):
+            await evaluator.evaluate(item)
+    finally:
+        await evaluator.aclose()
+        await proxy.close()
