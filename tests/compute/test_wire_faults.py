@@ -242,11 +242,24 @@ async def test_a_read_that_stays_mangled_fails_the_task_with_the_reason(
         await _failed(r, await r.generate(), *words)
 
 
+LOOKUP_FAULTS = [
+    None,
+    Fault.answer(b"null", call="lookup"),
+    Fault.answer(b'{"tasks": [{"id": "local-x"}]}', call="lookup"),
+    Fault.truncate(call="lookup"),
+    Fault.content_type("text/html", call="lookup"),
+    Fault.error(503, call="lookup"),
+]
+
+
+@pytest.mark.parametrize("lookup", LOOKUP_FAULTS, ids=lambda f: "clean" if f is None else _name(f))
 async def test_a_submit_whose_answers_stay_unreadable_releases_the_task_it_created(
-    tmp_path: Path, compute: ComputeProcess
+    lookup: Fault | None, tmp_path: Path, compute: ComputeProcess
 ) -> None:
+    """Every submit answer is `[]`; the lookup by key finds the task, through a fault too."""
     async with rig(tmp_path, compute, retry_budget=1.5) as r:
         r.proxy.faults = [Fault.answer(b"[]", call="submit", times=None)]
+        r.proxy.faults += [] if lookup is None else [lookup]
         before = await r.health()
         generation_id = await r.video()
         await _failed(r, generation_id, "malformed answer")
@@ -257,6 +270,8 @@ async def test_a_submit_whose_answers_stay_unreadable_releases_the_task_it_creat
         assert ("GET", f"/api/v1/tasks/?idempotency_key={task.id}") in r.proxy.requests
         after = await r.health()
         assert after.tasks_created - before.tasks_created == 1
+        if lookup is not None:
+            assert ("lookup", lookup.kind) in r.proxy.injected
 
 
 async def test_a_video_task_that_returns_an_image_fails(
