@@ -274,6 +274,18 @@ async def test_a_submit_whose_answers_stay_unreadable_releases_the_task_it_creat
             assert ("lookup", lookup.kind) in r.proxy.injected
 
 
+async def test_a_task_given_up_on_is_released_not_left_running(
+    tmp_path: Path, compute: ComputeProcess
+) -> None:
+    async with rig(tmp_path, compute, retry_budget=1.5) as r:
+        generation_id = await r.video()
+        await assert_eventually(lambda: r.running(generation_id), timeout=30)
+        r.proxy.faults = [Fault.answer(b"null", call="status", times=None)]
+        await _failed(r, generation_id, "malformed answer")
+        task = (await r.client.get(generation_id)).predictions[0].tasks[0]
+        assert (await r.remote_task(task.compute_task_id)).status == "cancelled"
+
+
 async def test_a_video_task_that_returns_an_image_fails(
     tmp_path: Path, compute: ComputeProcess
 ) -> None:
