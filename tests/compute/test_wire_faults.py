@@ -330,8 +330,11 @@ async def test_a_malformed_cancel_answer_still_ends_the_generation_cancelled(
 async def test_unreadable_status_then_unreadable_cancel_answers_still_end_it(
     tmp_path: Path, compute: ComputeProcess
 ) -> None:
-    """The issue's case: status answers `null`, then a cancel whose answers are `{}`."""
-    async with rig(tmp_path, compute, retry_budget=1.5) as r:
+    """The issue's case: status answers `null`, then a cancel whose answers are `{}`.
+
+    The retry budget (5 s) outlasts the moment between the first `null` and the cancel.
+    """
+    async with rig(tmp_path, compute, retry_budget=5.0) as r:
         generation_id = await r.video()
         await assert_eventually(lambda: r.running(generation_id), timeout=30)
         r.proxy.faults = [
