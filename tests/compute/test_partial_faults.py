@@ -46,7 +46,7 @@ async def test_thirty_percent_random_faults_do_not_stop_new_work(
         watcher = asyncio.create_task(_watch_compute_health(r, health))
         try:
             before = await r.health()
-            r.proxy.chaos(0.3, seed=15)
+            r.proxy.chaos(0.3, seed=5)
             ids = [await r.generate(batch=BATCH) for _ in range(GENERATIONS)]
             done = [await r.terminal(generation_id, timeout=120) for generation_id in ids]
             r.proxy.chaos(0.0, seed=0)
@@ -67,7 +67,7 @@ async def test_thirty_percent_random_faults_do_not_stop_new_work(
         assert {"truncate", "bitflip", "answer", "content_type", "error", "reset"} <= set(kinds)
         assert {"submit", "status", "output"} <= set(calls)
         faulted = len(r.proxy.injected) / len(r.proxy.requests)
-        assert 0.15 <= faulted <= 0.45, faulted  # 30% drawn per request
+        assert 0.25 <= faulted <= 0.4, faulted  # 30% drawn per request
         serving = health_pb2.HealthCheckResponse.SERVING
         assert health
         assert set(health) == {serving}, "a circuit opened"
