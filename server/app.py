@@ -20,7 +20,7 @@ from server.api.tls import TlsCredentials
 from server.artifacts.service import ArtifactService
 from server.catalog.service import CatalogService
 from server.compute.base import ComputeBackend
-from server.compute.breaker import BreakerState, CircuitBreaker
+from server.compute.breaker import Breakers, BreakerSettings
 from server.compute.http import HttpComputeBackend
 from server.compute.local import LocalComputeBackend
 from server.compute.processors.tasks import default_registry
@@ -38,6 +38,7 @@ from server.media.fetch import Fetcher, InputFetcher
 from server.media.references import ReferencePolicy
 from server.orchestration.agentic_flow import AgenticWorkflow
 from server.orchestration.base_flow import BaseWorkflow
+from server.orchestration.closing import release_policy
 from server.orchestration.engine import Engine
 from server.orchestration.inputs import InputPreparer
 from server.orchestration.service import GenerationService
@@ -79,8 +80,21 @@ def _artifact_resolver(artifacts: FileArtifactStore) -> Callable[[str], bytes]:
     return resolve
 
 
+def _breakers(settings: Settings) -> Breakers:
+    """The circuit breakers of the remote compute calls, one per operation."""
+    c = settings.compute
+    return Breakers(
+        BreakerSettings(
+            window_s=c.breaker_window,
+            min_calls=c.breaker_min_calls,
+            failure_rate=c.breaker_failure_rate,
+            open_s=c.breaker_reset,
+        )
+    )
+
+
 def _compute_backend(
-    settings: Settings, artifacts: FileArtifactStore
+    settings: Settings, artifacts: FileArtifactStore, breakers: Breakers
 ) -> LocalComputeBackend | HttpComputeBackend:
     """The backend ``SARTIQ_COMPUTE__BACKEND`` names."""
     c = settings.compute
@@ -92,7 +106,7 @@ def _compute_backend(
             token=c.token,
             timeout_s=c.timeout,
             inline_limit=c.inline_limit,
-            breaker=CircuitBreaker(threshold=c.breaker_threshold, reset_s=c.breaker_reset),
+            breakers=breakers,
         )
     return LocalComputeBackend(
         default_registry(),
@@ -102,7 +116,7 @@ def _compute_backend(
     )
 
 
-def _evaluators(settings: Settings) -> Evaluators:
+def _evaluators(settings: Settings, breakers: Breakers) -> Evaluators:
     """The local evaluator, and the compute server's when compute runs over HTTP."""
     c = settings.compute
     providers: dict[str, Evaluator] = {
@@ -112,7 +126,10 @@ def _evaluators(settings: Settings) -> Evaluators:
     }
     if c.backend == "http":
         providers["remote"] = RemoteEvaluator(
-            c.url, token=c.token, retry=RetryPolicy(budget_s=min(10.0, c.retry_budget))
+            c.url,
+            token=c.token,
+            retry=RetryPolicy(budget_s=min(10.0, c.retry_budget)),
+            breakers=breakers,
         )
     return Evaluators(providers)
 
@@ -226,13 +243,14 @@ class App:
         swept = await asyncio.to_thread(files.sweep_temporary, max_age=s.media.stale_temp_after)
         if swept:
             log.info("removed %d stale temporary artifact files", swept)
-        self._compute = self._compute_override or _compute_backend(s, files)
+        breakers = _breakers(s)
+        self._compute = self._compute_override or _compute_backend(s, files, breakers)
         policy = ReferencePolicy.from_settings(s.media)
         fetcher = self._fetcher_override
         if fetcher is None:
             fetcher = self._fetcher = Fetcher.from_settings(s.media)
         inputs = InputPreparer(fetcher, files, policy, s.media)
-        evaluators = self._evaluators = self._evaluators_override or _evaluators(s)
+        evaluators = self._evaluators = self._evaluators_override or _evaluators(s, breakers)
         self._engine = self._build_engine(
             store, self._writer, self._compute, files, inputs, evaluators
         )
@@ -278,11 +296,9 @@ class App:
         await self._grpc.server.start()
         await self._engine.start()
         await self._grpc.mark_serving()
-        breaker = getattr(self._compute, "breaker", None)
-        if isinstance(breaker, CircuitBreaker):
-            self._health_task = asyncio.create_task(
-                self._report_compute_health(breaker, self._grpc), name="compute-health"
-            )
+        self._health_task = asyncio.create_task(
+            self._report_compute_health(breakers, self._grpc), name="compute-health"
+        )
         if s.server.port_file is not None:
             _write_atomically(s.server.port_file, f"{self._grpc.port}\n")
         log.info("serving on %s:%d", s.server.host, self._grpc.port)
@@ -293,16 +309,18 @@ class App:
             self._tls.reload()
 
     @staticmethod
-    async def _report_compute_health(breaker: CircuitBreaker, grpc_server: GrpcServer) -> None:
-        """Mirror the compute circuit on the health service ``sartiq.compute``."""
+    async def _report_compute_health(breakers: Breakers, grpc_server: GrpcServer) -> None:
+        """Mirror the compute circuits on ``sartiq.compute``: NOT_SERVING while any is open."""
         changed = asyncio.Event()
-        breaker.listen(lambda _: changed.set())
+        breakers.listen(lambda _: changed.set())
         while True:
             await changed.wait()
             changed.clear()
-            healthy = breaker.state is BreakerState.CLOSED
+            healthy = breakers.healthy
             if not healthy:
-                log.warning("compute backend unavailable: circuit open")
+                log.warning(
+                    "compute calls suspended, circuit open: %s", ", ".join(breakers.open_operations)
+                )
             await grpc_server.set_compute_health(healthy=healthy)
 
     def _build_engine(
@@ -316,13 +334,14 @@ class App:
     ) -> Engine:
         s = self.settings
         slots = asyncio.Semaphore(s.orchestration.max_tasks_in_flight)
+        retry = RetryPolicy(budget_s=s.compute.retry_budget)
         runner = TaskRunner(
             compute,
             files,
             inputs,
             slots,
             settings=s.orchestration,
-            retry=RetryPolicy(budget_s=s.compute.retry_budget),
+            retry=retry,
             store=store,
         )
         workflows = WorkflowRegistry(
@@ -340,6 +359,7 @@ class App:
             # Enough workflows to keep every compute slot busy; the rest wait as data.
             max_running=2 * s.orchestration.max_tasks_in_flight,
             take_over_live_leases=is_sqlite(s.database.url),
+            release_retry=release_policy(retry),
         )
 
     def _authenticator(self) -> Authenticator:

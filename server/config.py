@@ -161,11 +161,27 @@ class ComputeSettings(BaseModel):
         description="seconds one compute call (submit, status, cancel) may keep retrying "
         "transient errors, backing off; new work waits this long for a backend that is down",
     )
-    breaker_threshold: int = Field(
-        default=5, ge=1, description="transient failures in a row that open the circuit"
+    # Circuit breakers, one per operation (submit, lookup, status, download, cancel,
+    # evaluation): one opens when, over the last ``breaker_window`` seconds, at least
+    # ``breaker_min_calls`` calls were made and ``breaker_failure_rate`` of them failed
+    # transiently; it stays open ``breaker_reset`` seconds, then lets one trial call
+    # through. Scattered faults (a third of the calls) do not open it; a dead server does.
+    breaker_failure_rate: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="share of transient failures in the window that opens an operation's circuit",
+    )
+    breaker_min_calls: int = Field(
+        default=40,
+        ge=1,
+        description="calls the window must hold before the failure rate can open the circuit",
+    )
+    breaker_window: float = Field(
+        default=30.0, gt=0, le=3600, description="seconds of calls the failure rate is taken over"
     )
     breaker_reset: float = Field(
-        default=5.0, gt=0, description="seconds the circuit stays open before a trial call"
+        default=5.0, gt=0, description="seconds a circuit stays open before a trial call"
     )
     inline_limit: int = Field(
         default=32 * 1024 * 1024, ge=1, description="bytes of inputs sent inline per task"

@@ -1,8 +1,10 @@
 """A fault-injecting HTTP/1.1 proxy: a real socket between the adapter and the compute server.
 
-Each request from the client is read whole, matched against the scripted faults (the
-first one whose method and path prefix match is used up), and then forwarded to the
-upstream server on a fresh connection, answered in its place, or broken:
+Each request from the client is read whole, classified as one call of the wire protocol
+(``call_of``: submit, lookup, status, output, cancel, evaluation, health), matched against
+the scripted faults (the first one whose call, method and path prefix match is used), and
+then forwarded to the upstream server on a fresh connection, answered in its place,
+broken, or forwarded and its answer corrupted:
 
 * ``Fault.error(500)``: answer the status without forwarding (a JSON error body; for
   502 an HTML page, as a gateway would send);
@@ -11,10 +13,23 @@ upstream server on a fresh connection, answered in its place, or broken:
 * ``Fault.slow(s)``: forward, then answer after ``s`` seconds;
 * ``Fault.hang(s)``: forward, then hold the answer ``s`` seconds and close (a timeout);
 * ``Fault.twice()``: deliver the request to the server twice, answer the first reply;
-* ``Fault.forget()``: answer 404 as a server that lost the task would.
+* ``Fault.forget()``: answer 404 as a server that lost the task would;
+* ``Fault.answer(payload)``: forward, then answer ``payload`` (200, JSON unless told)
+  instead: JSON that is not an object, an object without its fields, an HTML page...;
+* ``Fault.truncate()``: forward, then answer the first half of the body (its length
+  header says so: a well-formed answer with a short body);
+* ``Fault.bitflip()``: forward, then answer the body with one bit flipped;
+* ``Fault.content_type(value)``: forward, then answer with that content type;
+* ``Fault.rewrite(change)``: forward, then answer ``change(body)``; when ``change``
+  returns None the answer passes untouched and the fault waits for the next one.
 
-``refuse()`` closes the listening socket (connections are refused) until ``accept()``.
-``requests`` records every (method, path) the proxy received, ``bodies`` their bodies.
+A fault is used up by the request it hits, unless ``times`` says otherwise (None: it
+applies to every matching request). ``chaos(rate, seed)`` adds random faults: each
+request not hit by a scripted fault is faulted with probability ``rate``, with a fault
+drawn from those that fit its call; each call has its own seeded generator, so the n-th
+status request meets the same fate in every run. ``refuse()`` closes the listening
+socket until ``accept()``. ``requests`` records every (method, path), ``bodies`` their
+bodies, ``injected`` every (call, fault kind) applied.
 """
 
 from __future__ import annotations
@@ -22,49 +37,136 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+Times = int | None  # how many matching requests a fault hits; None: every one
+
+_CALLS = (
+    ("lookup", "GET", re.compile(r"/api/v1/tasks/\?.*")),
+    ("submit", "POST", re.compile(r"/api/v1/tasks/")),
+    ("output", "GET", re.compile(r"/api/v1/tasks/[^/?]+/outputs/\d+")),
+    ("cancel", "POST", re.compile(r"/api/v1/tasks/[^/?]+/cancel")),
+    ("status", "GET", re.compile(r"/api/v1/tasks/[^/?]+")),
+    ("evaluation", "POST", re.compile(r"/api/v1/evaluation/")),
+    ("health", "GET", re.compile(r"/health")),
+)
+
+
+def call_of(method: str, path: str) -> str:
+    """Which call of the wire protocol a request is ("" when none)."""
+    for name, verb, pattern in _CALLS:
+        if method == verb and pattern.fullmatch(path):
+            return name
+    return ""
 
 
 @dataclass
 class Fault:
-    """One scripted fault for the next request matching ``method`` and ``prefix``."""
+    """One scripted fault for the next request(s) matching ``call``, ``method``, ``prefix``."""
 
     kind: str
     method: str = ""
     prefix: str = ""
     status: int = 0
     seconds: float = 0.0
+    call: str = ""
+    payload: bytes = b""
+    content: str = "application/json"
+    change: Callable[[bytes], bytes | None] | None = None
+    times: Times = 1
 
     @classmethod
-    def error(cls, status: int, method: str = "", prefix: str = "") -> Fault:
-        return cls("error", method, prefix, status=status)
+    def error(
+        cls, status: int, method: str = "", prefix: str = "", *, call: str = "", times: Times = 1
+    ) -> Fault:
+        return cls("error", method, prefix, status=status, call=call, times=times)
 
     @classmethod
-    def reset(cls, method: str = "", prefix: str = "") -> Fault:
-        return cls("reset", method, prefix)
+    def reset(
+        cls, method: str = "", prefix: str = "", *, call: str = "", times: Times = 1
+    ) -> Fault:
+        return cls("reset", method, prefix, call=call, times=times)
 
     @classmethod
-    def drop(cls, method: str = "", prefix: str = "") -> Fault:
-        return cls("drop", method, prefix)
+    def drop(cls, method: str = "", prefix: str = "", *, call: str = "", times: Times = 1) -> Fault:
+        return cls("drop", method, prefix, call=call, times=times)
 
     @classmethod
-    def slow(cls, seconds: float, method: str = "", prefix: str = "") -> Fault:
-        return cls("slow", method, prefix, seconds=seconds)
+    def slow(cls, seconds: float, method: str = "", prefix: str = "", *, call: str = "") -> Fault:
+        return cls("slow", method, prefix, seconds=seconds, call=call)
 
     @classmethod
-    def hang(cls, seconds: float, method: str = "", prefix: str = "") -> Fault:
-        return cls("hang", method, prefix, seconds=seconds)
+    def hang(cls, seconds: float, method: str = "", prefix: str = "", *, call: str = "") -> Fault:
+        return cls("hang", method, prefix, seconds=seconds, call=call)
 
     @classmethod
-    def twice(cls, method: str = "", prefix: str = "") -> Fault:
-        return cls("twice", method, prefix)
+    def twice(cls, method: str = "", prefix: str = "", *, call: str = "") -> Fault:
+        return cls("twice", method, prefix, call=call)
 
     @classmethod
     def forget(cls, method: str = "GET", prefix: str = "/api/v1/tasks/") -> Fault:
         return cls("forget", method, prefix)
 
+    @classmethod
+    def answer(
+        cls,
+        payload: bytes,
+        *,
+        call: str,
+        content: str = "application/json",
+        times: Times = 1,
+    ) -> Fault:
+        return cls("answer", call=call, payload=payload, content=content, times=times)
+
+    @classmethod
+    def truncate(cls, *, call: str, times: Times = 1) -> Fault:
+        return cls("truncate", call=call, times=times)
+
+    @classmethod
+    def bitflip(cls, *, call: str, times: Times = 1) -> Fault:
+        return cls("bitflip", call=call, times=times)
+
+    @classmethod
+    def content_type(cls, content: str, *, call: str, times: Times = 1) -> Fault:
+        return cls("content_type", call=call, content=content, times=times)
+
+    @classmethod
+    def rewrite(
+        cls, change: Callable[[bytes], bytes | None], *, call: str, times: Times = 1
+    ) -> Fault:
+        return cls("rewrite", call=call, change=change, times=times)
+
     def matches(self, method: str, path: str) -> bool:
-        return (not self.method or self.method == method) and path.startswith(self.prefix)
+        return (
+            (not self.method or self.method == method)
+            and path.startswith(self.prefix)
+            and (not self.call or self.call == call_of(method, path))
+        )
+
+
+# JSON that is valid but not an object, and objects without the fields a call needs.
+NOT_OBJECTS = (b"null", b"42", b'"ok"', b"[]", b"{}")
+NO_FIELDS = (b'{"status": "completed"}', b'{"id": "local-x", "status": "running"}')
+
+
+def chaos_faults(call: str, rng: random.Random) -> Fault:
+    """A random fault that fits ``call``: broken transport, error answers, or mangled bodies."""
+    corrupt = [
+        Fault.truncate(call=call),
+        Fault.bitflip(call=call),
+        Fault.content_type("text/html", call=call),
+    ]
+    broken = [Fault.error(503, call=call), Fault.error(502, call=call), Fault.reset(call=call)]
+    if call == "output":
+        mangled = [Fault.answer(b"<html>not an image</html>", call=call, content="image/png")]
+    else:
+        mangled = [Fault.answer(rng.choice(NOT_OBJECTS + NO_FIELDS), call=call)]
+    if call in ("submit", "cancel"):
+        broken.append(Fault.drop(call=call))  # done by the server, answer lost
+    return rng.choice(broken + corrupt + mangled)
 
 
 @dataclass
@@ -75,9 +177,13 @@ class FaultProxy:
     faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
+    injected: list[tuple[str, str]] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    _chaos_rate: float = 0.0
+    _chaos: dict[str, random.Random] = field(default_factory=dict)
+    _seed: int = 0
 
     async def start(self) -> int:
         """Listen (on the port used before, if any); returns the port."""
@@ -88,6 +194,12 @@ class FaultProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def chaos(self, rate: float, seed: int) -> None:
+        """Fault a ``rate`` share of the requests at random (0 stops it)."""
+        self._chaos_rate = rate
+        self._seed = seed
+        self._chaos.clear()
 
     async def refuse(self) -> None:
         """Stop listening and cut open connections: new connections are refused."""
@@ -108,8 +220,24 @@ class FaultProxy:
     def _take(self, method: str, path: str) -> Fault | None:
         for index, fault in enumerate(self.faults):
             if fault.matches(method, path):
-                return self.faults.pop(index)
+                if fault.times is not None:
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self.faults.pop(index)
+                return fault
+        call = call_of(method, path)
+        if self._chaos_rate and call:
+            rng = self._chaos.setdefault(call, random.Random(f"{self._seed}:{call}"))
+            if rng.random() < self._chaos_rate:
+                return chaos_faults(call, rng)
         return None
+
+    def _keep(self, fault: Fault) -> None:
+        """Put back a fault that did not apply to this answer."""
+        if fault.times is not None:
+            fault.times += 1
+            if fault not in self.faults:
+                self.faults.insert(0, fault)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -137,6 +265,8 @@ class FaultProxy:
         """Handle one request; False when the client connection must be closed."""
         fault = self._take(method, path)
         kind = fault.kind if fault else ""
+        if fault is not None and kind != "rewrite":
+            self.injected.append((call_of(method, path), kind))
         if kind == "reset":
             return False
         if kind in ("error", "forget"):
@@ -158,9 +288,34 @@ class FaultProxy:
             await asyncio.sleep(fault.seconds)
             if kind == "hang":
                 return False
+        if fault is not None:
+            answer = self._corrupt(fault, method, path, answer)
         writer.write(answer)
         await writer.drain()
         return b"connection: close" not in answer.split(b"\r\n\r\n", 1)[0].lower()
+
+    def _corrupt(self, fault: Fault, method: str, path: str, answer: bytes) -> bytes:
+        """The upstream answer as the fault mangles it."""
+        head, body = _split(answer)
+        if fault.kind == "answer":
+            return _join(_with_header(head, "content-type", fault.content), fault.payload)
+        if fault.kind == "truncate":
+            return _join(head, body[: len(body) // 2])
+        if fault.kind == "bitflip" and body:
+            at = random.Random(len(self.requests)).randrange(len(body))
+            flipped = bytearray(body)
+            flipped[at] ^= 1 << (len(self.requests) % 8)
+            return _join(head, bytes(flipped))
+        if fault.kind == "content_type":
+            return _join(_with_header(head, "content-type", fault.content), body)
+        if fault.kind == "rewrite" and fault.change is not None:
+            changed = fault.change(body)
+            if changed is None:
+                self._keep(fault)
+                return answer
+            self.injected.append((call_of(method, path), "rewrite"))
+            return _join(head, changed)
+        return answer
 
     async def _forward(self, raw: bytes) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
@@ -195,6 +350,24 @@ def _with_close(raw: bytes) -> bytes:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
     return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body
+
+
+def _split(answer: bytes) -> tuple[list[bytes], bytes]:
+    """An upstream answer's status line and headers, and its body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n"), body
+
+
+def _with_header(head: list[bytes], name: str, value: str) -> list[bytes]:
+    kept = [line for line in head if not line.lower().startswith(name.encode() + b":")]
+    return [*kept, f"{name}: {value}".encode()]
+
+
+def _join(head: list[bytes], body: bytes) -> bytes:
+    """An answer with ``body``, its content-length set to match."""
+    lines = [*_with_header(head, "content-length", str(len(body)))]
+    lines = [line for line in lines if not line.lower().startswith(b"transfer-encoding:")]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 def _response(status: int, body: bytes) -> bytes:

@@ -56,7 +56,11 @@ class TaskRequest:
 
 @dataclass(frozen=True, slots=True)
 class OutputFile:
-    """One output of a finished task."""
+    """One output of a finished task.
+
+    Backends build it from a probe of the bytes (``outputs.probed``): the mime type and
+    the media facts are what the bytes are, not what a producer said.
+    """
 
     data: bytes
     mime_type: str
@@ -96,6 +100,13 @@ class ComputeBackend(Protocol):
 
         Raises:
             UnknownComputeTaskError: the backend has no such task.
+        """
+        ...
+
+    async def find(self, idempotency_key: str) -> str | None:
+        """The compute id of the task this idempotency key created, None if there is none.
+
+        How a task whose submit answer was lost (or unreadable) is found to be released.
         """
         ...
 

@@ -1,7 +1,8 @@
 """A scriptable in-memory compute backend with fault injection, for tests and benchmarks.
 
 By default every task completes at once with a small PNG. Tests can hold tasks until
-released, fail them, or make ``submit`` raise, to drive the engine through every path.
+released, fail them, or make ``submit``, ``find`` or ``cancel`` raise (any exception, not
+only ``ComputeError``), to drive the engine through every path.
 """
 
 from __future__ import annotations
@@ -80,7 +81,16 @@ class FakeComputeBackend:
         self.submit_calls: list[TaskRequest] = []
         self.submitted: list[TaskRequest] = []
         self.cancelled: list[str] = []
+        self.found: list[str] = []
+        # The next calls raise these, one per call, before doing anything.
         self.submit_faults: list[Exception] = []
+        self.find_faults: list[Exception] = []
+        self.cancel_faults: list[Exception] = []
+        # When set, every submit creates (or finds) its task and then raises this: an
+        # answer lost or unreadable after the task was made.
+        self.lose_submit_answer: Exception | None = None
+        # What cancel() answers: whether compute confirmed the release.
+        self.confirm_cancel = True
         self.fail_with: tuple[str, str] | None = None
         # When set and not yet released, cancel() waits for it (a slow compute server).
         self.cancel_gate: asyncio.Event | None = None
@@ -106,6 +116,8 @@ class FakeComputeBackend:
         if self.submit_faults:
             raise self.submit_faults.pop(0)
         if request.idempotency_key in self._by_key:
+            if self.lose_submit_answer is not None:
+                raise self.lose_submit_answer
             return self._by_key[request.idempotency_key]
         task = FakeTask(id=f"fake-{next(self._ids)}", request=request)
         self.tasks[task.id] = task
@@ -118,7 +130,16 @@ class FakeComputeBackend:
             self.complete(task.id)
         if self.submit_gate is not None:
             await self.submit_gate.wait()
+        if self.lose_submit_answer is not None:
+            raise self.lose_submit_answer
         return task.id
+
+    async def find(self, idempotency_key: str) -> str | None:
+        """The task this idempotency key created, or the next scripted find fault."""
+        self.found.append(idempotency_key)
+        if self.find_faults:
+            raise self.find_faults.pop(0)
+        return self._by_key.get(idempotency_key)
 
     def progress(self, compute_id: str, value: float) -> None:
         """Report a held task as running with ``value`` progress."""
@@ -164,11 +185,13 @@ class FakeComputeBackend:
         """Cancel a task that is not terminal yet."""
         if self.cancel_gate is not None:
             await self.cancel_gate.wait()
+        if self.cancel_faults:
+            raise self.cancel_faults.pop(0)
         self.cancelled.append(compute_id)
         task = self.tasks.get(compute_id)
         if task is not None and task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
             task.update(status=TaskStatus.CANCELLED)
-        return True
+        return self.confirm_cancel
 
     async def aclose(self) -> None:
         """Nothing to release."""

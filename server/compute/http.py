@@ -1,29 +1,37 @@
 """The HTTP compute backend: the engine's adapter to a remote compute server (see ``wire``).
 
 One pooled ``httpx.AsyncClient`` with per-call timeouts and a bearer token. Every call
-goes through a circuit breaker; errors are mapped once onto ``ComputeError`` categories:
-no answer (refused, reset, timed out) and 5xx are TRANSIENT, 429 is CAPACITY, a 4xx
-carries the server's ``error_category`` (VALIDATION when it gives none), 401/403 are
-INTERNAL (this service's token is wrong: retrying cannot help), a 404 on a task is
-``UnknownComputeTaskError``. Retrying is the engine's business (``retry.RetryPolicy``),
-so one policy covers submit, status and cancel for every backend.
+goes through its operation's circuit breaker (submit, lookup, status, download, cancel,
+health) and every answer through the wire schema; errors map onto ``ComputeError``
+categories in ``transport``. Retrying is the engine's business (``retry.RetryPolicy``),
+so one policy covers every call of every backend.
 
 A submit carries the task's idempotency key (body and ``Idempotency-Key`` header): a
-retried submit whose first answer was lost finds the same remote task. Status is polled
-with backoff between ``poll_min_s`` and ``poll_max_s``; outputs are downloaded when the
-task completes. ``artifact:`` inputs go inline as ``data:`` URIs, up to
-``inline_limit`` bytes per task (signed download links are not built).
+retried submit whose first answer was lost finds the same remote task, and ``find`` looks
+the task up by that key when the engine must release a task whose submit it gave up on.
+Status is polled with backoff between ``poll_min_s`` and ``poll_max_s``. Each output of a
+completed task is downloaded from its task's own output path only, its size and SHA-256
+checked against the status answer while the bytes arrive, then decoded
+(``outputs.probed``): the mime type and media facts are the bytes', never the JSON's. A
+mismatch or an undecodable output is TRANSIENT: the engine polls and downloads again
+within its retry budget, then fails the task with the reason. ``artifact:`` inputs go
+inline as ``data:`` URIs, up to ``inline_limit`` bytes per task (signed download links are
+not built).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
+from server.compute import transport
 from server.compute.base import (
     ComputeError,
     OutputFile,
@@ -31,12 +39,26 @@ from server.compute.base import (
     TaskSnapshot,
     UnknownComputeTaskError,
 )
-from server.compute.breaker import CircuitBreaker
-from server.compute.wire import STATUSES, TASKS_PATH, data_uri, map_strings
+from server.compute.breaker import Breakers
+from server.compute.outputs import MAX_OUTPUT_BYTES, probed
+from server.compute.wire import (
+    HEALTH_PATH,
+    TASKS_PATH,
+    HealthAnswer,
+    OutputItem,
+    SubmitRequest,
+    TaskAnswer,
+    TaskList,
+    data_uri,
+    map_strings,
+    task_path,
+)
 from server.domain.enums import ComputeErrorCategory, TaskStatus
 from server.domain.states import TASK_TERMINAL
+from server.media.probe import InvalidMediaError
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 _ARTIFACT_PREFIX = "artifact:"
 
 
@@ -55,8 +77,8 @@ class HttpComputeBackend:
         poll_min_s: float = 0.05,
         poll_max_s: float = 1.0,
         inline_limit: int = 32 * 1024 * 1024,
-        max_output_bytes: int = 512 * 1024 * 1024,
-        breaker: CircuitBreaker | None = None,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+        breakers: Breakers | None = None,
     ) -> None:
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.AsyncClient(
@@ -70,39 +92,53 @@ class HttpComputeBackend:
         self._poll_max_s = poll_max_s
         self._inline_limit = inline_limit
         self._max_output_bytes = max_output_bytes
-        self.breaker = breaker or CircuitBreaker()
+        self.breakers = breakers or Breakers()
 
     async def submit(self, request: TaskRequest) -> str:
         """Create the remote task (or find the one this idempotency key created)."""
         parameters = await asyncio.to_thread(self._inline, request.params)
-        body = {
-            "task_type": request.task_type.value,
-            "parameters": parameters,
-            "idempotency_key": request.idempotency_key,
-            "origin_organization": request.organization,
-        }
-        answer = await self._call(
-            "POST", TASKS_PATH, json=body, headers={"idempotency-key": request.idempotency_key}
+        body = SubmitRequest(
+            task_type=request.task_type.value,
+            parameters=parameters,
+            idempotency_key=request.idempotency_key,
+            origin_organization=request.organization,
         )
-        return str(answer["id"])
+        answer = await self._call(
+            "submit",
+            TaskAnswer,
+            "POST",
+            TASKS_PATH,
+            json=body.model_dump(mode="json"),
+            headers={"idempotency-key": request.idempotency_key},
+        )
+        if answer.idempotency_key != request.idempotency_key:
+            raise _malformed("submit", "the answer names another idempotency key")
+        return answer.id
+
+    async def find(self, idempotency_key: str) -> str | None:
+        """The remote task this idempotency key created, if the server has one."""
+        answer = await self._call(
+            "lookup", TaskList, "GET", TASKS_PATH, params={"idempotency_key": idempotency_key}
+        )
+        found = [task.id for task in answer.tasks if task.idempotency_key == idempotency_key]
+        return found[0] if found else None
 
     async def watch(self, compute_id: str) -> AsyncIterator[TaskSnapshot]:
         """Poll the task, yielding a snapshot at each change, ending with the terminal one.
 
         Raises:
             UnknownComputeTaskError: the server does not know the task (any more).
-            ComputeError: a poll failed (TRANSIENT when worth re-watching).
+            ComputeError: a poll or a download failed (TRANSIENT when worth re-watching).
         """
         delay = self._poll_min_s
         last: tuple[TaskStatus, float] | None = None
         while True:
-            answer = await self._call("GET", f"{TASKS_PATH}{compute_id}", task=compute_id)
-            status = _status(answer)
-            progress = float(answer.get("progress") or 0.0)
-            if (status, progress) != last:
-                last = (status, progress)
+            answer = await self._task("status", "GET", task_path(compute_id), compute_id)
+            status = answer.task_status
+            if (status, answer.progress) != last:
+                last = (status, answer.progress)
                 delay = self._poll_min_s
-                yield await self._snapshot(compute_id, status, progress, answer)
+                yield await self._snapshot(compute_id, answer)
             if status in TASK_TERMINAL:
                 return
             await asyncio.sleep(delay)
@@ -111,20 +147,36 @@ class HttpComputeBackend:
     async def cancel(self, compute_id: str) -> bool:
         """Ask the server to stop the task; True once it reports it terminal (or unknown)."""
         try:
-            answer = await self._call("POST", f"{TASKS_PATH}{compute_id}/cancel", task=compute_id)
+            answer = await self._task(
+                "cancel", "POST", f"{task_path(compute_id)}/cancel", compute_id
+            )
         except UnknownComputeTaskError:
             return True  # nothing there to release
-        return _status(answer) in TASK_TERMINAL
+        return answer.task_status in TASK_TERMINAL
 
-    async def health(self) -> dict[str, Any]:
-        """The server's health answer (status and capacity)."""
-        return await self._call("GET", "/health")
+    async def health(self) -> HealthAnswer:
+        """The server's health answer (status, capacity, task counters)."""
+        return await self._call("health", HealthAnswer, "GET", HEALTH_PATH)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
 
     # -- internals ----------------------------------------------------------------------
+
+    async def _call(
+        self, operation: str, model: type[M], method: str, path: str, **kwargs: Any
+    ) -> M:
+        return await transport.call(
+            self._client, self.breakers[operation], model, method, path, **kwargs
+        )
+
+    async def _task(self, operation: str, method: str, path: str, compute_id: str) -> TaskAnswer:
+        """A call answering one task, which must be the task asked about."""
+        answer = await self._call(operation, TaskAnswer, method, path, task=compute_id)
+        if answer.id != compute_id:
+            raise _malformed(operation, f"asked about task {compute_id}, answered another")
+        return answer
 
     def _inline(self, params: dict[str, Any]) -> dict[str, Any]:
         """``params`` with every ``artifact:`` input replaced by its bytes as a data URI."""
@@ -152,116 +204,76 @@ class HttpComputeBackend:
         result: dict[str, Any] = map_strings(params, inline)
         return result
 
-    async def _snapshot(
-        self, compute_id: str, status: TaskStatus, progress: float, answer: dict[str, Any]
-    ) -> TaskSnapshot:
+    async def _snapshot(self, compute_id: str, answer: TaskAnswer) -> TaskSnapshot:
+        status = answer.task_status
         outputs: tuple[OutputFile, ...] = ()
         if status is TaskStatus.COMPLETED:
-            output = answer.get("output") or {}
-            items = [*(output.get("images") or []), *(output.get("videos") or [])]
-            outputs = tuple([await self._download(compute_id, item) for item in items])
+            outputs = tuple(
+                [await self._download(compute_id, item) for item in answer.output.items]
+            )
         return TaskSnapshot(
             compute_id=compute_id,
             status=status,
-            progress=progress,
+            progress=answer.progress,
             outputs=outputs,
-            error_category=answer.get("error_category"),
-            error_message=answer.get("error_message"),
+            error_category=answer.error_category,
+            error_message=answer.error_message,
         )
 
-    async def _download(self, compute_id: str, item: dict[str, Any]) -> OutputFile:
-        url = str(item["url"])
+    async def _download(self, compute_id: str, item: OutputItem) -> OutputFile:
+        """Fetch, verify and probe one output.
 
-        async def get() -> bytes:
-            try:
-                async with self._client.stream("GET", url) as response:
-                    if response.status_code == 404:
-                        raise UnknownComputeTaskError(compute_id)
-                    if response.status_code >= 400:
-                        await response.aread()
-                        raise _error(response)
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > self._max_output_bytes:
-                            raise ComputeError(
-                                ComputeErrorCategory.INTERNAL,
-                                f"output {url} is over {self._max_output_bytes} bytes",
-                            )
-                        chunks.append(chunk)
-                    return b"".join(chunks)
-            except httpx.HTTPError as exc:
-                raise _transport_error(exc) from exc
+        Raises:
+            ComputeError: TRANSIENT when its URL, size, hash or content is not right.
+        """
+        where = f"output {item.url[-80:]!r} of task {compute_id}"
+        outputs = re.escape(f"{task_path(compute_id)}/outputs/")
+        if re.fullmatch(rf"{outputs}[0-9]{{1,4}}", item.url) is None:
+            raise _malformed("status", f"{where}: not one of the task's output paths")
+        if item.size > self._max_output_bytes:
+            raise _malformed("status", f"{where}: {item.size} bytes announced, over the limit")
+        data = await self.breakers["download"].call(lambda: self._fetch(compute_id, item))
+        try:
+            return await asyncio.to_thread(
+                probed, data, seed=item.seed, notes=item.notes, max_bytes=self._max_output_bytes
+            )
+        except InvalidMediaError as exc:
+            raise ComputeError(
+                ComputeErrorCategory.TRANSIENT,
+                f"{where} failed verification: not a decodable image or video ({exc})",
+            ) from None
 
-        data = await self.breaker.call(get)
-        duration = item.get("duration_s")
-        return OutputFile(
-            data=data,
-            mime_type=str(item.get("mime_type") or "application/octet-stream"),
-            width=int(item.get("width") or 0),
-            height=int(item.get("height") or 0),
-            seed=int(item.get("seed") or 0),
-            duration_s=None if duration is None else float(duration),
-            frame_count=int(item.get("frame_count") or 0),
-            notes=tuple(str(n) for n in item.get("notes") or ()),
-        )
-
-    async def _call(
-        self, method: str, path: str, *, task: str = "", **kwargs: Any
-    ) -> dict[str, Any]:
-        """One request through the breaker; its JSON answer, or the mapped error."""
-
-        async def send() -> dict[str, Any]:
-            try:
-                response = await self._client.request(method, path, **kwargs)
-            except httpx.HTTPError as exc:
-                raise _transport_error(exc) from exc
-            if response.status_code == 404 and task:
-                raise UnknownComputeTaskError(task)
-            if response.status_code >= 400:
-                raise _error(response)
-            try:
-                answer: dict[str, Any] = response.json()
-            except ValueError:
-                raise ComputeError(
-                    ComputeErrorCategory.TRANSIENT, f"{method} {path}: the answer is not JSON"
-                ) from None
-            return answer
-
-        return await self.breaker.call(send)
+    async def _fetch(self, compute_id: str, item: OutputItem) -> bytes:
+        """The output's bytes, checked against its announced size and SHA-256 as they come."""
+        where = f"output {item.url[-80:]!r} of task {compute_id}"
+        digest = hashlib.sha256()
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with self._client.stream("GET", item.url) as response:
+                if response.status_code == 404:
+                    raise UnknownComputeTaskError(compute_id)
+                if response.status_code >= 300:
+                    await response.aread()
+                    raise transport.error_of(response)
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > item.size:
+                        raise _unverified(where, f"more than the {item.size} bytes announced")
+                    digest.update(chunk)
+                    chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            raise transport.transport_error(exc) from exc
+        if size != item.size:
+            raise _unverified(where, f"{size} bytes where {item.size} were announced")
+        if digest.hexdigest() != item.sha256:
+            raise _unverified(where, "its SHA-256 is not the one announced")
+        return b"".join(chunks)
 
 
-def _status(answer: dict[str, Any]) -> TaskStatus:
-    status = STATUSES.get(str(answer.get("status", "")).lower())
-    if status is None:
-        raise ComputeError(
-            ComputeErrorCategory.INTERNAL, f"unknown task status {answer.get('status')!r}"
-        )
-    return status
+def _malformed(operation: str, why: str) -> ComputeError:
+    return ComputeError(ComputeErrorCategory.TRANSIENT, f"{operation}: malformed answer: {why}")
 
 
-def _transport_error(exc: httpx.HTTPError) -> ComputeError:
-    kind = type(exc).__name__
-    return ComputeError(ComputeErrorCategory.TRANSIENT, f"compute server unreachable ({kind})")
-
-
-def _error(response: httpx.Response) -> ComputeError:
-    """The ``ComputeError`` an error answer means."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
-    message = str(body.get("error_message") or f"HTTP {response.status_code}")
-    status = response.status_code
-    if status >= 500:
-        return ComputeError(ComputeErrorCategory.TRANSIENT, message)
-    if status == 429:
-        return ComputeError(ComputeErrorCategory.CAPACITY, message)
-    if status in (401, 403):
-        return ComputeError(
-            ComputeErrorCategory.INTERNAL, f"the compute server refused this service: {message}"
-        )
-    return ComputeError(body.get("error_category") or ComputeErrorCategory.VALIDATION, message)
+def _unverified(where: str, why: str) -> ComputeError:
+    return ComputeError(ComputeErrorCategory.TRANSIENT, f"{where} failed verification: {why}")

@@ -1,9 +1,15 @@
-"""The local compute backend: runs task processors on this machine's CPU, off the event loop."""
+"""The local compute backend: runs task processors on this machine's CPU, off the event loop.
+
+Every output a processor returns is probed in the worker thread before the task counts as
+completed (``outputs.probed``): its mime type and media facts are what the bytes decode
+to, and a processor that returns something undecodable fails its task instead.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 import uuid
@@ -14,8 +20,10 @@ from dataclasses import dataclass, field
 
 from server.compute.base import OutputFile, TaskRequest, TaskSnapshot, UnknownComputeTaskError
 from server.compute.cell import TaskCell
+from server.compute.outputs import probed
 from server.compute.registry import ProcessorContext, ProcessorError, ProcessorRegistry
 from server.domain.enums import TaskStatus
+from server.media.probe import InvalidMediaError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,8 @@ class LocalTask(TaskCell):
 
     request: TaskRequest = field(kw_only=True)
     cancel_flag: threading.Event = field(default_factory=threading.Event)
+    # The SHA-256 of each output, computed once in the worker (the wire names outputs by it).
+    digests: tuple[str, ...] = ()
 
 
 class LocalComputeBackend:
@@ -57,6 +67,9 @@ class LocalComputeBackend:
         self._finished: deque[str] = deque()
         self._retain_finished = retain_finished
         self._closed = False
+        # Every task ever created, and every one that reached a terminal state.
+        self.created = 0
+        self.ended = 0
 
     async def submit(self, request: TaskRequest) -> str:
         """Start the task unless this idempotency key already started one."""
@@ -67,6 +80,7 @@ class LocalComputeBackend:
             return existing
         self._processors.get(request.task_type)  # unsupported types fail here, at once
         task = LocalTask(id=f"local-{uuid.uuid4()}", request=request)
+        self.created += 1
         self._tasks[task.id] = task
         self._by_key[request.idempotency_key] = task.id
         runner = asyncio.create_task(self._run(task), name=f"compute:{task.id}")
@@ -96,6 +110,10 @@ class LocalComputeBackend:
     def existing(self, idempotency_key: str) -> str | None:
         """The compute id this idempotency key started, if it is still known."""
         return self._by_key.get(idempotency_key)
+
+    async def find(self, idempotency_key: str) -> str | None:
+        """The compute id this idempotency key started, if it is still known."""
+        return self.existing(idempotency_key)
 
     @property
     def load(self) -> tuple[int, int]:
@@ -151,7 +169,7 @@ class LocalComputeBackend:
             if task.cancel_flag.is_set():
                 raise _CancelledError
             loop.call_soon_threadsafe(lambda: task.update(status=TaskStatus.RUNNING))
-            return processor(task.request.params, context)
+            return _verified(processor(task.request.params, context))
 
         try:
             outputs = await loop.run_in_executor(self._executor, work)
@@ -168,12 +186,31 @@ class LocalComputeBackend:
             if task.cancel_flag.is_set():
                 task.update(status=TaskStatus.CANCELLED)
             else:
+                digests = tuple(hashlib.sha256(o.data).hexdigest() for o in outputs)
+                task.digests = digests
                 task.update(status=TaskStatus.COMPLETED, progress=1.0, outputs=tuple(outputs))
         self._retire(task)
 
     def _retire(self, task: LocalTask) -> None:
         """Remember a finished task, forgetting the oldest beyond the retention bound."""
+        self.ended += 1
         self._finished.append(task.id)
         while len(self._finished) > self._retain_finished:
             old = self._tasks.pop(self._finished.popleft())
             self._by_key.pop(old.request.idempotency_key, None)
+
+
+def _verified(outputs: list[OutputFile]) -> list[OutputFile]:
+    """The processor's outputs, each probed; in the worker thread.
+
+    Raises:
+        ProcessorError: an output is not a decodable image or video (category internal).
+    """
+    if not outputs:
+        raise ProcessorError("internal", "the processor returned no output")
+    try:
+        return [probed(o.data, seed=o.seed, notes=o.notes) for o in outputs]
+    except InvalidMediaError as exc:
+        raise ProcessorError(
+            "internal", f"the processor returned an output that does not decode: {exc}"
+        ) from None

@@ -16,6 +16,7 @@ import uuid
 from collections import Counter, OrderedDict
 
 from server.compute.base import ComputeBackend
+from server.compute.retry import RetryPolicy
 from server.domain.enums import GenerationStatus
 from server.domain.model import Generation, ResourceError
 from server.domain.recorder import full_snapshot, utcnow
@@ -41,6 +42,7 @@ class Engine:
         *,
         max_running: int,
         take_over_live_leases: bool,
+        release_retry: RetryPolicy | None = None,
     ) -> None:
         self._store = store
         self._writer = writer
@@ -48,6 +50,7 @@ class Engine:
         self._workflows = workflows
         self._max_running = max_running
         self._take_over = take_over_live_leases
+        self._release_retry = release_retry
         self._live: dict[str, LiveGeneration] = {}
         self._live_by_org: Counter[str] = Counter()
         # Creates admitted but not launched yet (on their way to the commit): they count
@@ -216,7 +219,7 @@ class Engine:
             )
             reason = ResourceError.internal(correlation_id)
         try:
-            await close(live, self._compute, reason)
+            await close(live, self._compute, reason, retry=self._release_retry)
         except Exception:
             # Nothing more can be recorded now; the next start resumes the generation.
             log.exception("closing generation %s failed", live.id)

@@ -152,6 +152,38 @@ class LiveGeneration:
             failure, self._failure = self._failure, None
             raise failure
 
+    async def flush_final(self, *, tries: int = 4, delay_s: float = 0.25) -> None:
+        """Flush what was recorded; while its write fails, write the same changes again.
+
+        For the terminal commit of a generation that is closing: a failed transaction
+        wrote nothing, so its rows and events can be sent again as they were. Failures of
+        earlier writes were logged when they happened and are not raised here.
+
+        Raises:
+            Exception: the last failure, once ``tries`` writes of the changes failed.
+        """
+        changes = self.recorder.take() if self.recorder.pending else None
+        for attempt in range(tries):
+            queued: asyncio.Future[None] | None = None
+            if changes is not None:
+                ops = rows.changes_ops(
+                    changes, owner=self._writer.owner, lease_expires_at=self._writer.lease_expiry()
+                )
+                queued = self._writer.submit(ops, changes.events)
+                # Waited for by every flush (a cancel answers after it), but its failure
+                # is handled here rather than kept for the next flush.
+                self._unconfirmed.add(queued)
+                queued.add_done_callback(self._unconfirmed.discard)
+            await asyncio.shield(asyncio.gather(*self._unconfirmed, return_exceptions=True))
+            self._failure = None
+            if queued is None or queued.cancelled() or queued.exception() is None:
+                return
+            failure = queued.exception()
+            if attempt + 1 == tries and failure is not None:
+                raise failure
+            log.warning("the terminal write of generation %s failed; writing it again", self.id)
+            await asyncio.sleep(delay_s * 2**attempt)
+
     def _settled(self, write: asyncio.Future[None]) -> None:
         """A queued write finished; keep its failure for the next ``flush`` to report."""
         self._unconfirmed.discard(write)

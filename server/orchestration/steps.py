@@ -2,7 +2,12 @@
 
 Shared by every workflow. The stop token is checked between units of work and raced
 against every wait on compute; a submit is never interrupted, and its compute id is
-recorded the moment it returns, so a stopped workflow always knows what to release.
+recorded the moment it returns, so a stopped workflow always knows what to release. A
+submit given up on (its answers lost or unreadable past the retry budget) may still have
+created a task: it is looked up by its idempotency key and released before the task is
+recorded as failed. Following a task retries transient failures within the retry budget,
+which starts afresh whenever a snapshot arrives, so a long task is not failed by faults
+spread over its whole run.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from server.compute.base import (
     TaskSnapshot,
     UnknownComputeTaskError,
 )
-from server.compute.retry import RetryPolicy
+from server.compute.outputs import expected_kind, kind_of
+from server.compute.retry import Backoff, RetryPolicy
 from server.config import OrchestrationSettings
 from server.domain.enums import EventKind, GenerationStatus, PredictionStatus, TaskStatus
 from server.domain.model import Artifact, ComputeTask, Prediction, Recipe, ResourceError
 from server.domain.recorder import utcnow
 from server.media.artifacts import FileArtifactStore
+from server.orchestration.closing import release, release_policy
 from server.orchestration.inputs import InputPreparer, input_hashes
 from server.orchestration.live import LiveGeneration
 from server.store import repository
@@ -59,6 +66,7 @@ class TaskRunner:
         self._store = store
         self._compute = compute
         self._retry = retry
+        self._release_retry = release_policy(retry)
         self._files = files
         self._inputs = inputs
         self._slots = slots
@@ -91,10 +99,13 @@ class TaskRunner:
             return self._failed(live, prediction, task, compute_id)
         self._attached(live, prediction, task, compute_id)
         resubmitted = False
+        backoff = Backoff(self._retry)
         while True:
             try:
                 return await self._retry.call(
-                    lambda: self._follow(live, prediction, task), sleep=live.token.sleep
+                    lambda: self._follow(live, prediction, task, backoff),
+                    sleep=live.token.sleep,
+                    backoff=backoff,
                 )
             except UnknownComputeTaskError:
                 # Compute no longer knows the task (the local backend's work dies with the
@@ -111,7 +122,12 @@ class TaskRunner:
                 if isinstance(compute_id, ResourceError):
                     return self._failed(live, prediction, task, compute_id)
                 self._attached(live, prediction, task, compute_id)
+                backoff.reset()
             except ComputeError as exc:  # permanent, or transient past the retry budget
+                # Giving up on following a task does not stop it: release it, so that it
+                # does not run on (or hold its slot) for nothing.
+                released = await release(self._compute, task, retry=self._release_retry)
+                live.recorder.task_changed(task, note=f"given up: {released.note}")
                 error = ResourceError.compute_failed(
                     exc.category, exc.message, task.compute_task_id
                 )
@@ -137,7 +153,13 @@ class TaskRunner:
                 lambda: self._compute.submit(request), sleep=live.token.sleep
             )
         except ComputeError as exc:
-            return ResourceError.compute_failed(exc.category, exc.message, "")
+            released = await release(self._compute, task, retry=self._release_retry)
+            if released.compute_id:
+                task.compute_task_id = released.compute_id
+                live.recorder.task_changed(
+                    task, note=f"its submit failed, yet compute had created it: {released.note}"
+                )
+            return ResourceError.compute_failed(exc.category, exc.message, released.compute_id)
 
     def _attached(
         self, live: LiveGeneration, prediction: Prediction, task: ComputeTask, compute_id: str
@@ -169,7 +191,7 @@ class TaskRunner:
         live.recorder.task_changed(task, note=note)
 
     async def _follow(
-        self, live: LiveGeneration, prediction: Prediction, task: ComputeTask
+        self, live: LiveGeneration, prediction: Prediction, task: ComputeTask, backoff: Backoff
     ) -> TaskOutcome:
         snapshots: AsyncIterator[TaskSnapshot] = aiter(self._compute.watch(task.compute_task_id))
         last_progress = 0.0
@@ -177,6 +199,7 @@ class TaskRunner:
         try:
             while True:
                 snap = await live.token.race(anext(snapshots))
+                backoff.reset()  # compute answered: a later fault starts a fresh budget
                 if snap.status is TaskStatus.COMPLETED:
                     return await self._completed(live, prediction, task, snap)
                 if snap.status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
@@ -212,6 +235,12 @@ class TaskRunner:
             )
             return self._failed(live, prediction, task, error)
         output = snap.outputs[0]
+        if kind_of(output) != expected_kind(task.task_type):
+            # The bytes were verified and probed: compute itself produced the wrong thing.
+            raise ComputeError(
+                "internal",
+                f"compute returned {output.mime_type} for a {task.task_type.value} task",
+            )
         blob = await self._files.put(output.data, output.mime_type)
         created_at = utcnow()
         if blob.existed:

@@ -203,3 +203,12 @@ async def test_seed_free_task_types_give_the_same_bytes_for_any_seed(
         assert last.outputs[0].data != outputs[TaskType.IMAGE_ADJUSTER, 1]  # gamma was applied
     finally:
         await backend.aclose()
+
+
+async def test_a_task_is_found_by_its_idempotency_key(backend: ComputeBackend) -> None:
+    request = _request()
+    assert await backend.find(request.idempotency_key) is None
+    compute_id = await backend.submit(request)
+    assert await backend.find(request.idempotency_key) == compute_id
+    assert await backend.find("never-used") is None
+    await _last(backend, compute_id)

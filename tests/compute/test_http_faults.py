@@ -84,7 +84,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
                 token=TOKEN,
                 timeout=1.0,
                 retry_budget=30.0,
-                breaker_threshold=3,
+                breaker_min_calls=3,
                 breaker_reset=0.3,
             )
         }

@@ -26,6 +26,12 @@ def _no_inputs(uri: str) -> bytes:
     raise FileNotFoundError(uri)
 
 
+def _png(size: tuple[int, int] = (4, 4)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _backend_with(processor: Processor | None = None, **options: Any) -> LocalComputeBackend:
     """A one-worker backend running ``processor`` (the real ones when None)."""
     registry = (
@@ -72,7 +78,7 @@ async def test_progress_is_reported_while_the_processor_runs() -> None:
     def stepped(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
         ctx.progress(0.5)
         release.wait(10)
-        return [OutputFile(b"png", "image/png", 1, 1, seed=0)]
+        return [OutputFile(_png(), "image/png", 4, 4, seed=0)]
 
     backend = _backend_with(stepped)
     try:
@@ -148,7 +154,43 @@ def test_registry_refuses_duplicates() -> None:
 
 
 def _quick(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
-    return [OutputFile(b"png", "image/png", 1, 1, seed=0)]
+    return [OutputFile(_png(), "image/png", 4, 4, seed=0)]
+
+
+async def _last(backend: LocalComputeBackend, compute_id: str) -> Any:
+    return [s async for s in backend.watch(compute_id)][-1]
+
+
+async def test_outputs_are_what_their_bytes_decode_to() -> None:
+    def mislabelled(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+        return [OutputFile(_png((64, 48)), "image/jpeg", 1, 1, seed=7, notes=("n",))]
+
+    backend = _backend_with(mislabelled)
+    try:
+        last = await _last(backend, await backend.submit(_request("m1")))
+        assert last.status is TaskStatus.COMPLETED
+        (output,) = last.outputs
+        assert (output.mime_type, output.width, output.height) == ("image/png", 64, 48)
+        assert (output.seed, output.notes) == (7, ("n",))
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("data", [b"png", _png()[:40], b""])
+async def test_an_output_that_does_not_decode_fails_the_task(data: bytes) -> None:
+    def broken(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+        return [OutputFile(data, "image/png", 4, 4, seed=0)]
+
+    backend = _backend_with(broken)
+    try:
+        last = await _last(backend, await backend.submit(_request("b1")))
+        assert last.status is TaskStatus.FAILED
+        assert last.error_category == "internal"
+        assert "does not decode" in (last.error_message or "")
+        assert not last.outputs
+        assert (backend.created, backend.ended) == (1, 1)
+    finally:
+        await backend.aclose()
 
 
 async def test_finished_tasks_are_retained_up_to_a_bound() -> None:

@@ -1,9 +1,12 @@
 """The compute server's ASGI app (Starlette): the wire protocol over a local backend.
 
 Tasks run on a ``LocalComputeBackend`` (its own bounded worker pool; cancellation stops
-a processor between its steps). A submit is idempotent by its key. Inputs arrive as
-``data:`` URIs inside the parameters. Bearer-token auth guards everything but
-``/health``, which reports the capacity.
+a processor between its steps; outputs are probed before a task completes). A submit is
+idempotent by its key, and a task can be looked up by that key. Every request body is
+validated and every answer built through the models of ``wire``; each output is named
+with its SHA-256 and size. Inputs arrive as ``data:`` URIs inside the parameters.
+Bearer-token auth guards everything but ``/health``, which reports the capacity and the
+task counters (created, ended).
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
-from typing import Any
+from typing import TypeVar
 
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,21 +28,48 @@ from server.compute.base import ComputeError, TaskRequest, UnknownComputeTaskErr
 from server.compute.local import LocalComputeBackend, LocalTask
 from server.compute.processors.tasks import default_registry
 from server.compute.server.settings import ComputeServerSettings
-from server.compute.wire import EVALUATION_PATH, TASKS_PATH, decode_data_uri, is_data_uri
+from server.compute.wire import (
+    EVALUATION_PATH,
+    HEALTH_PATH,
+    TASKS_PATH,
+    Capacity,
+    ErrorBody,
+    EvaluationAnswer,
+    EvaluationRequest,
+    HealthAnswer,
+    OutputItem,
+    SubmitRequest,
+    TaskAnswer,
+    TaskList,
+    TaskOutput,
+    WireStatus,
+    decode_data_uri,
+    describe,
+    is_data_uri,
+    output_path,
+)
 from server.domain.enums import ComputeErrorCategory, Strategy, TaskStatus, TaskType
 from server.evaluation.base import EvaluationError, EvaluationInput
 from server.evaluation.local import LocalEvaluator
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
+M = TypeVar("M", bound=BaseModel)
+_WIRE_STATUS: dict[TaskStatus, WireStatus] = {
+    TaskStatus.PENDING: "pending",
+    TaskStatus.RUNNING: "running",
+    TaskStatus.COMPLETED: "completed",
+    TaskStatus.FAILED: "failed",
+    TaskStatus.CANCELLED: "cancelled",
+}
+
+
+def _answer(body: BaseModel, status: int = 200) -> JSONResponse:
+    return JSONResponse(body.model_dump(mode="json"), status)
 
 
 def _error(status: int, category: ComputeErrorCategory, message: str) -> JSONResponse:
-    return JSONResponse({"error_category": category.value, "error_message": message}, status)
-
-
-def _time(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    return _answer(ErrorBody(error_category=category.value, error_message=message), status)
 
 
 class ComputeService:
@@ -57,7 +87,6 @@ class ComputeService:
         self._evaluator = LocalEvaluator(
             max_pixels=settings.max_input_pixels, concurrency=settings.workers
         )
-        self.tasks_created = 0
 
     def _resolve(self, reference: str) -> bytes:
         if not is_data_uri(reference):
@@ -69,78 +98,50 @@ class ComputeService:
 
     async def submit(self, request: Request) -> Response:
         """POST /api/v1/tasks/: start a task, or answer the one this key started."""
-        body = await _json(request)
+        body = await _body(request, SubmitRequest)
         if isinstance(body, Response):
             return body
         try:
-            task_type = TaskType(str(body.get("task_type", "")))
+            task_type = TaskType(body.task_type)
         except ValueError:
             return _error(
-                400,
-                ComputeErrorCategory.UNSUPPORTED,
-                f"unknown task_type {body.get('task_type')!r}",
+                400, ComputeErrorCategory.UNSUPPORTED, f"unknown task_type {body.task_type!r}"
             )
-        key = str(request.headers.get("idempotency-key") or body.get("idempotency_key") or "")
-        parameters = body.get("parameters")
-        if not key or not isinstance(parameters, dict):
+        key = request.headers.get("idempotency-key") or body.idempotency_key
+        if key != body.idempotency_key:
             return _error(
-                400, ComputeErrorCategory.VALIDATION, "idempotency_key and parameters are required"
+                400, ComputeErrorCategory.VALIDATION, "the Idempotency-Key header and body differ"
             )
         _, waiting = self.backend.load
         if self.backend.existing(key) is None and waiting >= self._settings.max_waiting:
             return _error(429, ComputeErrorCategory.CAPACITY, f"{waiting} tasks are waiting")
         task_request = TaskRequest(
             task_type=task_type,
-            params=parameters,
+            params=body.parameters,
             idempotency_key=key,
-            organization=str(body.get("origin_organization") or ""),
+            organization=body.origin_organization,
         )
-        known = self.backend.existing(key)
         try:
             compute_id = await self.backend.submit(task_request)
         except ComputeError as exc:
             return _error(400, exc.category, exc.message)
-        if known is None:
-            self.tasks_created += 1
-        return JSONResponse(self._task(compute_id, self.backend.cell(compute_id)), 201)
+        return _answer(_task(self.backend.cell(compute_id)), 201)
 
-    def _task(self, compute_id: str, cell: LocalTask) -> dict[str, Any]:
-        category, message = cell.error or (None, None)
-        images: list[dict[str, Any]] = []
-        videos: list[dict[str, Any]] = []
-        for index, output in enumerate(cell.outputs):
-            item = {
-                "url": f"{TASKS_PATH}{compute_id}/outputs/{index}",
-                "mime_type": output.mime_type,
-                "width": output.width,
-                "height": output.height,
-                "seed": output.seed,
-                "notes": list(output.notes),
-            }
-            if output.mime_type.startswith("video/"):
-                item |= {"duration_s": output.duration_s, "frame_count": output.frame_count}
-                videos.append(item)
-            else:
-                images.append(item)
-        return {
-            "id": compute_id,
-            "task_type": cell.request.task_type.value,
-            "status": cell.status.value.lower(),
-            "progress": cell.progress,
-            "created_at": _time(cell.created_at),
-            "started_at": _time(cell.started_at),
-            "completed_at": _time(cell.finished_at),
-            "output": {"images": images, "videos": videos},
-            "error_category": category,
-            "error_message": message,
-        }
+    async def lookup(self, request: Request) -> Response:
+        """GET /api/v1/tasks/?idempotency_key=K: the task that key created, if any."""
+        key = request.query_params.get("idempotency_key", "")
+        if not key:
+            return _error(400, ComputeErrorCategory.VALIDATION, "idempotency_key is required")
+        compute_id = self.backend.existing(key)
+        tasks = [] if compute_id is None else [_task(self.backend.cell(compute_id))]
+        return _answer(TaskList(tasks=tasks))
 
     async def status(self, request: Request) -> Response:
         """GET /api/v1/tasks/{id}: the task's status, progress, outputs and error."""
         cell = self._cell(request)
         if isinstance(cell, Response):
             return cell
-        return JSONResponse(self._task(cell.id, cell))
+        return _answer(_task(cell))
 
     async def output(self, request: Request) -> Response:
         """GET /api/v1/tasks/{id}/outputs/{n}: an output's bytes."""
@@ -166,57 +167,93 @@ class ComputeService:
         if isinstance(cell, Response):
             return cell
         await self.backend.cancel(cell.id)
-        return JSONResponse(self._task(cell.id, cell))
+        return _answer(_task(cell))
 
     async def evaluate(self, request: Request) -> Response:
         """POST /api/v1/evaluation/: score an image with the local measures."""
-        body = await _json(request)
+        body = await _body(request, EvaluationRequest)
         if isinstance(body, Response):
             return body
         try:
             item = self._evaluation_input(body)
             evaluation = await self._evaluator.evaluate(item)
-        except (ValueError, KeyError, TypeError, EvaluationError) as exc:
+        except (ValueError, EvaluationError) as exc:
             return _error(400, ComputeErrorCategory.VALIDATION, f"cannot evaluate: {exc}")
-        return JSONResponse(
-            {
-                "score": evaluation.score,
-                "criteria": evaluation.criteria,
-                "feedback": evaluation.feedback,
-                "measures": evaluation.measures,
-            }
+        return _answer(
+            EvaluationAnswer(
+                score=evaluation.score,
+                criteria=evaluation.criteria,
+                feedback=evaluation.feedback,
+                measures=evaluation.measures,
+            )
         )
 
-    def _evaluation_input(self, body: dict[str, Any]) -> EvaluationInput:
+    def _evaluation_input(self, body: EvaluationRequest) -> EvaluationInput:
+        """Raises ValueError for an input that cannot be decoded."""
         limit = self._settings.max_input_bytes
-        size = body.get("expected_size")
-        base = body.get("base")
         return EvaluationInput(
-            output=decode_data_uri(str(body["image"]), limit),
-            strategy=Strategy(str(body.get("strategy") or Strategy.GENERATE.value)),
-            expected_size=None if not size else (int(size[0]), int(size[1])),
-            base=None if not base else decode_data_uri(str(base), limit),
-            edited_region=str(body.get("edited_region") or "all"),
-            expects_face=bool(body.get("expects_face")),
+            output=decode_data_uri(body.image, limit),
+            strategy=Strategy(body.strategy),
+            expected_size=body.expected_size,
+            base=None if not body.base else decode_data_uri(body.base, limit),
+            edited_region=body.edited_region,
+            expects_face=body.expects_face,
         )
 
     async def health(self, request: Request) -> Response:
-        """GET /health: liveness and capacity."""
+        """GET /health: liveness, capacity and the task counters."""
         running, waiting = self.backend.load
-        capacity = {"workers": self._settings.workers, "running": running, "waiting": waiting}
-        return JSONResponse(
-            {"status": "ok", "capacity": capacity, "tasks_created": self.tasks_created}
+        capacity = Capacity(workers=self._settings.workers, running=running, waiting=waiting)
+        return _answer(
+            HealthAnswer(
+                status="ok",
+                capacity=capacity,
+                tasks_created=self.backend.created,
+                tasks_ended=self.backend.ended,
+            )
         )
 
 
-async def _json(request: Request) -> dict[str, Any] | Response:
+def _task(cell: LocalTask) -> TaskAnswer:
+    """The wire answer for a task: its state, and each output named by hash and size."""
+    category, message = cell.error or (None, None)
+    images: list[OutputItem] = []
+    videos: list[OutputItem] = []
+    for index, (output, digest) in enumerate(zip(cell.outputs, cell.digests, strict=True)):
+        item = OutputItem(
+            url=output_path(cell.id, index),
+            sha256=digest,
+            size=len(output.data),
+            seed=output.seed,
+            mime_type=output.mime_type,
+            width=output.width,
+            height=output.height,
+            duration_s=output.duration_s,
+            frame_count=output.frame_count,
+            notes=list(output.notes),
+        )
+        (videos if output.mime_type.startswith("video/") else images).append(item)
+    return TaskAnswer(
+        id=cell.id,
+        idempotency_key=cell.request.idempotency_key,
+        task_type=cell.request.task_type.value,
+        status=_WIRE_STATUS[cell.status],
+        progress=cell.progress,
+        created_at=cell.created_at,
+        started_at=cell.started_at,
+        completed_at=cell.finished_at,
+        output=TaskOutput(images=images, videos=videos),
+        error_category=category,
+        error_message=message,
+    )
+
+
+async def _body(request: Request, model: type[M]) -> M | Response:
+    """The request body as ``model``, or the 400 answer naming what is wrong."""
     try:
-        body = await request.json()
-    except ValueError:
-        return _error(400, ComputeErrorCategory.VALIDATION, "the body is not JSON")
-    if not isinstance(body, dict):
-        return _error(400, ComputeErrorCategory.VALIDATION, "the body must be a JSON object")
-    return body
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        return _error(400, ComputeErrorCategory.VALIDATION, f"bad request body: {describe(exc)}")
 
 
 def _authenticated(handler: Handler, token: str) -> Handler:
@@ -247,10 +284,11 @@ def create_app(settings: ComputeServerSettings) -> Starlette:
 
     routes = [
         Route(TASKS_PATH, guard(service.submit), methods=["POST"]),
+        Route(TASKS_PATH, guard(service.lookup), methods=["GET"]),
         Route(TASKS_PATH + "{task_id}", guard(service.status), methods=["GET"]),
         Route(TASKS_PATH + "{task_id}/outputs/{index:int}", guard(service.output), methods=["GET"]),
         Route(TASKS_PATH + "{task_id}/cancel", guard(service.cancel), methods=["POST"]),
         Route(EVALUATION_PATH, guard(service.evaluate), methods=["POST"]),
-        Route("/health", service.health, methods=["GET"]),
+        Route(HEALTH_PATH, service.health, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,45 @@
+"""Outputs as their bytes say they are: probed before any backend hands them on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from server.compute.base import OutputFile
+from server.domain.enums import TaskType
+from server.media.probe import MediaInfo, probe_media
+
+# Outputs bigger than this are refused by every backend.
+MAX_OUTPUT_BYTES = 512 * 1024 * 1024
+
+
+def probed(
+    data: bytes, *, seed: int, notes: Iterable[str] = (), max_bytes: int = MAX_OUTPUT_BYTES
+) -> OutputFile:
+    """An ``OutputFile`` whose mime type and media facts come from decoding ``data``.
+
+    Blocking (it decodes the image or every frame of the video): run it off the loop.
+
+    Raises:
+        InvalidMediaError: ``data`` is not an image or MP4 that decodes within the limits.
+    """
+    info: MediaInfo = probe_media(data, max_bytes=max_bytes)
+    return OutputFile(
+        data=data,
+        mime_type=info.mime_type,
+        width=info.width,
+        height=info.height,
+        seed=seed,
+        duration_s=info.duration_s,
+        frame_count=info.frame_count,
+        notes=tuple(notes),
+    )
+
+
+def expected_kind(task_type: TaskType) -> str:
+    """What a task of ``task_type`` must produce: "video" or "image"."""
+    return "video" if task_type is TaskType.VIDEO_GENERATION else "image"
+
+
+def kind_of(output: OutputFile) -> str:
+    """The output's kind, "video" or "image", by its (probed) mime type."""
+    return "video" if output.mime_type.startswith("video/") else "image"
