@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from faultproxy import FaultProxy
 from google.protobuf import duration_pb2
 from helpers import assert_eventually, png_bytes
 from PIL import Image
-from procs import ROOT, ServerProcess
+from procs import ServerProcess
 
 from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2
@@ -49,19 +47,8 @@ class ComputeProcess:
 
 def compute_process(workdir: Path) -> Iterator[ComputeProcess]:
     """Run the compute server (``python -m server.compute.server``) until the generator ends."""
-    server = ServerProcess.compute_server(workdir, token=TOKEN, workers="2")
-    with server.log_path.open("ab") as log:
-        process = subprocess.Popen(server.argv, env=server.env, cwd=ROOT, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while not server.port_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the compute server did not start:\n{server.log_tail()}")
-            time.sleep(0.02)
-        yield ComputeProcess(int(server.port_file.read_text()))
-    finally:
-        process.terminate()
-        process.wait(30)
+    with ServerProcess.compute_server(workdir, token=TOKEN, workers="2").running() as port:
+        yield ComputeProcess(port)
 
 
 @dataclass

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +9,9 @@ from typing import Any
 import grpc
 import pytest
 from helpers import CatalogStub, GenerationStub, create_product, png_bytes
-from procs import ROOT, ServerProcess
+from procs import ServerProcess
 
+from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2
 from server.app import App
 from server.compute.fake import FakeComputeBackend
@@ -49,6 +48,16 @@ def fake_compute() -> FakeComputeBackend:
 async def app(settings: Settings, fake_compute: FakeComputeBackend) -> AsyncIterator[App]:
     async with App(settings, compute=fake_compute) as running:
         yield running
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[SartiqClient]:
+    """A client of a server with the real local compute and the local evaluator."""
+    async with (
+        App(make_settings(tmp_path)) as app,
+        SartiqClient(f"127.0.0.1:{app.port}") as client,
+    ):
+        yield client
 
 
 @pytest.fixture
@@ -94,16 +103,5 @@ def compute_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     It takes the bearer token ``COMPUTE_TOKEN``.
     """
     workdir = tmp_path_factory.mktemp("compute-server")
-    server = ServerProcess.compute_server(workdir, token=COMPUTE_TOKEN)
-    with server.log_path.open("ab") as log:
-        process = subprocess.Popen(server.argv, env=server.env, cwd=ROOT, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while not server.port_file.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the compute server did not start:\n{server.log_tail()}")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{int(server.port_file.read_text())}"
-    finally:
-        process.terminate()
-        process.wait(30)
+    with ServerProcess.compute_server(workdir, token=COMPUTE_TOKEN).running() as port:
+        yield f"http://127.0.0.1:{port}"

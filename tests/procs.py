@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +108,30 @@ class ServerProcess:
             port_variable="SARTIQ_COMPUTE_SERVER__PORT_FILE",
             log_name="compute.log",
         )
+
+    @contextmanager
+    def running(self, timeout: float = 60.0) -> Iterator[int]:
+        """Run the process for a ``with`` block (blocking: for session and module fixtures).
+
+        Yields its port once it serves; terminates it afterwards.
+
+        Raises:
+            AssertionError: it exited or did not serve within ``timeout`` seconds.
+        """
+        self.port_file.unlink(missing_ok=True)
+        with self.log_path.open("ab") as log:
+            process = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + timeout
+            while not self.port_file.exists():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"the server did not start:\n{self.log_tail()}")
+                time.sleep(0.02)  # polling for the port file, not waiting on a guess
+            self.port = int(self.port_file.read_text())
+            yield self.port
+        finally:
+            process.terminate()
+            process.wait(30)
 
     @property
     def url(self) -> str:

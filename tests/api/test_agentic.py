@@ -390,15 +390,6 @@ def _bad(image: Image.Image) -> Image.Image:
     return ImageEnhance.Brightness(image.filter(ImageFilter.GaussianBlur(2.5))).enhance(0.35)
 
 
-@pytest.fixture
-async def local(tmp_path: Path) -> AsyncIterator[SartiqClient]:
-    async with (
-        App(make_settings(tmp_path)) as app,  # local compute, local evaluator
-        SartiqClient(f"127.0.0.1:{app.port}") as client,
-    ):
-        yield client
-
-
 async def _adjust(
     client: SartiqClient, image: bytes, max_attempts: int
 ) -> resources_pb2.Generation:

@@ -177,15 +177,6 @@ def fine_detail(data: bytes) -> float:
     return float(fine / coarse)
 
 
-@pytest.fixture
-async def local(tmp_path: Path) -> AsyncIterator[SartiqClient]:
-    async with (
-        App(make_settings(tmp_path)) as app,  # local compute, local evaluator
-        SartiqClient(f"127.0.0.1:{app.port}") as client,
-    ):
-        yield client
-
-
 async def _agentic_adjust(client: SartiqClient, picture: bytes) -> resources_pb2.Generation:
     sha = (await client.upload(picture)).sha256
     request = pb.CreateImageAdjustingGenerationRequest(

@@ -120,17 +120,21 @@ async def test_cancel_is_idempotent_and_confirms(backend: ComputeBackend) -> Non
     assert await backend.cancel(compute_id) is True
 
 
+def _real_backend(kind: str, request: pytest.FixtureRequest) -> ComputeBackend:
+    """A backend that runs the real processors: in this process, or the compute server's."""
+    if kind == "local":
+        return LocalComputeBackend(
+            default_registry(), resolve=_resolve, workers=1, max_input_pixels=10**7
+        )
+    url = request.getfixturevalue("compute_server")
+    return HttpComputeBackend(url, resolve=_resolve, token=COMPUTE_TOKEN)
+
+
 @pytest.mark.parametrize("kind", ["local", "http"])
 async def test_bad_parameters_fail_the_task_as_validation(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
-    if kind == "local":
-        backend: ComputeBackend = LocalComputeBackend(
-            default_registry(), resolve=_resolve, workers=1, max_input_pixels=10**7
-        )
-    else:
-        url = request.getfixturevalue("compute_server")
-        backend = HttpComputeBackend(url, resolve=_resolve, token=COMPUTE_TOKEN)
+    backend = _real_backend(kind, request)
     try:
         last = await _last(backend, await backend.submit(_request(brightness=5.0)))
         assert last.status is TaskStatus.FAILED
@@ -176,13 +180,7 @@ async def test_seed_free_task_types_give_the_same_bytes_for_any_seed(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
     # The AGENTIC loop trusts SEED_FREE on whichever backend runs the tasks.
-    if kind == "local":
-        backend: ComputeBackend = LocalComputeBackend(
-            default_registry(), resolve=_resolve, workers=1, max_input_pixels=10**7
-        )
-    else:
-        url = request.getfixturevalue("compute_server")
-        backend = HttpComputeBackend(url, resolve=_resolve, token=COMPUTE_TOKEN)
+    backend = _real_backend(kind, request)
     try:
         outputs: dict[tuple[TaskType, int], bytes] = {}
         for task_type, params in SEED_CHECKS.items():
