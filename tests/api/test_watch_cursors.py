@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,9 +17,7 @@ from helpers import (
     generate_request,
     wait_terminal,
 )
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from pg import fresh_database, requires_postgres
 
 from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 from sartiq_grpc.sartiq.generation.v1 import resources_pb2
@@ -30,33 +26,16 @@ from server.compute.fake import FakeComputeBackend
 from server.config import ApiKey, AuthSettings, DatabaseSettings, ServerSettings, Settings
 
 KEYS = {"org-a": "tenant-a-key-0123456789", "org-b": "tenant-b-key-0123456789"}
-POSTGRES = os.environ.get("SARTIQ_TEST_POSTGRES_URL", "")
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param(
-            "postgresql",
-            marks=pytest.mark.skipif(not POSTGRES, reason="SARTIQ_TEST_POSTGRES_URL is not set"),
-        ),
-    ]
-)
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=requires_postgres)])
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """The database URL of one test: a SQLite file, or a new PostgreSQL database."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'sartiq.db'}"
         return
-    name = f"sartiq_test_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
+    async with fresh_database() as url:
+        yield url
 
 
 def _auth(org: str) -> tuple[tuple[str, str], ...]:

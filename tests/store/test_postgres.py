@@ -7,8 +7,6 @@ each test creates and drops its own database next to that one.
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,9 +21,7 @@ from helpers import (
     schema_diff,
     wait_terminal,
 )
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from pg import fresh_database, requires_postgres
 
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, generation_service_pb2
 from server.app import App
@@ -34,24 +30,13 @@ from server.config import DatabaseSettings
 from server.store.db import create_engine
 from server.store.migrate import upgrade_to_head
 
-URL = os.environ.get("SARTIQ_TEST_POSTGRES_URL", "")
-pytestmark = pytest.mark.skipif(
-    not URL, reason="SARTIQ_TEST_POSTGRES_URL is not set; PostgreSQL tests need a server"
-)
+pytestmark = requires_postgres
 
 
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
-    name = f"sartiq_test_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(URL).set(database=name).render_as_string(hide_password=False)
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await admin.dispose()
+    async with fresh_database() as url:
+        yield url
 
 
 async def test_migrated_schema_equals_models_on_postgres(pg_url: str) -> None:
