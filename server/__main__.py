@@ -1,4 +1,9 @@
-"""Entry point: ``python -m server`` (or ``sartiq-server``) serves until SIGTERM or SIGINT."""
+"""Entry point: ``python -m server`` (or ``sartiq-server``) serves until SIGTERM or SIGINT.
+
+With ``SARTIQ_SERVER__WORKERS`` above 1 this process supervises that many worker
+processes on one port instead (``server/supervisor.py``); each worker runs this same
+entry point with its index set.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +11,102 @@ import asyncio
 import logging
 import os
 import signal
+import stat
 import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from server.app import App
 from server.config import Settings
 from server.domain.errors import StartupError
 from server.logs import configure
+from server.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from server.app import App
 
 
-async def serve(settings: Settings) -> None:
-    """Run the app until a termination signal, then shut down gracefully."""
+async def serve(settings: Settings, make_app: Callable[[Settings], App]) -> None:
+    """Run the app until a termination signal (or, for a worker, its supervisor's end)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with App(settings) as app:
-        loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
-        await stop.wait()
+    watching = settings.server.worker_index is not None and _stop_with_supervisor(loop, stop)
+    try:
+        async with make_app(settings) as app:
+            loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
+            await stop.wait()
+    finally:
+        if watching:
+            loop.remove_reader(sys.stdin.fileno())
 
 
-def main() -> None:
-    """Parse the settings once and serve."""
+def _stop_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> bool:
+    """Set ``stop`` when stdin, the supervisor's pipe, ends; whether stdin is such a pipe.
+
+    The pipe ends when the supervisor exits in any way, SIGKILL included, so a worker
+    never serves on without it.
+    """
+    fd = sys.stdin.fileno()
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return False
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            stop.set()
+
+    loop.add_reader(fd, readable)
+    return True
+
+
+def run(make_app: Callable[[Settings], App], argv: Sequence[str]) -> None:
+    """Parse the settings once and serve: in this process, or as the supervisor of workers.
+
+    Args:
+        make_app: builds the app of this process from the settings.
+        argv: the command line that starts one worker (this program's own).
+    """
     settings = Settings()
-    configure(settings.log_level)
+    s = settings.server
+    # Workers share the supervisor's stderr: each line says which one wrote it.
+    fields = {} if s.worker_index is None else {"worker": s.worker_index, "pid": os.getpid()}
+    configure(settings.log_level, fields)
     if os.environ.get("SARTIQ_GRPC_CORE_DEBUG") == "1":
         logging.getLogger("server").warning(
             "SARTIQ_GRPC_CORE_DEBUG=1: gRPC core tracing (GRPC_TRACE) is on, and it writes "
             "call metadata, credentials included, to stderr"
         )
+    status = 0
     try:
-        asyncio.run(serve(settings))
+        if s.workers > 1 and s.worker_index is None:
+            status = asyncio.run(Supervisor(settings, argv).run())
+        else:
+            asyncio.run(serve(settings, make_app))
     except StartupError as exc:
         logging.getLogger("server").error("cannot start: %s", exc)
         print(f"sartiq-server: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if status:
+        raise SystemExit(status)
+
+
+def _app(settings: Settings) -> App:
+    # Imported here: a supervisor never loads gRPC or the service, only its workers do.
+    from server.app import App
+
+    return App(settings)
+
+
+def main() -> None:
+    """Serve with the configured compute backend."""
+    run(_app, [sys.executable, "-m", "server"])
 
 
 if __name__ == "__main__":
