@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,25 +86,31 @@ async def test_a_second_app_on_the_same_sqlite_file_is_refused(tmp_path: Path) -
         assert again.port > 0
 
 
+@asynccontextmanager
+async def _catalog(settings: Settings) -> AsyncIterator[CatalogStub]:
+    async with (
+        App(settings, compute=FakeComputeBackend()) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        yield CatalogStub(channel)
+
+
 async def test_page_tokens_survive_a_restart_and_a_configured_secret_wins(
     tmp_path: Path,
 ) -> None:
     shared = make_settings(tmp_path)
     configured = make_settings(tmp_path, page_token_secret=SecretStr("configured-secret-16"))
-    async with App(shared, compute=FakeComputeBackend()) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            await _create_products(CatalogStub(channel), 3)
-            first, by_database = await _page(CatalogStub(channel))
-    async with App(configured, compute=FakeComputeBackend()) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            # Signed with the configured secret, not the database's.
-            assert await _page_token_refused(CatalogStub(channel), by_database)
-            _, by_setting = await _page(CatalogStub(channel))
-    async with App(shared, compute=FakeComputeBackend()) as app:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            # A token from before the restart still works: the key is in the database.
-            second, _ = await _page(CatalogStub(channel), by_database)
-            assert await _page_token_refused(CatalogStub(channel), by_setting)
+    async with _catalog(shared) as catalog:
+        await _create_products(catalog, 3)
+        first, by_database = await _page(catalog)
+    async with _catalog(configured) as catalog:
+        # Signed with the configured secret, not the database's.
+        assert await _page_token_refused(catalog, by_database)
+        _, by_setting = await _page(catalog)
+    async with _catalog(shared) as catalog:
+        # A token from before the restart still works: the key is in the database.
+        second, _ = await _page(catalog, by_database)
+        assert await _page_token_refused(catalog, by_setting)
     assert first != second
     assert len(first) == len(second) == 1
 
@@ -163,6 +170,28 @@ async def test_calls_go_on_as_connections_age_out(
             return len(peers()) >= 3
 
         await assert_eventually(reconnected_twice, timeout=20)
+
+
+async def test_the_client_spreads_calls_over_every_address(tmp_path: Path) -> None:
+    # Two servers, each with a product of its own name: which one answered shows in the list.
+    async with (
+        App(make_settings(tmp_path / "a"), compute=FakeComputeBackend()) as a,
+        App(make_settings(tmp_path / "b"), compute=FakeComputeBackend()) as b,
+    ):
+        for app, name in ((a, "from-a"), (b, "from-b")):
+            async with SartiqClient(f"127.0.0.1:{app.port}") as one:
+                await one.create_entity("product", name, images=[png_bytes((4, 4, 4))])
+        seen: set[str] = set()
+        async with SartiqClient(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}") as client:
+
+            async def both_answered() -> bool:
+                listed = await client.catalog.ListProducts(
+                    catalog_service_pb2.ListProductsRequest()
+                )
+                seen.update(p.name for p in listed.products)
+                return seen == {"from-a", "from-b"}
+
+            await assert_eventually(both_answered, timeout=20)
 
 
 async def _until_terminal(
