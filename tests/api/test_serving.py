@@ -141,8 +141,11 @@ async def test_a_page_token_of_one_replica_is_accepted_by_another(pg_settings: S
 @requires_postgres
 async def test_replicas_starting_at_once_agree_on_one_secret(pg_settings: Settings) -> None:
     await upgrade_to_head(pg_settings.database)
-    engines = [create_engine(pg_settings.database) for _ in range(6)]
+    engines = [create_engine(pg_settings.database) for _ in range(8)]
     try:
+        for engine in engines:  # connected beforehand, so that the transactions overlap
+            async with engine.connect():
+                pass
         secrets = await asyncio.gather(*(shared_secret(e, PAGE_TOKENS) for e in engines))
         again = await shared_secret(engines[0], PAGE_TOKENS)
     finally:
