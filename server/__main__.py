@@ -8,6 +8,7 @@ entry point with its index set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -19,10 +20,13 @@ from typing import TYPE_CHECKING
 from server.config import Settings
 from server.domain.errors import StartupError
 from server.logs import configure
-from server.supervisor import Supervisor
+from server.supervisor import SERVING, Supervisor
 
 if TYPE_CHECKING:
     from server.app import App
+
+# A worker's stdin: its supervisor's socket (``server/supervisor.py``).
+_SUPERVISOR_FD = 0
 
 
 async def serve(settings: Settings, make_app: Callable[[Settings], App]) -> None:
@@ -31,39 +35,47 @@ async def serve(settings: Settings, make_app: Callable[[Settings], App]) -> None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watching = settings.server.worker_index is not None and _stop_with_supervisor(loop, stop)
+    supervised = settings.server.worker_index is not None and _stop_with_supervisor(loop, stop)
     try:
         async with make_app(settings) as app:
             loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
+            if supervised:
+                _tell_supervisor(SERVING)
             await stop.wait()
     finally:
-        if watching:
-            loop.remove_reader(sys.stdin.fileno())
+        if supervised:
+            loop.remove_reader(_SUPERVISOR_FD)
 
 
 def _stop_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> bool:
-    """Set ``stop`` when stdin, the supervisor's pipe, ends; whether stdin is such a pipe.
+    """Set ``stop`` when the supervisor's socket (stdin) ends; whether stdin is one.
 
-    The pipe ends when the supervisor exits in any way, SIGKILL included, so a worker
-    never serves on without it.
+    It ends when the supervisor exits in any way, SIGKILL included, so a worker never
+    serves on without it.
     """
-    fd = sys.stdin.fileno()
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+    mode = os.fstat(_SUPERVISOR_FD).st_mode
+    if not (stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)):
         return False
 
     def readable() -> None:
         try:
-            data = os.read(fd, 4096)
+            data = os.read(_SUPERVISOR_FD, 4096)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
-            loop.remove_reader(fd)
+            loop.remove_reader(_SUPERVISOR_FD)
             stop.set()
 
-    loop.add_reader(fd, readable)
+    loop.add_reader(_SUPERVISOR_FD, readable)
     return True
+
+
+def _tell_supervisor(message: bytes) -> None:
+    """Write a few bytes to the supervisor; a supervisor already gone is not an error."""
+    with contextlib.suppress(OSError):
+        os.write(_SUPERVISOR_FD, message)
 
 
 def run(make_app: Callable[[Settings], App], argv: Sequence[str]) -> None:

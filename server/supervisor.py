@@ -12,8 +12,10 @@ setting, a port in use: the worker says why on the shared stderr).
 
 Workers are new processes (fork and exec), never forks of a process that loaded gRPC
 (see ``server/__init__.py``); the supervisor itself never loads the service. Each
-worker's stdin is a pipe from the supervisor: when the supervisor dies, even by SIGKILL,
-the pipe ends and the workers shut down instead of serving on as orphans.
+worker's stdin is one end of a socket pair whose other end only the supervisor holds:
+the worker writes ``SERVING`` there once it serves, and when the supervisor dies, even
+by SIGKILL, the worker reads the end of it and shuts down instead of serving on as an
+orphan.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ import logging
 import os
 import signal
 import socket
-import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 from server.config import Settings
 from server.domain.errors import StartupError
@@ -36,8 +37,8 @@ from server.store.db import is_sqlite
 
 log = logging.getLogger(__name__)
 
-# How often the supervisor looks for the workers' "serving" files while they start.
-_POLL_S = 0.05
+# What a worker writes to its stdin, the supervisor's socket, once it serves.
+SERVING = b"serving\n"
 # Seconds a worker may take beyond the grace period to stop before it is killed.
 _STOP_MARGIN_S = 30.0
 _RESTART_WINDOW_S = 60.0
@@ -91,17 +92,34 @@ def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
     return int(sock.getsockname()[1]), sock
 
 
-def worker_env(base: Mapping[str, str], *, port: int, index: int, ready: Path) -> dict[str, str]:
-    """A worker's environment: the supervisor's, with its port, index and readiness file."""
-    own = {
-        "SARTIQ_SERVER__PORT": str(port),
-        "SARTIQ_SERVER__WORKER_INDEX": str(index),
-        "SARTIQ_SERVER__PORT_FILE": str(ready),
-    }
+def worker_env(base: Mapping[str, str], *, port: int, index: int) -> dict[str, str]:
+    """A worker's environment: the supervisor's, with its port and index and no port file."""
+    own = {"SARTIQ_SERVER__PORT": str(port), "SARTIQ_SERVER__WORKER_INDEX": str(index)}
     # Settings names are case-insensitive: drop any spelling of ours before adding them.
-    env = {k: v for k, v in base.items() if k.upper() not in own}
+    # The port file is the supervisor's to write, once every worker serves.
+    dropped = {*own, "SARTIQ_SERVER__PORT_FILE"}
+    env = {k: v for k, v in base.items() if k.upper() not in dropped}
     env.update(own)
     return env
+
+
+@dataclass
+class _Worker:
+    """A worker process, the supervisor's end of its stdin, and the task awaiting its exit."""
+
+    process: asyncio.subprocess.Process
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    exited: asyncio.Task[int]
+
+    def close(self) -> None:
+        """Close our end of its stdin; never raises."""
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.close()
+
+
+def _said_serving(told: asyncio.Task[bytes]) -> bool:
+    return told.exception() is None and told.result() == SERVING
 
 
 class Supervisor:
@@ -116,11 +134,9 @@ class Supervisor:
         self._settings = settings
         self._argv = list(argv)
         self._stop = asyncio.Event()
-        self._processes: dict[int, asyncio.subprocess.Process] = {}
-        self._exits: dict[int, asyncio.Task[int]] = {}
+        self._workers: dict[int, _Worker] = {}
         self._deaths: deque[float] = deque()
         self._port = 0
-        self._directory = Path()
 
     async def run(self) -> int:
         """Serve until SIGTERM or SIGINT; returns the exit status (0 after a clean stop).
@@ -135,38 +151,39 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stop.set)
         self._port, held = reserve_port(s.host, s.port)
         status: int | None = None
-        with tempfile.TemporaryDirectory(prefix="sartiq-workers-") as directory:
-            self._directory = Path(directory)
+        try:
             try:
-                try:
-                    for index in range(s.workers):
-                        await self._spawn(index)
-                    status = await self._until_serving()
-                finally:
-                    if held is not None:
-                        held.close()  # the workers listen on the port now (or never will)
-                if status is None:
-                    self._announce()
-                    status = await self._supervise()
+                for index in range(s.workers):
+                    await self._spawn(index)
+                status = await self._until_serving()
             finally:
-                stopped = await self._stop_all()
+                if held is not None:
+                    held.close()  # the workers listen on the port now (or never will)
+            if status is None:
+                self._announce()
+                status = await self._supervise()
+        finally:
+            stopped = await self._stop_all()
         return status or stopped
 
-    def _ready(self, index: int) -> Path:
-        return self._directory / f"worker-{index}.port"
-
     async def _spawn(self, index: int) -> None:
-        previous = self._processes.get(index)
-        if previous is not None and previous.stdin is not None:
-            previous.stdin.close()
-        ready = self._ready(index)
-        ready.unlink(missing_ok=True)
-        env = worker_env(os.environ, port=self._port, index=index, ready=ready)
-        process = await asyncio.create_subprocess_exec(
-            *self._argv, env=env, stdin=asyncio.subprocess.PIPE
-        )
-        self._processes[index] = process
-        self._exits[index] = asyncio.create_task(process.wait(), name=f"worker-{index}")
+        previous = self._workers.pop(index, None)
+        if previous is not None:
+            previous.close()
+        ours, theirs = socket.socketpair()
+        try:
+            env = worker_env(os.environ, port=self._port, index=index)
+            process = await asyncio.create_subprocess_exec(
+                *self._argv, env=env, stdin=theirs.fileno()
+            )
+            reader, writer = await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the worker holds its end; ours ends when we do
+        exited = asyncio.create_task(process.wait(), name=f"worker-{index}")
+        self._workers[index] = _Worker(process, reader, writer, exited)
         log.info("started worker %d (pid %d)", index, process.pid)
 
     async def _until_serving(self) -> int | None:
@@ -177,20 +194,34 @@ class Supervisor:
             start because of a setting or the port (it exited with 2), 1 for any other
             exit, 0 when stopped while starting.
         """
-        while not self._stop.is_set():
-            for index, exited in self._exits.items():
-                if exited.done():
-                    code = exited.result()
+        told = {
+            asyncio.create_task(w.reader.readline(), name=f"ready-{i}"): i
+            for i, w in self._workers.items()
+        }
+        exits = {w.exited: i for i, w in self._workers.items()}
+        stopping = asyncio.create_task(self._stop.wait(), name="stop")
+        waiting = set(told)
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(
+                    {stopping, *waiting, *exits}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stopping in done:
+                    return 0
+                # A worker that ended its stdin without saying SERVING is exiting.
+                ended = [i for t, i in exits.items() if t in done]
+                ended += [i for t, i in told.items() if t in done and not _said_serving(t)]
+                if ended:
+                    index = ended[0]
+                    code = await self._workers[index].exited
                     log.error("worker %d exited with status %d before serving", index, code)
                     return 2 if code == 2 else 1
-            if all(self._ready(index).exists() for index in self._processes):
-                return None
-            await self._wait_stop(_POLL_S)
-        return 0
-
-    async def _wait_stop(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+                waiting -= done
+            return None
+        finally:
+            for task in (stopping, *told):
+                task.cancel()
+            await asyncio.gather(stopping, *told, return_exceptions=True)
 
     def _announce(self) -> None:
         s = self._settings.server
@@ -198,7 +229,7 @@ class Supervisor:
             tmp = s.port_file.with_name(f".{s.port_file.name}.tmp")
             tmp.write_text(f"{self._port}\n")
             os.replace(tmp, s.port_file)
-        pids = ", ".join(str(p.pid) for p in self._processes.values())
+        pids = ", ".join(str(w.process.pid) for w in self._workers.values())
         log.info("serving on %s:%d with %d workers (pids %s)", s.host, self._port, s.workers, pids)
 
     async def _supervise(self) -> int:
@@ -206,14 +237,13 @@ class Supervisor:
         stopping = asyncio.create_task(self._stop.wait(), name="stop")
         try:
             while True:
-                await asyncio.wait(
-                    {stopping, *self._exits.values()}, return_when=asyncio.FIRST_COMPLETED
-                )
+                exits = {w.exited for w in self._workers.values()}
+                await asyncio.wait({stopping, *exits}, return_when=asyncio.FIRST_COMPLETED)
                 if self._stop.is_set():
                     return 0
-                for index, exited in list(self._exits.items()):
-                    if exited.done():
-                        if not self._may_restart(index, exited.result()):
+                for index, worker in list(self._workers.items()):
+                    if worker.exited.done():
+                        if not self._may_restart(index, worker.exited.result()):
                             return 1
                         await self._spawn(index)
         finally:
@@ -224,7 +254,7 @@ class Supervisor:
     def _may_restart(self, index: int, code: int) -> bool:
         """Count a worker's death; whether it may be restarted within the bound."""
         limit = self._settings.server.worker_restarts
-        pid = self._processes[index].pid
+        pid = self._workers[index].process.pid
         now = time.monotonic()
         while self._deaths and now - self._deaths[0] > _RESTART_WINDOW_S:
             self._deaths.popleft()
@@ -247,25 +277,25 @@ class Supervisor:
 
         A worker still running after the grace period and a margin is killed. Never raises.
         """
-        live = {i: p for i, p in self._processes.items() if p.returncode is None}
-        for process in live.values():
+        live = {i: w for i, w in self._workers.items() if w.process.returncode is None}
+        for worker in live.values():
             with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-        waiting = [self._exits[index] for index in live]
-        if waiting:
+                worker.process.send_signal(signal.SIGTERM)
+        if live:
             timeout = self._settings.server.grace_period + _STOP_MARGIN_S
-            await asyncio.wait(waiting, timeout=timeout)
+            await asyncio.wait([w.exited for w in live.values()], timeout=timeout)
         status = 0
-        for index, process in live.items():
-            if process.returncode is None:
-                log.error("worker %d (pid %d) did not stop in time: killing it", index, process.pid)
+        for index, worker in live.items():
+            if worker.process.returncode is None:
+                log.error(
+                    "worker %d (pid %d) did not stop in time: killing it", index, worker.process.pid
+                )
                 with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+                    worker.process.kill()
             # Killed by our SIGTERM before it could handle it (still starting): clean too.
-            if await self._exits[index] not in (0, -signal.SIGTERM):
+            if await worker.exited not in (0, -signal.SIGTERM):
                 status = 1
-        for process in self._processes.values():
-            if process.stdin is not None:
-                process.stdin.close()
+        for worker in self._workers.values():
+            worker.close()
         log.info("stopped")
         return status

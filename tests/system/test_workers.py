@@ -53,6 +53,23 @@ def _served_by(server: ServerProcess, method: str) -> set[int]:
     }
 
 
+async def _stop(server: ServerProcess) -> None:
+    """Kill the supervisor and any worker it left behind (only when the test failed)."""
+    await server.kill()
+    for line in _lines(server) if server.log_path.exists() else []:
+        if "worker" in line and _alive(line["pid"]) and _ours(line["pid"], server):
+            os.kill(line["pid"], signal.SIGKILL)
+
+
+def _ours(pid: int, server: ServerProcess) -> bool:
+    """Whether ``pid`` is still a worker of this test's server (pids are reused)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return str(server.workdir).encode() in environ
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -128,7 +145,7 @@ async def test_workers_share_one_port_and_a_client_spreads_over_them(
         assert await server.stop(timeout=60) == 0
         assert not any(_alive(pid) for pid in workers.values())
     finally:
-        await server.kill()
+        await _stop(server)
 
 
 async def _collect(
@@ -194,7 +211,7 @@ async def test_killed_workers_are_restarted_and_a_watch_resumes_on_them(
 
         await assert_eventually(workers_gone, timeout=60, interval=0.1)
     finally:
-        await server.kill()
+        await _stop(server)
 
 
 @requires_postgres
@@ -217,4 +234,4 @@ async def test_workers_dying_past_the_bound_stop_the_server(tmp_path: Path, pg_u
         assert not any(_alive(pid) for pid in _serving(server).values())
         assert "is the limit (SARTIQ_SERVER__WORKER_RESTARTS)" in server.log_path.read_text()
     finally:
-        await server.kill()
+        await _stop(server)
