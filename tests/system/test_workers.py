@@ -110,7 +110,7 @@ async def test_a_second_process_on_one_sqlite_file_is_refused(tmp_path: Path) ->
     try:
         second = tmp_path / "second"
         env = server_env(second, DATABASE__URL=first.env["SARTIQ_DATABASE__URL"])
-        child = await run_process(SERVER, env=env)
+        child = await run_process(SERVER, env=env, timeout=30)
         assert child.returncode == 2
         assert f"another server process (pid {first.pid}) is using the SQLite database" in (
             child.stderr
