@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--target", default=os.environ.get("SARTIQ_TARGET", "127.0.0.1:50051"), help="host:port"
+        "--target",
+        default=os.environ.get("SARTIQ_TARGET", "127.0.0.1:50051"),
+        help="host:port, or dns:///host:port to spread calls over every address of the name",
     )
     parser.add_argument("--api-key", default=os.environ.get("SARTIQ_API_KEY", ""))
     parser.add_argument(

@@ -18,6 +18,7 @@ access to the server's disk.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -70,6 +71,14 @@ _CATALOG_KINDS = ("subject", "product", "style")
 T = TypeVar("T")
 # How long the probe that explains a failed connection may take.
 _PROBE_SECONDS = 0.5
+# Calls go round robin over every address the target resolves to (``dns:///host:port``
+# names each replica behind a headless service), and a replica that comes or goes is
+# picked up at the next resolution; with one address this is the usual single connection.
+# A server's GOAWAY (its max connection age) makes the channel connect again, so calls
+# also spread over workers sharing one port (SO_REUSEPORT) as connections age out.
+CHANNEL_OPTIONS = (
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+)
 
 
 async def _checked(call: Awaitable[T]) -> T:
@@ -112,7 +121,8 @@ class SartiqClient:
     """Generation, artifact and catalog calls over one channel; an async context manager.
 
     Args:
-        target: ``host:port`` of the server.
+        target: ``host:port`` of the server, or ``dns:///host:port`` (any gRPC target
+            URI); calls are spread round robin over the addresses it resolves to.
         api_key: sent as ``authorization: Bearer <key>``; omit for a development server.
         metadata: extra call metadata for every call.
     """
@@ -132,9 +142,9 @@ class SartiqClient:
         certificates (mutual TLS); see ``tls_credentials``.
         """
         self._channel = (
-            grpc.aio.insecure_channel(target)
+            grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
             if credentials is None
-            else grpc.aio.secure_channel(target, credentials)
+            else grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         )
         auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._metadata = (*auth, *metadata)
@@ -350,8 +360,9 @@ class SartiqClient:
         """Yield the generation's events after ``after_sequence`` until its terminal one.
 
         Heartbeats are skipped. When the server cannot be reached or goes away (it
-        restarts, shuts down, or the connection is cut) the watch waits for it and
-        reconnects with the last sequence received, so every event arrives exactly once;
+        restarts, shuts down, the connection is cut, or closed after the server's
+        maximum connection age) the watch waits for it and reconnects, to any replica,
+        with the last sequence received, so every event arrives exactly once;
         it gives up with ``TransportError`` after ``resume_for`` seconds without
         progress. ``on_wait`` is called with the reason each time it starts waiting.
 

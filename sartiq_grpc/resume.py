@@ -12,7 +12,8 @@ import grpc
 from sartiq_grpc import errors
 
 # Codes after which a watch reconnects and resumes: the server went away or is
-# shutting down, or the connection was cut.
+# shutting down, or the connection was cut (also at the server's maximum connection
+# age: UNAVAILABLE "max connection age" once the GOAWAY's grace has run out).
 RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 

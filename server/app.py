@@ -52,7 +52,9 @@ from server.store.db import (
     sqlite_path,
 )
 from server.store.events import EventBus
+from server.store.lock import DatabaseLock
 from server.store.migrate import upgrade_to_head
+from server.store.secrets import PAGE_TOKENS, shared_secret
 from server.store.sessions import Store
 from server.store.writer import Writer, WriterStats
 from server.strategies.adjusting import ImageAdjustingStrategy
@@ -201,6 +203,7 @@ class App:
         self._grpc: GrpcServer | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._tls: TlsCredentials | None = None
+        self._lock: DatabaseLock | None = None
         self._stopped = False
 
     @property
@@ -224,6 +227,8 @@ class App:
         # handler sees them, wherever logging was configured (or not).
         install_redaction()
         _prepare_directories(s)
+        if is_sqlite(s.database.url):
+            self._lock = DatabaseLock.acquire(sqlite_path(s.database.url))
         await upgrade_to_head(s.database)
         self._db = create_engine(s.database)
         self._bus = EventBus(s.server.watch_buffer)
@@ -254,9 +259,13 @@ class App:
         self._engine = self._build_engine(
             store, self._writer, self._compute, files, inputs, evaluators
         )
+        # A configured secret wins; otherwise the database's own, so that every replica
+        # (and every restart) accepts the page tokens of the others.
         secret = s.server.page_token_secret
         tokens = PageTokens(
-            secret.get_secret_value().encode() if secret is not None else os.urandom(32)
+            secret.get_secret_value().encode()
+            if secret is not None
+            else await shared_secret(self._db, PAGE_TOKENS)
         )
         catalog = CatalogService(store, self._writer, files, media=s.media, tokens=tokens)
         services = Services(
@@ -421,6 +430,8 @@ class App:
             await self._evaluators.aclose()
         if self._db is not None:
             await self._db.dispose()
+        if self._lock is not None:
+            self._lock.release()
         log.info("stopped")
 
     async def __aenter__(self) -> App:

@@ -57,8 +57,39 @@ class ServerSettings(BaseModel):
     page_token_secret: SecretStr | None = Field(
         default=None,
         min_length=16,
-        description="signs page tokens; unset: a random one per process (tokens then do not "
-        "survive a restart or reach another replica)",
+        description="signs page tokens; unset: a random secret kept in the database, created "
+        "by the first server to start, so every replica and restart accepts the others' tokens",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="server processes on one port (SO_REUSEPORT), each a replica; more than "
+        "one needs PostgreSQL",
+    )
+    worker_index: int | None = Field(
+        default=None,
+        ge=0,
+        description="internal: set by the supervisor for each worker process it starts "
+        "(0..workers-1), the worker's identity among the replicas",
+    )
+    worker_restarts: int = Field(
+        default=5,
+        ge=0,
+        description="dead workers restarted within a minute at most; one more death stops "
+        "the server with status 1",
+    )
+    max_connection_age: float = Field(
+        default=300.0,
+        ge=0,
+        description="seconds after which a client connection is asked to reconnect (GOAWAY, "
+        "with 10% jitter), so clients spread over new replicas; 0: never",
+    )
+    max_connection_age_grace: float = Field(
+        default=60.0,
+        ge=0,
+        description="seconds calls on an aged connection may take to finish before it is "
+        "closed; watch streams then resume on a new connection",
     )
 
 

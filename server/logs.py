@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import traceback
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,7 +109,15 @@ def install_redaction(*handlers: logging.Handler) -> RedactSecrets:
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as JSON, with its extra fields and the current request id."""
+    """Formats a record as JSON, with its extra fields and the current request id.
+
+    Args:
+        fields: added to every line (a worker's index and process id).
+    """
+
+    def __init__(self, fields: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self._fields = dict(fields or {})
 
     def format(self, record: logging.LogRecord) -> str:
         """Render one line."""
@@ -117,6 +126,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            **self._fields,
         }
         body.setdefault("request_id", current_request_id())
         for key, value in record.__dict__.items():
@@ -129,10 +139,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
-def configure(level: str) -> None:
-    """Send every log record to stderr as JSON at ``level``, credentials removed."""
+def configure(level: str, fields: Mapping[str, Any] | None = None) -> None:
+    """Send every log record to stderr as JSON at ``level``, credentials removed.
+
+    ``fields`` go on every line: the workers of one server share its stderr.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(fields))
     install_redaction(handler)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -2,32 +2,29 @@
 
     python tests/fake_server.py hold|instant
 
-Settings come from ``SARTIQ_*`` variables as for ``python -m server``; the fake either
-holds every task (so generations stay live) or completes it at once.
+Settings come from ``SARTIQ_*`` variables as for ``python -m server`` (workers included:
+each worker runs this same command); the fake either holds every task (so generations
+stay live) or completes it at once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
+from collections.abc import Callable
 
+from server.__main__ import run
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import Settings
-from server.logs import configure
 
 
-async def _serve(hold: bool) -> None:
-    settings = Settings()
-    configure(settings.log_level)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with App(settings, compute=FakeComputeBackend(hold=hold)):
-        await stop.wait()
+def _app(hold: bool) -> Callable[[Settings], App]:
+    def make(settings: Settings) -> App:
+        return App(settings, compute=FakeComputeBackend(hold=hold))
+
+    return make
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve(sys.argv[1:] == ["hold"]))
+    mode = sys.argv[1] if len(sys.argv) > 1 else "instant"
+    run(_app(mode == "hold"), [sys.executable, __file__, mode])

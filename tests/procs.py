@@ -52,7 +52,12 @@ async def run_process(
     process = await asyncio.create_subprocess_exec(
         *argv, env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()  # a command that never ends must not outlive the test
+        await process.wait()
+        raise
     code = process.returncode if process.returncode is not None else -1
     return Finished(code, out.decode(errors="replace"), err.decode(errors="replace"))
 

@@ -97,9 +97,17 @@ def build_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", int(settings.keepalive_interval * 1000)),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-        # Without this a second server would silently share the port with the first.
-        ("grpc.so_reuseport", 0),
+        # Workers of one server share its port; otherwise a second server would silently
+        # share the port with the first, so a single process refuses a port in use.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
+    if settings.max_connection_age > 0:
+        # GOAWAY after the age (grpc adds jitter), so clients reconnect and spread over
+        # the replicas; calls in flight get the grace, then the connection is closed.
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace * 1000)),
+        ]
     limits = TokenBuckets(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
     interceptor = CallInterceptor(auth, open_services=open_services, limits=limits)
     server = grpc.aio.server(interceptors=[interceptor], options=options)

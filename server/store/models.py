@@ -359,3 +359,17 @@ class GenerationEvent(Base):
     generation_status: Mapped[str] = mapped_column(String(32), server_default=text("''"))
     strategy: Mapped[str] = mapped_column(String(32), server_default=text("''"))
     type: Mapped[str] = mapped_column(String(16), server_default=text("''"))
+
+
+class ServiceSecret(Base):
+    """A random secret every server on this database shares (e.g. the page-token key).
+
+    Created once, by the first server that needs it; never changed after. Whoever can read
+    this table can read every record it protects, so keeping it here adds no exposure.
+    """
+
+    __tablename__ = "service_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

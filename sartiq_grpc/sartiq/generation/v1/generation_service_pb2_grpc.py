@@ -101,7 +101,10 @@ class GenerationServiceStub:
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
     with backoff elsewhere (creates with the same `request_id`, watches
     from the last sequence). Other UNAVAILABLE errors come from the
-    transport and carry no details.
+    transport and carry no details; among them the end of a connection that
+    reached the server's maximum connection age (300 s by default, then a
+    grace for calls in flight): a long watch stream sees one periodically
+    and resumes on a new connection as after any disconnect.
     * INTERNAL, reason INTERNAL: an unexpected server error. The message is
     generic; a `google.rpc.RequestInfo` carries the correlation id that
     matches the server's log.
@@ -256,7 +259,10 @@ class GenerationServiceServicer:
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
     with backoff elsewhere (creates with the same `request_id`, watches
     from the last sequence). Other UNAVAILABLE errors come from the
-    transport and carry no details.
+    transport and carry no details; among them the end of a connection that
+    reached the server's maximum connection age (300 s by default, then a
+    grace for calls in flight): a long watch stream sees one periodically
+    and resumes on a new connection as after any disconnect.
     * INTERNAL, reason INTERNAL: an unexpected server error. The message is
     generic; a `google.rpc.RequestInfo` carries the correlation id that
     matches the server's log.
@@ -538,7 +544,10 @@ class GenerationService:
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
     with backoff elsewhere (creates with the same `request_id`, watches
     from the last sequence). Other UNAVAILABLE errors come from the
-    transport and carry no details.
+    transport and carry no details; among them the end of a connection that
+    reached the server's maximum connection age (300 s by default, then a
+    grace for calls in flight): a long watch stream sees one periodically
+    and resumes on a new connection as after any disconnect.
     * INTERNAL, reason INTERNAL: an unexpected server error. The message is
     generic; a `google.rpc.RequestInfo` carries the correlation id that
     matches the server's log.
