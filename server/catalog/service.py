@@ -17,8 +17,8 @@ from server.domain.enums import CatalogKind
 from server.domain.errors import NotFoundError, StartupError, Violations
 from server.domain.paging import Cursor, PageTokens, paginate, query_key
 from server.domain.recorder import utcnow
-from server.media.artifacts import FileArtifactStore
 from server.media.images import InvalidImageError, probe_image
+from server.media.storage import ArtifactStorage
 from server.media.uris import UriError, is_under, normalize
 from server.store import mapping, repository, rows
 from server.store.sessions import Store
@@ -73,7 +73,7 @@ class CatalogService:
         self,
         store: Store,
         writer: Writer,
-        artifacts: FileArtifactStore,
+        artifacts: ArtifactStorage,
         *,
         media: MediaSettings,
         tokens: PageTokens,

@@ -31,7 +31,7 @@ from server.config import OrchestrationSettings
 from server.domain.enums import EventKind, GenerationStatus, PredictionStatus, TaskStatus
 from server.domain.model import Artifact, ComputeTask, Prediction, Recipe, ResourceError
 from server.domain.recorder import utcnow
-from server.media.artifacts import FileArtifactStore
+from server.media.storage import ArtifactStorage
 from server.orchestration.closing import release, release_policy
 from server.orchestration.inputs import InputPreparer, input_hashes
 from server.orchestration.live import LiveGeneration
@@ -55,7 +55,7 @@ class TaskRunner:
     def __init__(
         self,
         compute: ComputeBackend,
-        files: FileArtifactStore,
+        files: ArtifactStorage,
         inputs: InputPreparer,
         slots: asyncio.Semaphore,
         *,
