@@ -100,6 +100,8 @@ class SpoolFile:
         Raises:
             ValueError: there is none (not opened, taken or discarded).
         """
+        if self._discarded:
+            raise ValueError("the upload was discarded")
         if self._path is None:
             raise ValueError("the upload has no temporary file")
         return self._path
