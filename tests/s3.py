@@ -86,7 +86,7 @@ class S3Bucket:
     @asynccontextmanager
     async def client(self) -> AsyncIterator[S3Client]:
         """A client of the server, as a test looking behind the service's back."""
-        config = AioConfig(retries={"mode": "standard", "max_attempts": 1})
+        config = AioConfig(retries={"mode": "standard", "total_max_attempts": 1})
         async with get_session().create_client(
             "s3", endpoint_url=self.endpoint, config=config
         ) as client:

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from server.config import MediaSettings
 from server.domain import model
-from server.domain.errors import InvalidArgumentError, NotFoundError, Violations
+from server.domain.errors import (
+    ArtifactStorageUnavailableError,
+    InvalidArgumentError,
+    NotFoundError,
+    Violations,
+)
 from server.media.images import ImageInfo, InvalidImageError, probe_image
-from server.media.storage import ArtifactStorage, StagedUpload
+from server.media.storage import ArtifactStorage, StagedUpload, StorageUnavailableError
 from server.store import mapping, repository, rows
 from server.store.sessions import Store
 from server.store.writer import Writer
 
+log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -46,6 +53,7 @@ class ArtifactService:
 
         Raises:
             InvalidArgumentError: bad header, chunk, size, digest or content.
+            ArtifactStorageUnavailableError: the storage cannot take it now.
         """
         limit = self._media.max_upload_bytes
         v = Violations()
@@ -61,6 +69,9 @@ class ArtifactService:
             await upload.open()
             info = await self._receive_image(upload, header, chunks, limit)
             blob = await upload.commit(info.mime_type)
+        except StorageUnavailableError as exc:
+            log.warning("upload not stored: %s", exc)
+            raise ArtifactStorageUnavailableError() from None
         finally:
             # After a commit there is nothing left to remove; discard is then a no-op.
             await upload.discard()
@@ -139,9 +150,14 @@ class ArtifactService:
         async with contextlib.aclosing(
             self._files.stream(artifact.sha256, offset, CHUNK_BYTES)
         ) as chunks:
-            async for chunk in chunks:
-                chunk = chunk[: artifact.size_bytes - offset]  # never past the recorded end
-                if not chunk:
-                    return
-                yield offset, chunk
-                offset += len(chunk)
+            try:
+                async for chunk in chunks:
+                    chunk = chunk[: artifact.size_bytes - offset]  # never past the recorded end
+                    if not chunk:
+                        return
+                    yield offset, chunk
+                    offset += len(chunk)
+            except StorageUnavailableError as exc:
+                log.warning("download of %s cut at %d: %s", artifact.sha256, offset, exc)
+                # The caller resumes from the offset it reached.
+                raise ArtifactStorageUnavailableError() from None

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
@@ -36,6 +38,8 @@ from server.media.spool import TEMP, SpooledUpload, SpoolFile, sweep_temp_files
 from server.media.storage import (
     ArtifactCorruptError,
     ArtifactNotFoundError,
+    StorageError,
+    StorageUnavailableError,
     StoredBlob,
     check_digest,
 )
@@ -49,6 +53,38 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3's smallest part but the last
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+# Codes that say "not now" rather than "never" (besides every 5xx status).
+_BUSY = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"})
+P = ParamSpec("P")
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """S3 and transport errors as ``StorageError``s; "no such key" is the caller's to read."""
+    try:
+        yield
+    except ClientError as exc:
+        code = _code(exc)
+        if code in _MISSING or code == "InvalidRange":
+            raise
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        kind = StorageUnavailableError if status >= 500 or code in _BUSY else StorageError
+        raise kind(f"S3 refused the call: {code}") from exc
+    except (BotoCoreError, aiohttp.ClientError) as exc:
+        raise StorageUnavailableError(f"S3 cannot be reached: {type(exc).__name__}") from exc
+
+
+def _translating(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``method`` with its S3 errors ``_translated``."""
+
+    @functools.wraps(method)
+    async def translated(*args: P.args, **kwargs: P.kwargs) -> T:
+        with _translated():
+            return await method(*args, **kwargs)
+
+    return translated
 
 
 class S3ArtifactStorage:
@@ -80,7 +116,7 @@ class S3ArtifactStorage:
         self._endpoint_url = endpoint_url or None
         self._config = AioConfig(
             s3={"addressing_style": addressing_style},
-            retries={"mode": "standard", "max_attempts": 3},
+            retries={"mode": "standard", "total_max_attempts": 3},  # the first one included
             connect_timeout=10,
             read_timeout=60,
             request_checksum_calculation="when_required",
@@ -136,6 +172,7 @@ class S3ArtifactStorage:
         self._client = None
         await self._stack.aclose()
 
+    @_translating
     async def put(self, data: bytes, mime_type: str) -> StoredBlob:
         """Store ``data`` as one PUT, or in parts when larger than a part."""
         sha256 = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
@@ -155,6 +192,7 @@ class S3ArtifactStorage:
         """An upload received into a spool file, sent to the bucket on commit."""
         return S3Upload(self, SpoolFile(self._spool_dir))
 
+    @_translating
     async def send_file(self, path: Path, sha256: str, size: int, mime_type: str) -> StoredBlob:
         """Store the file ``path`` holding ``size`` bytes that hash to ``sha256``."""
         if await self.size(sha256) is not None:
@@ -222,6 +260,7 @@ class S3ArtifactStorage:
             if code != "NoSuchUpload":  # completed after all, or aborted already
                 log.warning("could not abort the multipart upload of %s: %s", key, code)
 
+    @_translating
     async def read(self, sha256: str) -> bytes:
         """The whole object, checked against its digest."""
         answer = await self._get(sha256)
@@ -236,18 +275,19 @@ class S3ArtifactStorage:
         self, sha256: str, offset: int, chunk_bytes: int
     ) -> AsyncGenerator[bytes, None]:
         """One ranged GET from ``offset``, read ``chunk_bytes`` at a time."""
-        try:
-            answer = await self._get(sha256, f"bytes={offset}-" if offset else None)
-        except ClientError as exc:
-            if _code(exc) == "InvalidRange":
-                return  # at (or past) the end: nothing left to send
-            raise
-        async with answer["Body"] as body:
-            while True:
-                chunk = await _read_full(body, chunk_bytes)
-                if not chunk:
-                    return
-                yield chunk
+        with _translated():
+            try:
+                answer = await self._get(sha256, f"bytes={offset}-" if offset else None)
+            except ClientError as exc:
+                if _code(exc) == "InvalidRange":
+                    return  # at (or past) the end: nothing left to send
+                raise
+            async with answer["Body"] as body:
+                while True:
+                    chunk = await _read_full(body, chunk_bytes)
+                    if not chunk:
+                        return
+                    yield chunk
 
     async def _get(self, sha256: str, byte_range: str | None = None) -> GetObjectOutputTypeDef:
         key = self.key(sha256)
@@ -260,6 +300,7 @@ class S3ArtifactStorage:
                 raise ArtifactNotFoundError(sha256) from None
             raise
 
+    @_translating
     async def size(self, sha256: str) -> int | None:
         """The object's size (HEAD), None when there is none."""
         try:
@@ -270,6 +311,7 @@ class S3ArtifactStorage:
             raise
         return answer["ContentLength"]
 
+    @_translating
     async def sweep(self, *, max_age: float) -> int:
         """Abort multipart uploads under the prefix older than ``max_age``; remove dead spools.
 

@@ -37,6 +37,14 @@ class ArtifactNotFoundError(FileNotFoundError):
         self.sha256 = sha256
 
 
+class StorageError(OSError):
+    """The storage refused or failed a call; the message names its code, never a credential."""
+
+
+class StorageUnavailableError(StorageError):
+    """The storage cannot be reached, or is overloaded, for now: retrying may help."""
+
+
 class ArtifactCorruptError(OSError):
     """What is stored under a digest does not hash to it."""
 

@@ -11,14 +11,17 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from conftest import COMPUTE_TOKEN, make_settings
 from faultproxy import Fault, FaultProxy
-from helpers import assert_eventually, png_bytes, wait_terminal
+from google.rpc import error_details_pb2
+from helpers import assert_eventually, error_info, png_bytes, rich_status, wait_terminal
 from s3 import S3Bucket
 from test_artifacts import noise_png
 
 from sartiq_grpc.client import SartiqClient
+from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2
 from sartiq_grpc.sartiq.generation.v1 import artifact_service_pb2 as pb
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2, resources_pb2
 from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as gen
@@ -218,3 +221,114 @@ async def test_cancelled_uploads_leave_no_object_no_multipart_and_no_spool(
         }
         # And the bucket still takes uploads.
         assert (await client.upload(noise_png(24))).size_bytes > 0
+
+
+def _assert_unavailable(error: grpc.aio.AioRpcError) -> None:
+    """UNAVAILABLE for the storage, with a delay to retry after, and no S3 detail."""
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(error).reason == "STORAGE_UNAVAILABLE"
+    assert "503" not in (error.details() or "")  # the detail stays in the log
+    delays = []
+    for detail in rich_status(error).details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            delays.append(info.retry_delay.ToTimedelta().total_seconds())
+    assert delays == [1.0]
+
+
+async def _upload_messages(data: bytes) -> AsyncIterator[pb.UploadArtifactRequest]:
+    yield pb.UploadArtifactRequest(header=pb.UploadArtifactHeader(size_bytes=len(data)))
+    yield pb.UploadArtifactRequest(chunk=data)
+
+
+async def test_a_bucket_out_of_service_is_unavailable_then_serves_again(
+    tmp_path: Path, s3: S3Bucket, proxy: FaultProxy
+) -> None:
+    async with (
+        App(_settings(tmp_path, s3, proxy.url), compute=FakeComputeBackend()) as app,
+        SartiqClient(f"127.0.0.1:{app.port}") as client,
+    ):
+        data = png_bytes((10, 20, 30))
+        uploaded = await client.upload(data)
+        out_of_service = [
+            Fault.error(503, method, f"/{s3.name}/", times=None) for method in ("GET", "PUT")
+        ]
+        proxy.faults.extend(out_of_service)
+        request = pb.DownloadArtifactRequest(sha256=uploaded.sha256)
+        with pytest.raises(grpc.aio.AioRpcError) as download:
+            await client.artifacts.DownloadArtifact(request).read()
+        _assert_unavailable(download.value)
+        with pytest.raises(grpc.aio.AioRpcError) as upload:  # a new image: for the bucket
+            await client.artifacts.UploadArtifact(_upload_messages(png_bytes((40, 50, 60))))
+        _assert_unavailable(upload.value)
+        inline = catalog_service_pb2.ImageInput(data=png_bytes((70, 80, 90)))
+        product = catalog_service_pb2.CreateProductRequest(name="p", reference_images=[inline])
+        with pytest.raises(grpc.aio.AioRpcError) as entity:  # its inline image, likewise
+            await client.catalog.CreateProduct(product)
+        _assert_unavailable(entity.value)
+        proxy.faults.clear()
+        back = tmp_path / "back.png"
+        await client.download(uploaded.sha256, back)
+        assert await asyncio.to_thread(back.read_bytes) == data
+        assert (await client.upload(png_bytes((40, 50, 60)))).size_bytes > 0
+    assert await s3.open_uploads() == []
+    assert await _local_files(tmp_path) == []
+
+
+async def test_an_output_the_bucket_refused_for_a_while_is_stored_on_a_retry(
+    tmp_path: Path, s3: S3Bucket, proxy: FaultProxy
+) -> None:
+    async with (
+        App(_settings(tmp_path, s3, proxy.url), compute=FakeComputeBackend()) as app,
+        SartiqClient(f"127.0.0.1:{app.port}") as client,
+    ):
+        product = await client.create_entity("product", "p", images=[png_bytes((9, 9, 9))])
+        # The first store of the output fails through the client's own three tries.
+        proxy.faults.append(Fault.error(503, "PUT", f"/{s3.name}/", times=4))
+        created = await client.generate(
+            product_id=product.id, shot_type_string="front", width=64, height=64
+        )
+        done = await wait_terminal(client.generations, created.id, timeout=60)
+        assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED, done.error.message
+        assert [kind for _, kind in proxy.injected].count("error") == 4
+        assert s3.key(done.predictions[0].artifact.sha256) in await s3.keys()
+
+
+async def test_a_fetched_input_the_bucket_refuses_fails_its_task_with_the_cause(
+    tmp_path: Path, s3: S3Bucket, proxy: FaultProxy
+) -> None:
+    settings = _settings(tmp_path, s3, proxy.url)
+    source = tmp_path / "inputs" / "in.png"
+    await asyncio.to_thread(source.write_bytes, png_bytes((1, 2, 3)))
+    async with (
+        App(settings, compute=FakeComputeBackend()) as app,
+        SartiqClient(f"127.0.0.1:{app.port}") as client,
+    ):
+        proxy.faults.append(Fault.error(503, "PUT", f"/{s3.name}/", times=None))
+        created = await client.create(
+            resources_pb2.ImageAdjustingParams(base_image_url=source.as_uri(), brightness=0.1)
+        )
+        done = await wait_terminal(client.generations, created.id, timeout=60)
+    assert done.status == enums_pb2.GENERATION_STATUS_FAILED
+    error = done.predictions[0].error
+    assert error.reason == "INPUT_UNAVAILABLE"
+    assert error.metadata["cause"] == "storage_unavailable"
+
+
+async def test_an_input_the_bucket_fails_to_give_is_inlined_on_a_retry(
+    tmp_path: Path, s3: S3Bucket, proxy: FaultProxy, compute_server: str
+) -> None:
+    settings = _settings(
+        tmp_path, s3, proxy.url, backend="http", url=compute_server, token=COMPUTE_TOKEN
+    )
+    async with App(settings) as app, SartiqClient(f"127.0.0.1:{app.port}") as client:
+        sha = (await client.upload(png_bytes((5, 6, 7)))).sha256
+        # The first read for the submit fails through the client's three tries.
+        proxy.faults.append(Fault.error(503, "GET", f"/{s3.name}/", times=3))
+        created = await client.create(
+            resources_pb2.ImageAdjustingParams(base_image_url=f"artifact:{sha}", brightness=0.1)
+        )
+        done = await wait_terminal(client.generations, created.id, timeout=60)
+        assert done.status == enums_pb2.GENERATION_STATUS_COMPLETED, done.error.message
+        assert [kind for _, kind in proxy.injected] == ["error"] * 3

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from botocore.exceptions import ClientError
 from faultproxy import Fault, FaultProxy
 from s3 import S3Bucket
 
@@ -22,7 +21,7 @@ from server.config import MediaSettings, StorageSettings
 from server.domain.errors import StartupError
 from server.media.backends import open_storage
 from server.media.s3 import S3ArtifactStorage
-from server.media.storage import ArtifactCorruptError
+from server.media.storage import ArtifactCorruptError, StorageError, StorageUnavailableError
 
 MIB = 1024 * 1024
 
@@ -72,7 +71,7 @@ async def test_a_part_that_keeps_failing_aborts_the_upload(
     # Every part after the first fails, through the client's own retries.
     proxy.faults.append(Fault.error(500, "PUT", f"/{s3.name}/", times=None))
     proxy.faults.insert(0, Fault("slow", "PUT", f"/{s3.name}/", seconds=0.0, times=1))
-    with pytest.raises(ClientError):
+    with pytest.raises(StorageUnavailableError, match="500"):
         await storage.put(data, "video/mp4")
     proxy.faults.clear()
     assert await s3.open_uploads() == []
@@ -85,8 +84,9 @@ async def test_a_completion_refused_aborts_the_upload(
 ) -> None:
     proxy.faults.append(Fault.error(400, "POST", f"/{s3.name}/", times=None))
     proxy.faults.insert(0, Fault("slow", "POST", f"/{s3.name}/", seconds=0.0, times=1))  # create
-    with pytest.raises(ClientError):
+    with pytest.raises(StorageError, match="400") as refused:
         await storage.put(_bytes(6 * MIB, seed=4), "video/mp4")
+    assert not isinstance(refused.value, StorageUnavailableError)  # a 4xx is no passing state
     proxy.faults.clear()
     assert await s3.open_uploads() == []
     assert await s3.keys() == []
