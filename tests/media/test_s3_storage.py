@@ -6,6 +6,7 @@ A real S3-compatible server process (moto's), with the fault proxy in between.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import subprocess
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import pytest
 from faultproxy import Fault, FaultProxy
-from s3 import S3Bucket
+from s3 import AWS_ENV, S3Bucket
 
 from server.config import MediaSettings, StorageSettings
 from server.domain.errors import StartupError
+from server.logs import configure
 from server.media.backends import open_storage
 from server.media.s3 import S3ArtifactStorage
 from server.media.storage import ArtifactCorruptError, StorageError, StorageUnavailableError
@@ -180,3 +182,31 @@ def test_the_storage_url_chooses_the_storage(tmp_path: Path) -> None:
     assert remote.location == "s3://my-bucket/a/b"
     with pytest.raises(ValueError, match="file:///a/directory or s3://bucket/prefix"):
         StorageSettings(url="gs://bucket/prefix")
+
+
+async def test_debug_logs_of_the_s3_client_hold_no_credential(
+    s3: S3Bucket,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Temporary credentials: the session token travels in a header of every request.
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token-0123456789abcdef")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure("DEBUG")
+    try:
+        storage = s3.storage(tmp_path)
+        await storage.start()
+        try:
+            blob = await storage.put(_bytes(100), "image/png")
+            await storage.read(blob.sha256)
+        finally:
+            await storage.aclose()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    logged = capsys.readouterr().err
+    assert "X-Amz-Security-Token" in logged  # the client did log its headers
+    for secret in ("session-token-0123456789abcdef", AWS_ENV["AWS_SECRET_ACCESS_KEY"]):
+        assert secret not in logged
