@@ -6,7 +6,7 @@ ENV PATH=/opt/venv/bin:$PATH
 # Dependencies first so source edits do not reinstall them.
 COPY pyproject.toml README.md ./
 RUN mkdir -p server sartiq_grpc && touch server/__init__.py sartiq_grpc/__init__.py \
-    && pip install --no-cache-dir '.[postgres]' \
+    && pip install --no-cache-dir '.[postgres,s3]' \
     && pip uninstall -y sartiq-generation
 COPY server ./server
 COPY sartiq_grpc ./sartiq_grpc

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -33,9 +32,10 @@ from server.evaluation.base import Evaluator, Evaluators
 from server.evaluation.local import LocalEvaluator
 from server.evaluation.remote import RemoteEvaluator
 from server.logs import install_redaction
-from server.media.artifacts import FileArtifactStore
+from server.media.backends import open_storage
 from server.media.fetch import Fetcher, InputFetcher
 from server.media.references import ReferencePolicy
+from server.media.storage import ArtifactStorage, blocking_reader
 from server.orchestration.agentic_flow import AgenticWorkflow
 from server.orchestration.base_flow import BaseWorkflow
 from server.orchestration.closing import release_policy
@@ -67,19 +67,6 @@ from server.strategies.refine import RefineStrategy
 from server.strategies.video import VideoStrategy
 
 log = logging.getLogger(__name__)
-_ARTIFACT_URI = re.compile(r"artifact:([0-9a-f]{64})")
-
-
-def _artifact_resolver(artifacts: FileArtifactStore) -> Callable[[str], bytes]:
-    """Reads ``artifact:<sha256>`` inputs for a compute backend (blocking)."""
-
-    def resolve(uri: str) -> bytes:
-        match = _ARTIFACT_URI.fullmatch(uri)
-        if match is None:
-            raise FileNotFoundError(f"cannot resolve {uri!r}")
-        return artifacts.find_sync(match.group(1)).read_bytes()
-
-    return resolve
 
 
 def _breakers(settings: Settings) -> Breakers:
@@ -96,11 +83,10 @@ def _breakers(settings: Settings) -> Breakers:
 
 
 def _compute_backend(
-    settings: Settings, artifacts: FileArtifactStore, breakers: Breakers
+    settings: Settings, resolve: Callable[[str], bytes], breakers: Breakers
 ) -> LocalComputeBackend | HttpComputeBackend:
-    """The backend ``SARTIQ_COMPUTE__BACKEND`` names."""
+    """The backend ``SARTIQ_COMPUTE__BACKEND`` names; ``resolve`` reads its ``artifact:`` inputs."""
     c = settings.compute
-    resolve = _artifact_resolver(artifacts)
     if c.backend == "http":
         return HttpComputeBackend(
             c.url,
@@ -153,8 +139,7 @@ def _tls(settings: Settings) -> TlsCredentials | None:
 
 
 def _prepare_directories(settings: Settings) -> None:
-    """Create the artifact directory and an SQLite database's directory if missing."""
-    settings.media.artifact_dir.mkdir(parents=True, exist_ok=True)
+    """Create an SQLite database's directory if missing (the storage makes its own)."""
     url = make_url(settings.database.url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -175,8 +160,8 @@ class App:
         compute: a compute backend to use instead of the configured one (tests, benchmarks).
         fetcher: what fetches ``file://`` and ``http(s)://`` image inputs instead of the
             real fetcher (tests).
-        artifacts: the artifact store to use instead of one on ``media.artifact_dir``
-            (tests: a disk that is slow at a chosen moment).
+        artifacts: the artifact storage to use instead of the one ``storage.url`` names
+            (tests: a disk that is slow at a chosen moment); the caller closes it.
     """
 
     def __init__(
@@ -186,7 +171,7 @@ class App:
         compute: ComputeBackend | None = None,
         fetcher: InputFetcher | None = None,
         evaluators: Evaluators | None = None,
-        artifacts: FileArtifactStore | None = None,
+        artifacts: ArtifactStorage | None = None,
     ) -> None:
         self.settings = settings
         self._artifacts_override = artifacts
@@ -199,6 +184,7 @@ class App:
         self._bus: EventBus | None = None
         self._writer: Writer | None = None
         self._compute: ComputeBackend | None = None
+        self._storage: ArtifactStorage | None = None  # built here, so closed here
         self._engine: Engine | None = None
         self._grpc: GrpcServer | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -244,12 +230,16 @@ class App:
         else:
             self._writer = Writer.for_async(self._db, self._bus, lease_seconds=lease)
         await self._writer.start()
-        files = self._artifacts_override or FileArtifactStore(s.media.artifact_dir)
-        swept = await asyncio.to_thread(files.sweep_temporary, max_age=s.media.stale_temp_after)
+        files = self._artifacts_override
+        if files is None:
+            files = self._storage = open_storage(s.storage, s.media)
+        await files.start()
+        swept = await files.sweep(max_age=s.media.stale_temp_after)
         if swept:
-            log.info("removed %d stale temporary artifact files", swept)
+            log.info("removed %d unfinished uploads from %s", swept, files.location)
         breakers = _breakers(s)
-        self._compute = self._compute_override or _compute_backend(s, files, breakers)
+        resolve = blocking_reader(files, asyncio.get_running_loop())
+        self._compute = self._compute_override or _compute_backend(s, resolve, breakers)
         policy = ReferencePolicy.from_settings(s.media)
         fetcher = self._fetcher_override
         if fetcher is None:
@@ -337,7 +327,7 @@ class App:
         store: Store,
         writer: Writer,
         compute: ComputeBackend,
-        files: FileArtifactStore,
+        files: ArtifactStorage,
         inputs: InputPreparer,
         evaluators: Evaluators,
     ) -> Engine:
@@ -423,7 +413,9 @@ class App:
         if self._writer is not None:
             await self._writer.shutdown()  # what workflows queued is committed first
         if self._compute is not None:
-            await self._compute.aclose()
+            await self._compute.aclose()  # its workers may read artifacts until then
+        if self._storage is not None:
+            await self._storage.aclose()
         if self._fetcher is not None:
             await self._fetcher.aclose()
         if self._evaluators is not None:

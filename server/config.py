@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
@@ -174,6 +174,44 @@ class MediaSettings(BaseModel):
     )
 
 
+class StorageSettings(BaseModel):
+    """Where artifact bytes live: a local directory, or S3-compatible object storage."""
+
+    model_config = _FROZEN
+
+    url: str = Field(
+        default="",
+        description="file:///a/directory or s3://bucket/prefix; empty: the directory "
+        "media.artifact_dir (SARTIQ_MEDIA__ARTIFACT_DIR)",
+    )
+    s3_endpoint_url: str = Field(
+        default="",
+        description="an S3-compatible service other than AWS (MinIO, R2, GCS); credentials "
+        "and region come the standard AWS way (AWS_* variables, profiles, roles)",
+    )
+    s3_addressing_style: Literal["auto", "virtual", "path"] = Field(
+        default="auto", description="path: for services without virtual-host buckets (MinIO)"
+    )
+    s3_part_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        le=5 * 1024 * 1024 * 1024,
+        description="part size of multipart uploads; smaller blobs go in one PUT",
+    )
+    spool_dir: Path | None = Field(
+        default=None,
+        description="where uploads to object storage are received first; unset: the "
+        "system's temporary directory",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if url and not url.startswith(("file://", "s3://")):
+            raise ValueError("must be file:///a/directory or s3://bucket/prefix")
+        return url
+
+
 class ComputeSettings(BaseModel):
     """Which compute backend runs the tasks, and how."""
 
@@ -260,6 +298,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     database: DatabaseSettings = DatabaseSettings()
     media: MediaSettings = MediaSettings()
+    storage: StorageSettings = StorageSettings()
     compute: ComputeSettings = ComputeSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
     log_level: str = "INFO"

@@ -32,8 +32,11 @@ _SCHEME = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\"`,;&)\]}]+")
 # A JWT anywhere: three base64url segments, the first a JSON object ("{" is "eyJ").
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
 # The value beside a credential's name: authorization=x, "api_key": "x", ('authorization', b'x').
+# AWS: a session token travels in a header (botocore logs headers and the canonical
+# request at DEBUG); the secret key never should, but is named here all the same.
 _NAMED = re.compile(
-    r"(?i)\b(authorization|x-api-key|api[_-]?key|access[_-]?token|password)"
+    r"(?i)\b(authorization|x-api-key|api[_-]?key|access[_-]?token|password"
+    r"|x-amz-security-token|(?:aws[_-]?)?(?:session[_-]?token|secret[_-]?access[_-]?key))"
     r"(['\"]?\s*[:=,]\s*\(?\s*(?:b?['\"])?)(?:(?:bearer|basic)\s+)?[^\s'\"`,;&)\]}]+"
 )
 # A bytes literal in a grpc record is a raw metadata value or frame: never shown.

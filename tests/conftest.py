@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import grpc
 import pytest
 from helpers import CatalogStub, GenerationStub, create_product, png_bytes
 from procs import ServerProcess
+from s3 import S3Bucket, new_bucket, s3_server_process
 
 from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.catalog.v1 import catalog_service_pb2
@@ -105,3 +107,19 @@ def compute_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("compute-server")
     with ServerProcess.compute_server(workdir, token=COMPUTE_TOKEN).running() as port:
         yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3-compatible server (moto's) as a real process, one for the session; its URL."""
+    if importlib.util.find_spec("moto") is None:
+        pytest.skip("moto is not installed (pip install -e '.[dev]'): no S3 server to test on")
+    workdir = tmp_path_factory.mktemp("s3-server")
+    with s3_server_process(workdir).running() as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
+    """A new bucket for this test; the AWS variables point every client (and child) at it."""
+    return await new_bucket(s3_endpoint, monkeypatch)

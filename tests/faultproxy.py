@@ -245,7 +245,7 @@ class FaultProxy:
         self._handlers.add(task)
         try:
             while True:
-                request = await _read_request(reader)
+                request = await _read_request(reader, writer)
                 if request is None:
                     return
                 method, path, raw = request
@@ -329,7 +329,9 @@ class FaultProxy:
                 await writer.wait_closed()
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] | None:
+async def _read_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[str, str, bytes] | None:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError:
@@ -341,6 +343,10 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] 
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
             length = int(value.strip())
+        if name.strip().lower() == "expect" and value.strip().lower() == "100-continue":
+            # An S3 client waits for this before it sends a large body.
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
     body = await reader.readexactly(length) if length else b""
     return method, path, head + body
 
@@ -348,7 +354,11 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes] 
 def _with_close(raw: bytes) -> bytes:
     """The request with ``Connection: close``, so the upstream answer ends at EOF."""
     head, _, body = raw.partition(b"\r\n\r\n")
-    lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+    lines = [
+        line
+        for line in head.split(b"\r\n")
+        if not line.lower().startswith((b"connection:", b"expect:"))  # the body is here
+    ]
     return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n" + body
 
 

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from server.config import MediaSettings
 from server.domain import model
-from server.domain.errors import InvalidArgumentError, NotFoundError, Violations
-from server.media.artifacts import FileArtifactStore, Upload
+from server.domain.errors import (
+    ArtifactStorageUnavailableError,
+    InvalidArgumentError,
+    NotFoundError,
+    Violations,
+)
 from server.media.images import ImageInfo, InvalidImageError, probe_image
+from server.media.storage import ArtifactStorage, StagedUpload, StorageUnavailableError
 from server.store import mapping, repository, rows
 from server.store.sessions import Store
 from server.store.writer import Writer
 
+log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -32,7 +39,7 @@ class ArtifactService:
     """Content-addressed artifacts: bytes are shared, visibility is per organization."""
 
     def __init__(
-        self, store: Store, writer: Writer, files: FileArtifactStore, *, media: MediaSettings
+        self, store: Store, writer: Writer, files: ArtifactStorage, *, media: MediaSettings
     ) -> None:
         self._store = store
         self._writer = writer
@@ -46,6 +53,7 @@ class ArtifactService:
 
         Raises:
             InvalidArgumentError: bad header, chunk, size, digest or content.
+            ArtifactStorageUnavailableError: the storage cannot take it now.
         """
         limit = self._media.max_upload_bytes
         v = Violations()
@@ -56,20 +64,23 @@ class ArtifactService:
         v.raise_if_any()
         upload = self._files.begin_upload()
         try:
-            # Created inside the guarded block: a cancel at any await below, this one
-            # included, still removes the file and closes its descriptor.
-            await asyncio.to_thread(upload.open)
+            # Opened inside the guarded block: a cancel at any await below, this one
+            # included, still removes what the upload left (file, descriptor, parts).
+            await upload.open()
             info = await self._receive_image(upload, header, chunks, limit)
-            blob = await asyncio.to_thread(upload.commit, info.mime_type)
+            blob = await upload.commit(info.mime_type)
+        except StorageUnavailableError as exc:
+            log.warning("upload not stored: %s", exc)
+            raise ArtifactStorageUnavailableError() from None
         finally:
             # After a commit there is nothing left to remove; discard is then a no-op.
-            await asyncio.to_thread(upload.discard)
+            await upload.discard()
         artifact = blob.image_artifact(info)
         await self._writer.write(rows.upload_ops(org, artifact))
         return await self.get(org, blob.sha256)  # as this organization first held it
 
     async def _receive_image(
-        self, upload: Upload, header: UploadHeader, chunks: AsyncIterator[bytes], limit: int
+        self, upload: StagedUpload, header: UploadHeader, chunks: AsyncIterator[bytes], limit: int
     ) -> ImageInfo:
         """Receive every chunk, check them against the header, and probe the image."""
         digest = await self._receive(upload, chunks, limit)
@@ -80,15 +91,16 @@ class ArtifactService:
             )
         if header.sha256 and header.sha256 != digest:
             raise InvalidArgumentError.of("header.sha256", "does not match the content received")
+        max_pixels = self._media.max_input_pixels
         try:
-            return await asyncio.to_thread(
-                probe_image, upload.path, max_bytes=limit, max_pixels=self._media.max_input_pixels
+            return await upload.probe(
+                lambda content: probe_image(content, max_bytes=limit, max_pixels=max_pixels)
             )
         except InvalidImageError as exc:
             raise InvalidArgumentError.of("content", str(exc)) from None
 
     @staticmethod
-    async def _receive(upload: Upload, chunks: AsyncIterator[bytes], limit: int) -> str:
+    async def _receive(upload: StagedUpload, chunks: AsyncIterator[bytes], limit: int) -> str:
         async for chunk in chunks:
             if not 1 <= len(chunk) <= CHUNK_BYTES:
                 raise InvalidArgumentError.of(
@@ -96,10 +108,10 @@ class ArtifactService:
                 )
             if upload.size_bytes + len(chunk) > limit:
                 raise InvalidArgumentError.of("content", f"must be at most {limit} bytes")
-            await asyncio.to_thread(upload.write, chunk)
+            await upload.write(chunk)
         if not upload.size_bytes:
             raise InvalidArgumentError.of("content", "is empty")
-        return await asyncio.to_thread(upload.close)
+        return await upload.finish()
 
     async def get(self, org: str, sha256: str) -> model.Artifact:
         """An artifact ``org`` owns, with ``org``'s recipe for it.
@@ -131,11 +143,21 @@ class ArtifactService:
     async def _chunks(
         self, artifact: model.Artifact, offset: int
     ) -> AsyncGenerator[tuple[int, bytes], None]:
-        while offset < artifact.size_bytes:
-            chunk = await asyncio.to_thread(
-                self._files.read_chunk, artifact.sha256, artifact.mime_type, offset, CHUNK_BYTES
-            )
-            if not chunk:
-                return  # the file is shorter than recorded: end rather than spin
-            yield offset, chunk
-            offset += len(chunk)
+        """The stored bytes from ``offset`` up to the recorded size, from any replica."""
+        if offset >= artifact.size_bytes:
+            return
+        # Closed as soon as the download ends or is cut: its file or connection goes now.
+        async with contextlib.aclosing(
+            self._files.stream(artifact.sha256, offset, CHUNK_BYTES)
+        ) as chunks:
+            try:
+                async for chunk in chunks:
+                    chunk = chunk[: artifact.size_bytes - offset]  # never past the recorded end
+                    if not chunk:
+                        return
+                    yield offset, chunk
+                    offset += len(chunk)
+            except StorageUnavailableError as exc:
+                log.warning("download of %s cut at %d: %s", artifact.sha256, offset, exc)
+                # The caller resumes from the offset it reached.
+                raise ArtifactStorageUnavailableError() from None

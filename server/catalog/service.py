@@ -14,11 +14,16 @@ from dataclasses import dataclass, field, replace
 from server.config import MediaSettings
 from server.domain import model
 from server.domain.enums import CatalogKind
-from server.domain.errors import NotFoundError, StartupError, Violations
+from server.domain.errors import (
+    ArtifactStorageUnavailableError,
+    NotFoundError,
+    StartupError,
+    Violations,
+)
 from server.domain.paging import Cursor, PageTokens, paginate, query_key
 from server.domain.recorder import utcnow
-from server.media.artifacts import FileArtifactStore
 from server.media.images import InvalidImageError, probe_image
+from server.media.storage import ArtifactStorage, StorageUnavailableError
 from server.media.uris import UriError, is_under, normalize
 from server.store import mapping, repository, rows
 from server.store.sessions import Store
@@ -73,7 +78,7 @@ class CatalogService:
         self,
         store: Store,
         writer: Writer,
-        artifacts: FileArtifactStore,
+        artifacts: ArtifactStorage,
         *,
         media: MediaSettings,
         tokens: PageTokens,
@@ -175,7 +180,10 @@ class CatalogService:
         now = utcnow()
         for image in images:
             if image.data is not None and image.sha256 not in stored:
-                blob = await self._artifacts.put(image.data, image.mime_type)
+                try:
+                    blob = await self._artifacts.put(image.data, image.mime_type)
+                except StorageUnavailableError:
+                    raise ArtifactStorageUnavailableError() from None
                 stored[image.sha256] = model.Artifact(
                     sha256=blob.sha256,
                     mime_type=image.mime_type,

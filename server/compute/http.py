@@ -192,6 +192,10 @@ class HttpComputeBackend:
                 raise ComputeError(
                     ComputeErrorCategory.VALIDATION, f"input {value} is not stored here"
                 ) from None
+            except OSError as exc:  # the artifact storage, for now: worth another submit
+                raise ComputeError(
+                    ComputeErrorCategory.TRANSIENT, f"input {value} could not be read: {exc}"
+                ) from None
             total += len(data)
             if total > self._inline_limit:
                 raise ComputeError(

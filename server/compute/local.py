@@ -141,7 +141,8 @@ class LocalComputeBackend:
         for runner in list(self._runners):
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Off the loop: a worker may be waiting on the loop for an input (a storage read).
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     @staticmethod
     def _progress_from_thread(

@@ -139,6 +139,15 @@ class UnavailableError(DomainError):
         self.retry_after = retry_after
 
 
+class ArtifactStorageUnavailableError(UnavailableError):
+    """Artifact storage cannot be reached (or is overloaded) now; retrying later helps."""
+
+    reason = "STORAGE_UNAVAILABLE"
+
+    def __init__(self, *, retry_after: float = 1.0) -> None:
+        super().__init__("artifact storage is unavailable; retry later", retry_after=retry_after)
+
+
 class IllegalTransitionError(DomainError):
     """A forbidden state change was attempted: always a bug."""
 

@@ -20,7 +20,6 @@ way is done again, and a decision not yet recorded is taken again.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from server.domain.enums import AttemptStatus, PredictionStatus, StopReason, Strategy, TaskStatus
@@ -36,7 +35,7 @@ from server.domain.model import (
 )
 from server.domain.recorder import utcnow
 from server.evaluation.base import EvaluationError, EvaluationInput, Evaluators
-from server.media.artifacts import FileArtifactStore
+from server.media.storage import ArtifactStorage
 from server.orchestration.adjust import Retry, plan_retry, repeated
 from server.orchestration.inputs import chain_output, reuse_fetched
 from server.orchestration.live import LiveGeneration, Stopped
@@ -57,9 +56,7 @@ _FACE_WORDS = ("portrait", "face", "close-up", "closeup", "headshot", "head")
 class AgenticWorkflow:
     """Runs every unfinished prediction's attempt loop, then settles the generation."""
 
-    def __init__(
-        self, runner: TaskRunner, evaluators: Evaluators, files: FileArtifactStore
-    ) -> None:
+    def __init__(self, runner: TaskRunner, evaluators: Evaluators, files: ArtifactStorage) -> None:
         self._runner = runner
         self._evaluators = evaluators
         self._files = files
@@ -159,7 +156,7 @@ class AgenticWorkflow:
         artifact = attempt.artifact
         if artifact is None:  # pragma: no cover - EVALUATING is only recorded with one
             raise EvaluationError(f"attempt {attempt.number} has no output")
-        output = await asyncio.to_thread(self._files.read_sync, artifact.sha256, artifact.mime_type)
+        output = await self._files.read(artifact.sha256)
         first = min(
             (t for t in prediction.tasks if t.attempt_id == attempt.id), key=lambda t: t.step
         )
@@ -168,8 +165,7 @@ class AgenticWorkflow:
         base = None
         if isinstance(base_ref, str) and base_ref.startswith("artifact:"):
             sha = base_ref.removeprefix("artifact:")
-            path = await asyncio.to_thread(self._files.find_sync, sha)
-            base = await asyncio.to_thread(path.read_bytes)
+            base = await self._files.read(sha)
         return EvaluationInput(
             output=output,
             strategy=strategy,

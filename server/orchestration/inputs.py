@@ -22,7 +22,6 @@ from typing import Any
 from server.config import MediaSettings
 from server.domain.errors import Violations
 from server.domain.model import Artifact, ComputeTask, PlannedStep, Prediction, ResourceError
-from server.media.artifacts import FileArtifactStore
 from server.media.fetch import FetchError, InputFetcher
 from server.media.images import InvalidImageError, probe_image
 from server.media.references import (
@@ -32,6 +31,7 @@ from server.media.references import (
     is_fetched,
     parse_reference,
 )
+from server.media.storage import ArtifactStorage, StorageError
 from server.orchestration.live import LiveGeneration
 
 # The parameter keys whose values (a string or a list of them) are image references.
@@ -83,7 +83,7 @@ class InputPreparer:
     def __init__(
         self,
         fetcher: InputFetcher,
-        files: FileArtifactStore,
+        files: ArtifactStorage,
         policy: ReferencePolicy,
         media: MediaSettings,
     ) -> None:
@@ -136,7 +136,12 @@ class InputPreparer:
             )
         except InvalidImageError as exc:
             return ResourceError.input_unavailable(field, "invalid_image", f"{reference}: {exc}")
-        blob = await self._files.put(data, info.mime_type)
+        try:
+            blob = await self._files.put(data, info.mime_type)
+        except StorageError as exc:
+            return ResourceError.input_unavailable(
+                field, "storage_unavailable", f"{reference} was fetched but not stored: {exc}"
+            )
         artifact = blob.image_artifact(info)
         live.recorder.artifact_stored(artifact)
         return artifact

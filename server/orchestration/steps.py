@@ -28,10 +28,16 @@ from server.compute.base import (
 from server.compute.outputs import expected_kind, kind_of
 from server.compute.retry import Backoff, RetryPolicy
 from server.config import OrchestrationSettings
-from server.domain.enums import EventKind, GenerationStatus, PredictionStatus, TaskStatus
+from server.domain.enums import (
+    ComputeErrorCategory,
+    EventKind,
+    GenerationStatus,
+    PredictionStatus,
+    TaskStatus,
+)
 from server.domain.model import Artifact, ComputeTask, Prediction, Recipe, ResourceError
 from server.domain.recorder import utcnow
-from server.media.artifacts import FileArtifactStore
+from server.media.storage import ArtifactStorage, StorageError
 from server.orchestration.closing import release, release_policy
 from server.orchestration.inputs import InputPreparer, input_hashes
 from server.orchestration.live import LiveGeneration
@@ -55,7 +61,7 @@ class TaskRunner:
     def __init__(
         self,
         compute: ComputeBackend,
-        files: FileArtifactStore,
+        files: ArtifactStorage,
         inputs: InputPreparer,
         slots: asyncio.Semaphore,
         *,
@@ -241,7 +247,13 @@ class TaskRunner:
                 "internal",
                 f"compute returned {output.mime_type} for a {task.task_type.value} task",
             )
-        blob = await self._files.put(output.data, output.mime_type)
+        try:
+            blob = await self._files.put(output.data, output.mime_type)
+        except StorageError as exc:
+            # Followed again within the retry budget: compute keeps the finished output.
+            raise ComputeError(
+                ComputeErrorCategory.TRANSIENT, f"storing the output: {exc}"
+            ) from exc
         created_at = utcnow()
         if blob.existed:
             # Bytes seen before, perhaps by this organization: its events must show the

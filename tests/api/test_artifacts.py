@@ -26,7 +26,8 @@ from sartiq_grpc.sartiq.generation.v1.generation_service_pb2 import GetCapabilit
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import ApiKey, AuthSettings, Settings
-from server.media.artifacts import FileArtifactStore, Upload
+from server.media.artifacts import FileArtifactStore
+from server.media.spool import SpoolFile
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-0123456789abcdef"
@@ -256,16 +257,16 @@ class HeldDisk(FileArtifactStore):
         self.opened = threading.Event()
         self.release = threading.Event()
 
-    def begin_upload(self) -> Upload:
+    def spool(self) -> SpoolFile:
         disk = self
 
-        class Held(Upload):
+        class Held(SpoolFile):
             def open(self) -> None:
                 super().open()
                 disk.opened.set()
                 disk.release.wait(timeout=30)  # a safety net; the test releases it
 
-        return Held(self, self.root / "incoming")
+        return Held(self.root / "incoming")
 
 
 async def test_a_cancel_while_the_file_is_created_leaves_nothing(tmp_path: Path) -> None:

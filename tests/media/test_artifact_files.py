@@ -49,7 +49,7 @@ def test_sweep_removes_what_no_writer_will_finish(tmp_path: Path) -> None:
     assert not abandoned.exists()
     assert writing.exists()
     assert elsewhere.exists()
-    assert stored.path.read_bytes() == b"kept"
+    assert store.find_sync(stored.sha256).read_bytes() == b"kept"
 
 
 async def test_start_removes_stale_temporary_files(tmp_path: Path) -> None:
