@@ -28,6 +28,7 @@ from server.compute.retry import RetryPolicy
 from server.config import Settings
 from server.domain.enums import GenerationType
 from server.domain.errors import StartupError
+from server.domain.limits import RateLimiter, TokenBuckets
 from server.domain.paging import PageTokens
 from server.evaluation.base import Evaluator, Evaluators
 from server.evaluation.local import LocalEvaluator
@@ -52,7 +53,9 @@ from server.store.db import (
     sqlite_path,
 )
 from server.store.events import EventBus
+from server.store.live_counts import LiveLimits
 from server.store.migrate import upgrade_to_head
+from server.store.rate_buckets import DatabaseTokenBuckets
 from server.store.sessions import Store
 from server.store.writer import Writer, WriterStats
 from server.strategies.adjusting import ImageAdjustingStrategy
@@ -150,6 +153,26 @@ def _tls(settings: Settings) -> TlsCredentials | None:
     return TlsCredentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
 
 
+def _rate_limiter(settings: Settings, db: AsyncEngine) -> RateLimiter | None:
+    """Each organization's call rate: in memory (one process) or in the database (replicas)."""
+    s = settings.server
+    if not s.rate_limit:
+        return None
+    if is_sqlite(settings.database.url):
+        return TokenBuckets(s.rate_limit, s.rate_burst)
+    return DatabaseTokenBuckets(db, s.rate_limit, s.rate_burst)
+
+
+def _live_limits(settings: Settings) -> LiveLimits:
+    """The admission limits replicas on PostgreSQL count together in the database."""
+    o = settings.orchestration
+    return LiveLimits(
+        per_organization=o.max_live_per_organization,
+        total=o.max_queued_generations,
+        retry_after=o.retry_after_seconds,
+    )
+
+
 def _prepare_directories(settings: Settings) -> None:
     """Create the artifact directory and an SQLite database's directory if missing."""
     settings.media.artifact_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +260,9 @@ class App:
                 lease_seconds=lease,
             )
         else:
-            self._writer = Writer.for_async(self._db, self._bus, lease_seconds=lease)
+            self._writer = Writer.for_async(
+                self._db, self._bus, lease_seconds=lease, limits=_live_limits(s)
+            )
         await self._writer.start()
         files = self._artifacts_override or FileArtifactStore(s.media.artifact_dir)
         swept = await asyncio.to_thread(files.sweep_temporary, max_age=s.media.stale_temp_after)
@@ -292,6 +317,7 @@ class App:
             self._authenticator(),
             open_services=frozenset(s.auth.open_services),
             tls=self._tls,
+            limits=_rate_limiter(s, self._db),
         )
         await self._grpc.server.start()
         await self._engine.start()
