@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from alembic import command
+from helpers import assert_eventually
 from pg import fresh_database, requires_postgres
 from sqlalchemy import text
 
@@ -19,6 +20,7 @@ from server.store.db import create_engine
 from server.store.events import EventBus
 from server.store.live_counts import LiveLimits
 from server.store.migrate import alembic_config, upgrade_to_head
+from server.store.rate_buckets import DatabaseTokenBuckets
 from server.store.rows import GENERATIONS, Mode, Op
 from server.store.writer import Writer
 
@@ -188,3 +190,24 @@ async def test_0009_counts_the_generations_live_at_the_upgrade(pg_url: str) -> N
             await w.submit(upsert("new", "org-a", "PENDING"), [], admit="org-a")
         await w.submit(upsert("new", "org-b", "PENDING"), [], admit="org-b")
     assert await counts(pg_url) == {"": 6, "org-a": 4, "org-b": 2}
+
+
+async def test_replicas_share_a_bucket_that_refills_on_the_database_clock(pg_url: str) -> None:
+    settings = DatabaseSettings(url=pg_url)
+    await upgrade_to_head(settings)
+    engines = [create_engine(settings), create_engine(settings)]
+    try:
+        one, two = (DatabaseTokenBuckets(engine, rate=10.0, burst=2) for engine in engines)
+        assert await one.take("org-a") == 0.0
+        assert await two.take("org-a") == 0.0
+        wait = await one.take("org-a")  # the burst is spent, on both replicas together
+        assert 0.0 < wait <= 0.1
+        assert await two.take("org-b") == 0.0  # another organization's bucket is full
+
+        async def granted() -> bool:
+            return await two.take("org-a") == 0.0
+
+        await assert_eventually(granted, timeout=5)  # a token came back after ~0.1 s
+    finally:
+        for engine in engines:
+            await engine.dispose()

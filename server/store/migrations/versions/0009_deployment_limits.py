@@ -8,8 +8,9 @@ Replicas on one PostgreSQL database count live generations in ``live_counts`` (o
 per organization, one for the deployment), changed in the transactions that create and
 end generations, and share each organization's call-rate bucket in ``rate_buckets``.
 On PostgreSQL the counts start from the generations live at the upgrade, counted while
-writes to ``generations`` wait, so they are right from the first create after it. On
-SQLite the one process counts in memory and the tables stay empty.
+writes to ``generations`` wait, so they are right from the first create after it.
+Replicas of an earlier release do not keep them: stop those before the first replica of
+this one starts. On SQLite the one process counts in memory and the tables stay empty.
 """
 
 from collections.abc import Sequence
@@ -46,8 +47,8 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    # Replicas of the previous release may still be writing: hold their creates and
-    # endings until this transaction commits, so the counts miss none of them.
+    # Writers still running hold their creates and endings until this transaction
+    # commits, so none falls between the count and the commit.
     bind.execute(sa.text("LOCK TABLE generations IN SHARE MODE"))
     bind.execute(
         sa.text(
