@@ -106,7 +106,8 @@ class LiveCounts:
     def ending(connection: Connection, tally: Tally) -> Counter[str]:
         """Lock the generations ``tally`` ends that are stored live; how many per organization.
 
-        Run it before the batch's rows are written.
+        Run it before the batch's rows are written. (A create is committed before
+        anything else of its generation is queued, so no batch creates and ends one.)
         """
         if not tally.finishing:
             return Counter()

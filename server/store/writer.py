@@ -244,18 +244,17 @@ class _AsyncBackend(_Backend):
         counts = self._counts if tally else None
 
         def run(connection: Connection) -> int:
-            extra = 0
-            if counts is not None:
-                ended = counts.ending(connection, tally)
-                extra += bool(tally.finishing)
+            # The deployment's live counts: endings are read before the rows are written,
+            # the counts changed last, so their rows stay locked only until the commit.
+            ended = None if counts is None else counts.ending(connection, tally)
             for table, mode, rows in groups:
                 params = rows
                 if mode is Mode.DELETE:
                     params = [{f"b_{k}": v for k, v in row.items()} for row in rows]
                 connection.execute(statements.get(Op(table, mode, rows[0])), params)
-            if counts is not None:  # last: the count rows stay locked only until the commit
-                extra += counts.apply(connection, tally, ended)
-            return extra
+            if counts is None or ended is None:
+                return 0
+            return bool(tally.finishing) + counts.apply(connection, tally, ended)
 
         async with self._engine.begin() as connection:
             extra = await connection.run_sync(run)
