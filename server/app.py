@@ -27,6 +27,7 @@ from server.compute.retry import RetryPolicy
 from server.config import Settings
 from server.domain.enums import GenerationType
 from server.domain.errors import StartupError
+from server.domain.limits import RateLimiter, TokenBuckets
 from server.domain.paging import PageTokens
 from server.evaluation.base import Evaluator, Evaluators
 from server.evaluation.local import LocalEvaluator
@@ -52,8 +53,10 @@ from server.store.db import (
     sqlite_path,
 )
 from server.store.events import EventBus
+from server.store.live_counts import LiveLimits
 from server.store.lock import DatabaseLock
 from server.store.migrate import upgrade_to_head
+from server.store.rate_buckets import DatabaseTokenBuckets
 from server.store.secrets import PAGE_TOKENS, shared_secret
 from server.store.sessions import Store
 from server.store.writer import Writer, WriterStats
@@ -136,6 +139,26 @@ def _tls(settings: Settings) -> TlsCredentials | None:
     if s.tls_cert_file is None or s.tls_key_file is None:
         raise StartupError("set both SARTIQ_SERVER__TLS_CERT_FILE and SARTIQ_SERVER__TLS_KEY_FILE")
     return TlsCredentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+
+
+def _rate_limiter(settings: Settings, db: AsyncEngine) -> RateLimiter | None:
+    """Each organization's call rate: in memory (one process) or in the database (replicas)."""
+    s = settings.server
+    if not s.rate_limit:
+        return None
+    if is_sqlite(settings.database.url):
+        return TokenBuckets(s.rate_limit, s.rate_burst)
+    return DatabaseTokenBuckets(db, s.rate_limit, s.rate_burst)
+
+
+def _live_limits(settings: Settings) -> LiveLimits:
+    """The admission limits replicas on PostgreSQL count together in the database."""
+    o = settings.orchestration
+    return LiveLimits(
+        per_organization=o.max_live_per_organization,
+        total=o.max_queued_generations,
+        retry_after=o.retry_after_seconds,
+    )
 
 
 def _prepare_directories(settings: Settings) -> None:
@@ -228,7 +251,9 @@ class App:
                 lease_seconds=lease,
             )
         else:
-            self._writer = Writer.for_async(self._db, self._bus, lease_seconds=lease)
+            self._writer = Writer.for_async(
+                self._db, self._bus, lease_seconds=lease, limits=_live_limits(s)
+            )
         await self._writer.start()
         files = self._artifacts_override
         if files is None:
@@ -291,6 +316,7 @@ class App:
             self._authenticator(),
             open_services=frozenset(s.auth.open_services),
             tls=self._tls,
+            limits=_rate_limiter(s, self._db),
         )
         await self._grpc.server.start()
         await self._engine.start()

@@ -24,7 +24,7 @@ from server.api.context import REQUEST_ID_HEADER, CallContext, bind, unbind
 from server.api.errors import abort_with
 from server.domain.errors import InvalidArgumentError, ResourceExhaustedError
 from server.domain.ids import IdSource
-from server.domain.limits import TokenBuckets
+from server.domain.limits import RateLimiter
 
 log = logging.getLogger("sartiq.access")
 
@@ -56,7 +56,7 @@ class _CallLog:
         ids: IdSource,
         *,
         streaming: bool,
-        limits: TokenBuckets | None = None,
+        limits: RateLimiter | None = None,
     ) -> None:
         self.method = method
         self.streaming = streaming
@@ -79,7 +79,7 @@ class _CallLog:
                 self.auth.authorize(principal, self.method)
                 organization = principal.organization
                 if self.limits is not None:
-                    wait = self.limits.take(organization)
+                    wait = await self.limits.take(organization)
                     if wait:
                         raise ResourceExhaustedError(
                             "this organization calls faster than the server allows",
@@ -142,7 +142,7 @@ def _wrap_unary_response(
     behavior: Behavior,
     auth: Authenticator | None,
     ids: IdSource,
-    limits: TokenBuckets | None,
+    limits: RateLimiter | None,
 ) -> Behavior:
     """Wrap a handler that returns one response (unary-unary, stream-unary)."""
 
@@ -159,7 +159,7 @@ def _wrap_stream_response(
     behavior: Behavior,
     auth: Authenticator | None,
     ids: IdSource,
-    limits: TokenBuckets | None,
+    limits: RateLimiter | None,
 ) -> Behavior:
     """Wrap a handler that streams responses, as a coroutine that writes them itself."""
 
@@ -187,7 +187,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         auth: Authenticator,
         *,
         open_services: frozenset[str],
-        limits: TokenBuckets | None = None,
+        limits: RateLimiter | None = None,
     ) -> None:
         self._auth = auth
         self._limits = limits

@@ -26,7 +26,7 @@ from server.artifacts.service import ArtifactService
 from server.catalog.service import CatalogService
 from server.config import ServerSettings
 from server.domain.errors import StartupError
-from server.domain.limits import TokenBuckets
+from server.domain.limits import RateLimiter
 from server.orchestration.service import GenerationService
 from server.orchestration.watch import Watcher
 
@@ -86,8 +86,12 @@ def build_server(
     *,
     open_services: frozenset[str] = OPEN_SERVICES,
     tls: TlsCredentials | None = None,
+    limits: RateLimiter | None = None,
 ) -> GrpcServer:
     """Create the server and bind its port (0 picks a free one); it is not started.
+
+    ``limits`` grants each organization's calls (``SARTIQ_SERVER__RATE_LIMIT``); None: no
+    limit.
 
     Raises:
         StartupError: the address cannot be bound (e.g. another process listens there).
@@ -108,7 +112,6 @@ def build_server(
             ("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age * 1000))),
             ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace * 1000)),
         ]
-    limits = TokenBuckets(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
     interceptor = CallInterceptor(auth, open_services=open_services, limits=limits)
     server = grpc.aio.server(interceptors=[interceptor], options=options)
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(

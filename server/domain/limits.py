@@ -1,16 +1,45 @@
-"""Per-organization call rate: one token bucket per organization."""
+"""Admission limits: the refusals they answer, and the per-organization call rate."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
+
+from server.domain.errors import ResourceExhaustedError
+
+
+def queue_full(retry_after: float) -> ResourceExhaustedError:
+    """The refusal of a create once the queue bound is reached."""
+    return ResourceExhaustedError(
+        "too many generations are in progress; retry later", retry_after=retry_after
+    )
+
+
+def organization_full(limit: int, retry_after: float) -> ResourceExhaustedError:
+    """The refusal of a create once its organization has ``limit`` generations live."""
+    return ResourceExhaustedError(
+        f"this organization has {limit} generations in progress, its limit; "
+        "retry when some have finished",
+        retry_after=retry_after,
+        reason="ORGANIZATION_LIMIT",
+    )
+
+
+class RateLimiter(Protocol):
+    """Grants calls per key (an organization) at a rate."""
+
+    async def take(self, key: str) -> float:
+        """Take a token for ``key``: 0.0 when granted, else the seconds until one is due."""
+        ...
 
 
 class TokenBuckets:
     """``rate`` tokens per second up to ``burst``, per key; a call takes one token.
 
-    Buckets of keys that have refilled completely are forgotten, so the memory follows
-    the number of recently active organizations.
+    In this process's memory: the limiter of one process (SQLite). Buckets of keys that
+    have refilled completely are forgotten, so the memory follows the number of recently
+    active organizations.
     """
 
     def __init__(
@@ -23,7 +52,7 @@ class TokenBuckets:
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def take(self, key: str) -> float:
+    async def take(self, key: str) -> float:
         """Take a token for ``key``: 0.0 when granted, else the seconds until one is due."""
         now = self._clock()
         tokens, at = self._buckets.get(key, (self._burst, now))

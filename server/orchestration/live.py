@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import TypeVar
 
+from server.domain.errors import ResourceExhaustedError
 from server.domain.model import Generation
 from server.domain.recorder import Recorder
 from server.store import rows
@@ -132,7 +133,9 @@ class LiveGeneration:
         ops = rows.changes_ops(
             changes, owner=self._writer.owner, lease_expires_at=self._writer.lease_expiry()
         )
-        queued = self._writer.submit(ops, changes.events)
+        # A create must fit the deployment's limits where the database counts them.
+        admit = self.generation.organization if changes.new else None
+        queued = self._writer.submit(ops, changes.events, admit=admit)
         self._unconfirmed.add(queued)
         queued.add_done_callback(self._settled)
 
@@ -188,5 +191,6 @@ class LiveGeneration:
         """A queued write finished; keep its failure for the next ``flush`` to report."""
         self._unconfirmed.discard(write)
         if not write.cancelled() and (failure := write.exception()) is not None:
-            log.warning("a queued write of a live generation failed", exc_info=failure)
+            if not isinstance(failure, ResourceExhaustedError):  # a refused create: an answer
+                log.warning("a queued write of a live generation failed", exc_info=failure)
             self._failure = failure

@@ -11,11 +11,11 @@ from server.config import MediaSettings, OrchestrationSettings
 from server.domain.enums import CatalogKind, GenerationType, PredictionStatus, Strategy, TaskType
 from server.domain.errors import (
     NotFoundError,
-    ResourceExhaustedError,
     Violations,
 )
 from server.domain.filters import GenerationFilter
 from server.domain.ids import IdSource
+from server.domain.limits import organization_full, queue_full
 from server.domain.model import Artifact, CatalogEntity, Generation, Orchestration, clone
 from server.domain.paging import Cursor, PageTokens, paginate, query_key
 from server.orchestration.adjust import MAX_PASSES
@@ -191,6 +191,8 @@ class GenerationService:
             await live.flush()
         except DuplicateKeyError:
             # Another process committed this request_id first: answer as the second.
+            # (The deployment's counts are checked once the rows are written, so a copy
+            # of a request committed elsewhere fails here, never as refused.)
             existing = await self._stored(key, generation.fingerprint)
             if existing is None:
                 raise
@@ -215,26 +217,22 @@ class GenerationService:
     def _admit(self, org: str) -> Reservation:
         """A slot for one more live generation of ``org``; release it, or launch and release.
 
-        Every live generation has a workflow in this process's engine, and every create
-        on its way to the commit holds a reservation there, so the counts need no query
-        and concurrent creates cannot all pass the same check.
+        Every live generation of this process has a workflow in its engine, and every
+        create on its way to the commit holds a reservation there, so the counts need no
+        query and concurrent creates cannot all pass the same check. With one process
+        (SQLite) that is the whole check. Replicas on PostgreSQL check here first (what
+        this process holds is part of what the deployment holds), then the writer
+        checks the deployment's counts in the create's own transaction.
 
         Raises:
             ResourceExhaustedError: the queue bound or the organization's limit is reached.
         """
+        retry_after = self._settings.retry_after_seconds
         if self._engine.in_flight >= self._settings.max_queued_generations:
-            raise ResourceExhaustedError(
-                "too many generations are in progress; retry later",
-                retry_after=self._settings.retry_after_seconds,
-            )
+            raise queue_full(retry_after)
         limit = self._settings.max_live_per_organization
         if self._engine.live_count(org) >= limit:
-            raise ResourceExhaustedError(
-                f"this organization has {limit} generations in progress, its limit; "
-                "retry when some have finished",
-                retry_after=self._settings.retry_after_seconds,
-                reason="ORGANIZATION_LIMIT",
-            )
+            raise organization_full(limit, retry_after)
         return self._engine.reserve(org)
 
     async def get(self, org: str, generation_id: str) -> Generation:

@@ -373,3 +373,36 @@ class ServiceSecret(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LiveCount(Base):
+    """Live (unfinished) generations of the whole deployment, for its admission limits.
+
+    One row per organization (``scope`` "organization") and one for all of them (scope
+    "deployment", organization ""). On PostgreSQL the writer changes them in the
+    transaction that creates a generation (+1, refused past the limits) and in the one
+    that ends it (-1), so they always equal the stored live generations. On SQLite the
+    one process counts in memory and these rows are not kept.
+    """
+
+    __tablename__ = "live_counts"
+
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128), primary_key=True)
+    live: Mapped[int] = mapped_column(Integer)
+
+
+class RateBucket(Base):
+    """One organization's call-rate token bucket, shared by every replica (PostgreSQL).
+
+    ``refilled_at`` is the database clock (seconds since the epoch) when ``tokens`` was
+    last brought up to date; ``granted`` says whether the last call took a token (so one
+    statement both takes and tells).
+    """
+
+    __tablename__ = "rate_buckets"
+
+    organization: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    refilled_at: Mapped[float] = mapped_column(Float)
+    granted: Mapped[bool] = mapped_column(Boolean)

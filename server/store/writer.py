@@ -45,10 +45,12 @@ from server.domain.events import GenerationEvent
 from server.domain.states import GENERATION_TERMINAL
 from server.store import sqlite_batch
 from server.store.events import EventBus
+from server.store.live_counts import LimitReached, LiveCounts, LiveLimits, Tally
 from server.store.rows import EVENTS, GENERATIONS, TABLE_ORDER, Mode, Op
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 2000
+_TERMINAL = frozenset(s.value for s in GENERATION_TERMINAL)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class WriterStats:
     rows: int = 0
     failed_batches: int = 0
     busy_seconds: float = 0.0
+    refused: int = 0  # creates refused by the deployment's limits (their batch rolled back)
 
 
 @dataclass(slots=True)
@@ -69,6 +72,7 @@ class _Write:
     ops: list[Op]
     events: list[GenerationEvent]
     done: asyncio.Future[None]
+    admit: str | None = None  # a create: its organization, for the deployment's limits
 
 
 @dataclass
@@ -134,8 +138,13 @@ class _Backend:
 
     dialect = ""
 
-    async def write(self, groups: list[Group]) -> tuple[int, int]:
-        """Write the groups in one transaction; returns (statements, driver calls)."""
+    async def write(self, groups: list[Group], tally: Tally) -> tuple[int, int]:
+        """Write the groups in one transaction; returns (statements, driver calls).
+
+        Raises:
+            LimitReached: the deployment's counts refused creates of ``tally`` (nothing
+                was written).
+        """
         raise NotImplementedError
 
     async def last_cursor(self, organization: str) -> int:
@@ -171,7 +180,8 @@ class _SqliteBackend(_Backend):
             statement = self._statements[(table.name, mode)] = sqlite_batch.Statement(table, mode)
         return statement
 
-    async def write(self, groups: list[Group]) -> tuple[int, int]:
+    async def write(self, groups: list[Group], tally: Tally) -> tuple[int, int]:
+        # One process per SQLite file: the engine counts live generations in memory.
         prepared = []
         for table, mode, rows in groups:
             statement = self._statement(table, mode)
@@ -223,24 +233,32 @@ class _SqliteBackend(_Backend):
 class _AsyncBackend(_Backend):
     """PostgreSQL: SQLAlchemy Core on an async connection, one round trip per statement."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, counts: LiveCounts | None) -> None:
         self._engine = engine
         self.dialect = engine.dialect.name
         self._statements = _Statements(self.dialect)
+        self._counts = counts
 
-    async def write(self, groups: list[Group]) -> tuple[int, int]:
+    async def write(self, groups: list[Group], tally: Tally) -> tuple[int, int]:
         statements = self._statements
+        counts = self._counts if tally else None
 
-        def run(connection: Connection) -> None:
+        def run(connection: Connection) -> int:
+            # The deployment's live counts: endings are read before the rows are written,
+            # the counts changed last, so their rows stay locked only until the commit.
+            ended = None if counts is None else counts.ending(connection, tally)
             for table, mode, rows in groups:
                 params = rows
                 if mode is Mode.DELETE:
                     params = [{f"b_{k}": v for k, v in row.items()} for row in rows]
                 connection.execute(statements.get(Op(table, mode, rows[0])), params)
+            if counts is None or ended is None:
+                return 0
+            return bool(tally.finishing) + counts.apply(connection, tally, ended)
 
         async with self._engine.begin() as connection:
-            await connection.run_sync(run)
-        return len(groups), len(groups) + 2  # BEGIN and COMMIT are round trips too
+            extra = await connection.run_sync(run)
+        return len(groups) + extra, len(groups) + extra + 2  # BEGIN and COMMIT too
 
     async def last_cursor(self, organization: str) -> int:
         top = select(func.max(EVENTS.c.cursor)).where(EVENTS.c.organization == organization)
@@ -314,9 +332,21 @@ class Writer:
         return cls(_SqliteBackend(connection), bus, lease_seconds=lease_seconds)
 
     @classmethod
-    def for_async(cls, engine: AsyncEngine, bus: EventBus, *, lease_seconds: float) -> Writer:
-        """A writer over the service's async engine (PostgreSQL)."""
-        return cls(_AsyncBackend(engine), bus, lease_seconds=lease_seconds)
+    def for_async(
+        cls,
+        engine: AsyncEngine,
+        bus: EventBus,
+        *,
+        lease_seconds: float,
+        limits: LiveLimits | None = None,
+    ) -> Writer:
+        """A writer over the service's async engine (PostgreSQL).
+
+        With ``limits``, creates must fit the deployment's live counts (see
+        ``live_counts``) or fail with ResourceExhaustedError.
+        """
+        counts = None if limits is None else LiveCounts(limits)
+        return cls(_AsyncBackend(engine, counts), bus, lease_seconds=lease_seconds)
 
     def lease_expiry(self) -> datetime:
         """When a claim made now runs out unless renewed."""
@@ -326,8 +356,14 @@ class Writer:
         """Start writing."""
         self._task = asyncio.create_task(self._run(), name="store-writer")
 
-    def submit(self, ops: list[Op], events: list[GenerationEvent]) -> asyncio.Future[None]:
+    def submit(
+        self, ops: list[Op], events: list[GenerationEvent], *, admit: str | None = None
+    ) -> asyncio.Future[None]:
         """Queue a write; the future resolves once it is committed and its events published.
+
+        ``admit`` marks a write that creates a generation of that organization: where the
+        database counts the deployment's live generations, the future fails with
+        ResourceExhaustedError (and nothing is written) when a limit leaves no room.
 
         Raises:
             RuntimeError: the writer is shut down.
@@ -335,7 +371,7 @@ class Writer:
         if self._closed:
             raise RuntimeError("the writer is shut down")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(ops, events, done))
+        self._queue.put_nowait(_Write(ops, events, done, admit))
         return done
 
     async def write(self, ops: list[Op], events: Sequence[GenerationEvent] = ()) -> None:
@@ -373,29 +409,48 @@ class Writer:
                     self._queue.task_done()
 
     async def _commit(self, batch: list[_Write]) -> None:
-        try:
-            await self._transaction(batch)
-        except Exception as exc:
-            self.stats.failed_batches += 1
-            if len(batch) == 1:
-                log.warning("a write failed: %s", type(exc).__name__)
-                _fail(batch[0], exc)
+        while batch:
+            try:
+                await self._transaction(batch)
+            except LimitReached as limit:
+                # Refused creates are answered alone; the rest of the batch goes again.
+                batch = self._refuse(batch, limit)
+                continue
+            except Exception as exc:
+                await self._isolate(batch, exc)
                 return
-            # Isolate the culprit: each write again in a transaction of its own.
-            for write in batch:
-                try:
-                    await self._transaction([write])
-                except Exception as single:
-                    log.warning("a write failed: %s", type(single).__name__)
-                    _fail(write, single)
-                else:
-                    self._done([write])
+            self._done(batch)
             return
-        self._done(batch)
+
+    async def _isolate(self, batch: list[_Write], exc: Exception) -> None:
+        """A batch failed: fail its only write, or write each again alone to find the culprit."""
+        self.stats.failed_batches += 1
+        if len(batch) == 1:
+            log.warning("a write failed: %s", type(exc).__name__)
+            _fail(batch[0], exc)
+            return
+        for write in batch:
+            try:
+                await self._transaction([write])
+            except LimitReached as limit:
+                self._refuse([write], limit)
+            except Exception as single:
+                log.warning("a write failed: %s", type(single).__name__)
+                _fail(write, single)
+            else:
+                self._done([write])
+
+    def _refuse(self, batch: list[_Write], limit: LimitReached) -> list[_Write]:
+        """Fail the creates ``limit`` refused; the writes of ``batch`` left."""
+        self.stats.refused += len(limit.refused)
+        for index, error in limit.refused.items():
+            _fail(batch[index], error)
+        return [write for index, write in enumerate(batch) if index not in limit.refused]
 
     async def _transaction(self, batch: list[_Write]) -> None:
         cursors: dict[str, int] = {}  # numbers taken by this transaction, per organization
         ops: list[Op] = []
+        finishing: list[str] = []  # generations written in a terminal state
         for write in batch:
             for op in write.ops:
                 if op.table is EVENTS:
@@ -404,9 +459,12 @@ class Writer:
                     if cursor is None:
                         cursor = await self._last_cursor(organization)
                     cursors[organization] = op.row["cursor"] = cursor + 1
+                elif op.table is GENERATIONS and op.row["status"] in _TERMINAL:
+                    finishing.append(op.row["id"])
                 ops.append(op)
+        tally = Tally([write.admit for write in batch], finishing)
         started = time.perf_counter()
-        statements, calls = await self._backend.write(group(ops))
+        statements, calls = await self._backend.write(group(ops), tally)
         self.stats.busy_seconds += time.perf_counter() - started
         self._cursors.update(cursors)  # committed: the numbers are taken
         self.stats.transactions += 1

@@ -177,14 +177,14 @@ def failing_commits(monkeypatch: pytest.MonkeyPatch) -> FailingCommits:
     failing = FailingCommits(0)
     submit = writer_module.Writer.submit
 
-    def maybe_fail(self: Any, ops: Any, events: Any) -> Any:
+    def maybe_fail(self: Any, ops: Any, events: Any, **kwargs: Any) -> Any:
         if failing.left and any(event.terminal for event in events):
             failing.left -= 1
             failing.failed += 1
             refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             refused.set_exception(OSError("disk I/O error"))
             return refused
-        return submit(self, ops, events)
+        return submit(self, ops, events, **kwargs)
 
     monkeypatch.setattr(writer_module.Writer, "submit", maybe_fail)
     return failing

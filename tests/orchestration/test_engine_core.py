@@ -145,13 +145,13 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     held = Gate()
     write, submit = writer_module._SqliteBackend.write, writer_module.Writer.submit
 
-    async def slow_write(self: Any, groups: Any) -> tuple[int, int]:
+    async def slow_write(self: Any, groups: Any, tally: Any) -> tuple[int, int]:
         await held.opened.wait()
-        return await write(self, groups)
+        return await write(self, groups, tally)
 
-    def noting_submit(self: Any, ops: Any, events: Any) -> Any:
+    def noting_submit(self: Any, ops: Any, events: Any, **kwargs: Any) -> Any:
         held.queued.extend(events)
-        return submit(self, ops, events)
+        return submit(self, ops, events, **kwargs)
 
     monkeypatch.setattr(writer_module._SqliteBackend, "write", slow_write)
     monkeypatch.setattr(writer_module.Writer, "submit", noting_submit)

@@ -269,13 +269,13 @@ async def test_each_organization_has_its_own_call_rate(tmp_path: Path) -> None:
         await two.stub.ListGenerations(pb.ListGenerationsRequest(), metadata=two.auth("org-b"))
 
 
-def test_token_buckets_refill_at_their_rate() -> None:
+async def test_token_buckets_refill_at_their_rate() -> None:
     now = [0.0]
     buckets = TokenBuckets(2.0, 2, clock=lambda: now[0])
-    assert buckets.take("a") == 0.0
-    assert buckets.take("a") == 0.0
-    assert buckets.take("a") == pytest.approx(0.5)
-    assert buckets.take("b") == 0.0
+    assert await buckets.take("a") == 0.0
+    assert await buckets.take("a") == 0.0
+    assert await buckets.take("a") == pytest.approx(0.5)
+    assert await buckets.take("b") == 0.0
     now[0] = 0.5
-    assert buckets.take("a") == 0.0
-    assert buckets.take("a") == pytest.approx(0.5)
+    assert await buckets.take("a") == 0.0
+    assert await buckets.take("a") == pytest.approx(0.5)
