@@ -52,6 +52,7 @@ from server.store.db import (
     sqlite_path,
 )
 from server.store.events import EventBus
+from server.store.listener import EventListener, asyncpg_connector
 from server.store.migrate import upgrade_to_head
 from server.store.sessions import Store
 from server.store.writer import Writer, WriterStats
@@ -175,6 +176,7 @@ class App:
             real fetcher (tests).
         artifacts: the artifact store to use instead of one on ``media.artifact_dir``
             (tests: a disk that is slow at a chosen moment).
+        bus: the event bus to use instead of a new one (tests: one that loses a publish).
     """
 
     def __init__(
@@ -185,8 +187,10 @@ class App:
         fetcher: InputFetcher | None = None,
         evaluators: Evaluators | None = None,
         artifacts: FileArtifactStore | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         self.settings = settings
+        self._bus_override = bus
         self._artifacts_override = artifacts
         self._compute_override = compute
         self._fetcher_override = fetcher
@@ -196,6 +200,7 @@ class App:
         self._db: AsyncEngine | None = None
         self._bus: EventBus | None = None
         self._writer: Writer | None = None
+        self._listener: EventListener | None = None
         self._compute: ComputeBackend | None = None
         self._engine: Engine | None = None
         self._grpc: GrpcServer | None = None
@@ -226,7 +231,7 @@ class App:
         _prepare_directories(s)
         await upgrade_to_head(s.database)
         self._db = create_engine(s.database)
-        self._bus = EventBus(s.server.watch_buffer)
+        self._bus = self._bus_override or EventBus(s.server.watch_buffer)
         store = Store(create_session_factory(self._db), self._bus)
         lease = s.orchestration.lease_seconds
         if is_sqlite(s.database.url):
@@ -238,6 +243,15 @@ class App:
             )
         else:
             self._writer = Writer.for_async(self._db, self._bus, lease_seconds=lease)
+            # Other replicas' commits wake this one's watchers (DESIGN §13).
+            probe = s.database.listen_probe_interval
+            self._listener = EventListener(
+                asyncpg_connector(s.database.listen_url or s.database.url, timeout=max(probe, 5.0)),
+                self._bus,
+                origin=self._writer.owner,
+                probe_interval=probe,
+            )
+            await self._listener.start()
         await self._writer.start()
         files = self._artifacts_override or FileArtifactStore(s.media.artifact_dir)
         swept = await asyncio.to_thread(files.sweep_temporary, max_age=s.media.stale_temp_after)
@@ -407,6 +421,8 @@ class App:
             # Watch streams never end on their own: close them now with UNAVAILABLE so
             # clients resume elsewhere instead of holding the drain for the whole grace.
             self._bus.close()
+        if self._listener is not None:
+            await self._listener.shutdown()
         if self._grpc is not None:
             await self._grpc.stop(self.settings.server.grace_period)
         if self._engine is not None:

@@ -359,3 +359,19 @@ class GenerationEvent(Base):
     generation_status: Mapped[str] = mapped_column(String(32), server_default=text("''"))
     strategy: Mapped[str] = mapped_column(String(32), server_default=text("''"))
     type: Mapped[str] = mapped_column(String(16), server_default=text("''"))
+
+
+class OrganizationCursor(Base):
+    """The last event cursor given out per organization, taken inside each commit.
+
+    On PostgreSQL the writer raises ``last_cursor`` in the transaction that inserts the
+    events, and the row stays locked until that transaction commits: two replicas
+    numbering one organization's events take turns, so numbers become visible in the
+    order they were taken. SQLite (one writer per file) numbers from memory and leaves
+    this table unused.
+    """
+
+    __tablename__ = "organization_cursors"
+
+    organization: Mapped[str] = mapped_column(String(128), primary_key=True)
+    last_cursor: Mapped[int] = mapped_column(Integer)
