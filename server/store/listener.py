@@ -163,4 +163,5 @@ class EventListener:
 
 def _why(exc: Exception) -> str:
     """A short reason for the log: the exception's type and a bounded excerpt."""
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
+    message = str(exc)[:200]
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

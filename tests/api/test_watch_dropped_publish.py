@@ -7,10 +7,8 @@ store can deliver the event.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from helpers import (
     wait_submitted,
 )
 from pg import fresh_database, requires_postgres
+from watching import Stream
 
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2
 from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
@@ -56,31 +55,6 @@ class DroppingBus(EventBus):
         super().publish(events)
 
 
-@dataclass
-class Stream:
-    """What one watch stream has delivered: its items, with when each arrived."""
-
-    items: list[tuple[float, Any]] = field(default_factory=list)
-
-    async def read(self, call: Any) -> None:
-        async for item in call:
-            self.items.append((time.monotonic(), item))
-
-    def events(self) -> list[Any]:
-        return [item.event for _, item in self.items if item.HasField("event")]
-
-    def arrival(self, picked: Callable[[Any], bool]) -> float | None:
-        for when, item in self.items:
-            if item.HasField("event") and picked(item.event):
-                return when
-        return None
-
-    def heartbeats_between(self, start: float, end: float) -> int:
-        return sum(
-            1 for when, item in self.items if item.HasField("heartbeat") and start <= when <= end
-        )
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=requires_postgres)])
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     if request.param == "sqlite":
@@ -109,12 +83,8 @@ async def test_a_dropped_publish_reaches_watchers_within_one_heartbeat(
         stub = GenerationStub(channel)
         generation_id = await create_generation(stub, await create_product(CatalogStub(channel)))
         await wait_submitted(fake, 1)
-        one, every = Stream(), Stream()
-        calls = [
-            stub.WatchGeneration(pb.WatchGenerationRequest(generation_id=generation_id)),
-            stub.WatchGenerations(pb.WatchGenerationsRequest(after_cursor=0)),
-        ]
-        readers = [asyncio.create_task(s.read(c)) for s, c in zip((one, every), calls, strict=True)]
+        one = Stream(stub.WatchGeneration(pb.WatchGenerationRequest(generation_id=generation_id)))
+        every = Stream(stub.WatchGenerations(pb.WatchGenerationsRequest(after_cursor=0)))
         try:
             stored = 0
 
@@ -145,6 +115,5 @@ async def test_a_dropped_publish_reaches_watchers_within_one_heartbeat(
             assert [e.sequence for e in one.events()] == list(range(1, stored + 2))
             assert one.events()[-1].task.progress == 0.5
         finally:
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
+            await one.stop()
+            await every.stop()
