@@ -117,3 +117,50 @@ async def test_a_dropped_publish_reaches_watchers_within_one_heartbeat(
         finally:
             await one.stop()
             await every.stop()
+
+
+async def test_resuming_from_a_cursor_whose_publish_was_lost_is_accepted(
+    tmp_path: Path, database: str
+) -> None:
+    # GetGeneration reads the store; a replica's recent log of the generation can lack
+    # what another replica committed (or, here, a publish it lost). A client resuming
+    # from what GetGeneration showed must not be told its cursor is beyond the end.
+    settings = make_settings(tmp_path, heartbeat_interval=HEARTBEAT).model_copy(
+        update={"database": DatabaseSettings(url=database)}
+    )
+    bus = DroppingBus(lambda event: event.kind is EventKind.TASK_PROGRESS)
+    fake = FakeComputeBackend(hold=True)
+    async with (
+        App(settings, compute=fake, bus=bus) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = GenerationStub(channel)
+        generation_id = await create_generation(stub, await create_product(CatalogStub(channel)))
+        await wait_submitted(fake, 1)
+        fake.progress(next(iter(fake.tasks)), 0.5)
+
+        async def lost() -> bool:
+            return bool(bus.dropped)
+
+        await assert_eventually(lost)
+        request = pb.GetGenerationRequest(generation_id=generation_id)
+        last = (await stub.GetGeneration(request)).generation.last_event_sequence
+        assert bus.dropped[-1].sequence == last
+        rest = Stream(
+            stub.WatchGeneration(
+                pb.WatchGenerationRequest(generation_id=generation_id, after_sequence=last)
+            )
+        )
+        try:
+            await rest.call.wait_for_connection()
+            fake.complete(next(iter(fake.tasks)))
+
+            async def ended() -> bool:
+                return rest.ended
+
+            await assert_eventually(ended)
+        finally:
+            await rest.stop()
+        events = rest.events()
+        assert events[0].sequence == last + 1
+        assert events[-1].terminal

@@ -37,6 +37,7 @@ from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 from server.app import App
 from server.compute.fake import FakeComputeBackend
 from server.config import DatabaseSettings, Settings
+from server.domain.errors import StartupError
 from server.store.db import create_engine
 
 pytestmark = requires_postgres
@@ -329,3 +330,12 @@ async def test_a_replica_ignores_its_own_hints_and_survives_a_malformed_one(
     assert other.bus.wakes[0] is None
     assert None in other.bus.wakes[1:]  # the malformed one
     assert generation_id in set().union(*(w.get("default") or {} for w in other.bus.wakes if w))
+
+
+async def test_a_listen_url_that_is_not_postgresql_stops_the_start(
+    tmp_path: Path, pg_url: str
+) -> None:
+    settings = _settings(tmp_path, pg_url, listen_url="sqlite+aiosqlite:///elsewhere.db")
+    with pytest.raises(StartupError, match="SARTIQ_DATABASE__LISTEN_URL"):
+        async with App(settings, compute=FakeComputeBackend()):
+            pass
