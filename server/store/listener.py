@@ -28,6 +28,7 @@ from server.store.events import EventBus
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "sartiq-listen"
+_SQLALCHEMY_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func")
 Connect = Callable[[], Awaitable[Any]]  # an asyncpg connection (asyncpg ships no types)
 
 
@@ -45,8 +46,11 @@ def asyncpg_connector(url: str, *, timeout: float) -> Connect:
         raise StartupError(
             "SARTIQ_DATABASE__LISTEN_URL must be a postgresql:// or postgresql+asyncpg:// URL"
         )
-    # The libpq form asyncpg reads (credentials included: never log it).
-    dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    # The libpq form asyncpg reads (credentials included: never log it), without the
+    # options only SQLAlchemy's dialect understands (asyncpg would send them to the
+    # server as settings, and the server would refuse the connection).
+    plain = parsed.set(drivername="postgresql").difference_update_query(_SQLALCHEMY_ONLY)
+    dsn = plain.render_as_string(hide_password=False)
     settings = {"application_name": APPLICATION_NAME}
 
     async def connect() -> Any:
@@ -79,7 +83,6 @@ class EventListener:
         self._connection: Any = None
         self._lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.connections = 0  # how many times it has (re)connected
 
     @property
     def connected(self) -> bool:
@@ -133,7 +136,6 @@ class EventListener:
         connection = self._connection = await self._connect()
         connection.add_termination_listener(lambda _: lost.set())
         await connection.add_listener(hints.CHANNEL, self._notified)
-        self.connections += 1
         log.info("listening for other replicas' events")
         self._bus.wake(None)
 

@@ -153,3 +153,19 @@ async def test_a_wake_up_sends_only_the_watchers_concerned_back_to_the_store() -
 
     bus.wake(None)  # anything
     assert [await _lagging(s) for s in subs] == [True] * 5
+
+
+@requires_postgres
+async def test_the_listener_connects_with_options_only_sqlalchemy_understands(
+    database: DatabaseSettings,
+) -> None:
+    url = f"{database.url}?prepared_statement_cache_size=0"  # as set for PgBouncer
+    listener = EventListener(
+        asyncpg_connector(url, timeout=10), EventBus(), origin="here", probe_interval=5
+    )
+    await listener.start()
+    try:
+        assert listener.connected
+    finally:
+        await listener.shutdown()
+    assert not listener.connected
