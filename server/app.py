@@ -53,6 +53,7 @@ from server.store.db import (
     sqlite_path,
 )
 from server.store.events import EventBus
+from server.store.listener import EventListener, asyncpg_connector
 from server.store.live_counts import LiveLimits
 from server.store.lock import DatabaseLock
 from server.store.migrate import upgrade_to_head
@@ -185,6 +186,7 @@ class App:
             real fetcher (tests).
         artifacts: the artifact storage to use instead of the one ``storage.url`` names
             (tests: a disk that is slow at a chosen moment); the caller closes it.
+        bus: the event bus to use instead of a new one (tests: one that loses a publish).
     """
 
     def __init__(
@@ -195,8 +197,10 @@ class App:
         fetcher: InputFetcher | None = None,
         evaluators: Evaluators | None = None,
         artifacts: ArtifactStorage | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         self.settings = settings
+        self._bus_override = bus
         self._artifacts_override = artifacts
         self._compute_override = compute
         self._fetcher_override = fetcher
@@ -206,6 +210,7 @@ class App:
         self._db: AsyncEngine | None = None
         self._bus: EventBus | None = None
         self._writer: Writer | None = None
+        self._listener: EventListener | None = None
         self._compute: ComputeBackend | None = None
         self._storage: ArtifactStorage | None = None  # built here, so closed here
         self._engine: Engine | None = None
@@ -240,7 +245,7 @@ class App:
             self._lock = DatabaseLock.acquire(sqlite_path(s.database.url))
         await upgrade_to_head(s.database)
         self._db = create_engine(s.database)
-        self._bus = EventBus(s.server.watch_buffer)
+        self._bus = self._bus_override or EventBus(s.server.watch_buffer)
         store = Store(create_session_factory(self._db), self._bus)
         lease = s.orchestration.lease_seconds
         if is_sqlite(s.database.url):
@@ -254,6 +259,15 @@ class App:
             self._writer = Writer.for_async(
                 self._db, self._bus, lease_seconds=lease, limits=_live_limits(s)
             )
+            # Other replicas' commits wake this one's watchers (DESIGN §13).
+            probe = s.database.listen_probe_interval
+            self._listener = EventListener(
+                asyncpg_connector(s.database.listen_url or s.database.url, timeout=max(probe, 5.0)),
+                self._bus,
+                origin=self._writer.owner,
+                probe_interval=probe,
+            )
+            await self._listener.start()
         await self._writer.start()
         files = self._artifacts_override
         if files is None:
@@ -432,6 +446,8 @@ class App:
             # Watch streams never end on their own: close them now with UNAVAILABLE so
             # clients resume elsewhere instead of holding the drain for the whole grace.
             self._bus.close()
+        if self._listener is not None:
+            await self._listener.shutdown()
         if self._grpc is not None:
             await self._grpc.stop(self.settings.server.grace_period)
         if self._engine is not None:

@@ -139,6 +139,20 @@ class DatabaseSettings(BaseModel):
     url: str = "sqlite+aiosqlite:///./var/sartiq.db"
     echo: bool = False
     busy_timeout_ms: int = Field(default=5000, ge=0)
+    listen_url: str | None = Field(
+        default=None,
+        description="PostgreSQL: where each replica's one LISTEN connection (wake-ups from "
+        "other replicas) goes; set it to the server itself when url goes through a pooler "
+        "in transaction mode (PgBouncer), which cannot LISTEN; unset: url",
+    )
+    listen_probe_interval: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="PostgreSQL: seconds between liveness probes of the LISTEN connection "
+        "(a dead one is reconnected; meanwhile watchers see other replicas' events at "
+        "their heartbeat)",
+    )
 
 
 class MediaSettings(BaseModel):

@@ -2,8 +2,11 @@
 
 A stream subscribes to live events before it reads anything, then replays what was
 committed after its cursor (from the bus's recent logs when the whole log is there, else
-from the store), then tails. At every heartbeat it checks the store again, so an event
-whose publication it missed (another process committed it, say) still arrives.
+from the store), then tails. Events another replica committed arrive as a wake-up that
+sends the stream back to the store. And at every heartbeat the stream asks the store
+(never the recent logs, which cannot know what they missed) whether anything was
+committed past its position, so an event whose publication or wake-up was lost still
+arrives within one heartbeat.
 """
 
 from __future__ import annotations
@@ -57,9 +60,13 @@ class Watcher:
             InvalidArgumentError: the cursor is negative or beyond the last event.
             UnavailableError: the server is shutting down; resume elsewhere from the cursor.
         """
-        subscription = self._store.bus.subscribe(generation_id)
+        subscription = self._store.bus.subscribe(org, generation_id)
         try:
             position = await self._position(org, generation_id)
+            if position is not None and after_sequence > position[1]:
+                # The recent log may lag another replica's commits: only the store can
+                # say that the cursor is beyond the end.
+                position = await self._stored_position(org, generation_id)
             if position is None:
                 raise generation_not_found(generation_id)
             status, last_sequence = position
@@ -83,7 +90,7 @@ class Watcher:
             async with contextlib.aclosing(self._replay(generation_id, last)) as replay:
                 async for event in replay:
                     yield event
-                    last = event.sequence
+                    last = subscription.seen = event.sequence
                     if event.terminal:
                         return
             try:
@@ -93,7 +100,7 @@ class Watcher:
                     async for item in tail:
                         yield item
                         if isinstance(item, GenerationEvent):
-                            last = item.sequence
+                            last = subscription.seen = item.sequence
                             if item.terminal:
                                 return
             except LaggedError:
@@ -111,6 +118,11 @@ class Watcher:
                 return None
             latest = recent[-1]
             return latest.status or GenerationStatus.PENDING, latest.sequence
+        return await self._stored_position(org, generation_id)
+
+    async def _stored_position(
+        self, org: str, generation_id: str
+    ) -> tuple[GenerationStatus, int] | None:
         async with self._store.read() as session:
             stored = await repository.generation_position(session, org, generation_id)
         return None if stored is None else (GenerationStatus(stored[0]), stored[1])
@@ -138,9 +150,12 @@ class Watcher:
         while True:
             event = await subscription.next(self._heartbeat_interval)
             if event is None:
-                position = await self._position(org, generation_id)
+                position = await self._stored_position(org, generation_id)
                 if position is not None and position[1] > last:
-                    raise LaggedError  # committed but never published here: read it
+                    # Committed but never published here (nor woken for): read it, and
+                    # not from a recent log that missed it too.
+                    self._store.bus.recent.forget(generation_id)
+                    raise LaggedError
                 yield Heartbeat(utcnow())
             elif event.sequence <= last:
                 continue  # already replayed
@@ -208,17 +223,22 @@ class Watcher:
         while True:
             live = await subscription.next(self._heartbeat_interval)
             if live is None:
-                # Anything committed that was not published here (another process)?
-                yield Heartbeat(utcnow(), cursor=last)
+                # Anything committed that was neither published nor woken for here?
                 async with self._store.read() as session:
                     found, scanned = await repository.organization_events_after(
                         session, org, flt, last, 1
                     )
                 if found:
                     raise LaggedError
+                last = scanned  # committed, and none of it matches the filter
+                yield Heartbeat(utcnow(), cursor=last)
                 continue
             if live.cursor <= last:
                 continue
+            if live.cursor > last + 1:
+                # Every event of the organization passes through here in cursor order
+                # unless another replica committed some: read those from the store.
+                raise LaggedError
             if matches(flt, live):
                 yield live
             last = live.cursor

@@ -1,10 +1,15 @@
-"""Committed generation events and their in-process fan-out to watchers."""
+"""Committed generation events and their in-process fan-out to watchers.
+
+Events committed here are published here; events another replica committed reach this
+process only as a wake-up (``EventBus.wake``, from the PostgreSQL listener), after which
+the watchers concerned read them from the store.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from server.domain.events import GenerationEvent
 
@@ -18,15 +23,18 @@ class BusClosedError(Exception):
 
 
 class Subscription:
-    """A bounded buffer of live events for one watcher of one generation."""
+    """A bounded buffer of live events for one watcher of a generation or an organization."""
 
     def __init__(
-        self, bus: EventBus, generation_id: str, maxsize: int, *, organization: bool = False
+        self, bus: EventBus, organization: str, generation_id: str | None, maxsize: int
     ) -> None:
         self._bus = bus
-        # The generation followed, or the organization when ``organization`` is set.
-        self.generation_id = generation_id
         self.organization = organization
+        # The generation followed; None for a stream of the whole organization.
+        self.generation_id = generation_id
+        # The last sequence the watcher of a generation has delivered (it keeps this
+        # up to date), so a wake-up about events it already read costs nothing.
+        self.seen = 0
         self._items: deque[GenerationEvent] = deque()
         self._maxsize = maxsize
         self._wakeup = asyncio.Event()
@@ -36,10 +44,9 @@ class Subscription:
     def push(self, event: GenerationEvent) -> None:
         """Buffer ``event``; on overflow drop the buffer and flag the lag instead."""
         if len(self._items) >= self._maxsize:
-            self._items.clear()
-            self._lagged = True
-        else:
-            self._items.append(event)
+            self.fall_behind()
+            return
+        self._items.append(event)
         self._wakeup.set()
 
     async def next(self, timeout: float) -> GenerationEvent | None:  # noqa: ASYNC109
@@ -62,6 +69,12 @@ class Subscription:
             self._lagged = False
             raise LaggedError
         return self._items.popleft()
+
+    def fall_behind(self) -> None:
+        """Make the next ``next`` raise LaggedError: the watcher must read the store."""
+        self._items.clear()
+        self._lagged = True
+        self._wakeup.set()
 
     def close(self) -> None:
         """Stop receiving events."""
@@ -107,6 +120,19 @@ class RecentLogs:
         """The whole log of ``generation_id`` if it is kept, else None."""
         return self._logs.get(generation_id)
 
+    def forget(self, generation_id: str) -> None:
+        """Drop the log of ``generation_id``: it may lack events committed elsewhere."""
+        self._logs.pop(generation_id, None)
+
+    def forget_organization(self, organization: str | None) -> None:
+        """Drop the logs of ``organization``'s generations (every log when None)."""
+        if organization is None:
+            self._logs.clear()
+            return
+        stale = [k for k, log in self._logs.items() if log[0].organization == organization]
+        for generation_id in stale:
+            del self._logs[generation_id]
+
 
 class EventBus:
     """Fans committed events out to the subscribers of their generation or organization.
@@ -130,26 +156,60 @@ class EventBus:
                 for sub in subs:
                     sub.shut()
 
-    def subscribe(self, generation_id: str) -> Subscription:
-        """Start buffering the live events of ``generation_id``."""
-        sub = Subscription(self, generation_id, self._buffer_size)
+    def subscribe(self, organization: str, generation_id: str) -> Subscription:
+        """Start buffering the live events of ``generation_id`` (of ``organization``)."""
+        sub = Subscription(self, organization, generation_id, self._buffer_size)
         self._subscribers.setdefault(generation_id, set()).add(sub)
         return sub
 
     def subscribe_organization(self, organization: str) -> Subscription:
         """Start buffering the live events of every generation of ``organization``."""
-        sub = Subscription(self, organization, self._buffer_size, organization=True)
+        sub = Subscription(self, organization, None, self._buffer_size)
         self._organizations.setdefault(organization, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Forget ``sub``; idempotent."""
-        group = self._organizations if sub.organization else self._subscribers
-        subs = group.get(sub.generation_id)
+        if sub.generation_id is None:
+            group, key = self._organizations, sub.organization
+        else:
+            group, key = self._subscribers, sub.generation_id
+        subs = group.get(key)
         if subs is not None:
             subs.discard(sub)
             if not subs:
-                del group[sub.generation_id]
+                del group[key]
+
+    def wake(self, organizations: Mapping[str, Mapping[str, int] | None] | None) -> None:
+        """Another replica committed events: the watchers concerned must read the store.
+
+        Args:
+            organizations: per organization, the generations changed and the last
+                sequence committed for each, or None for any of its generations; None
+                for anything at all (a hint too large to name them, or hints missed).
+        """
+        if organizations is None:
+            self.recent.forget_organization(None)
+            for group in (self._subscribers, self._organizations):
+                for subs in group.values():
+                    for sub in subs:
+                        sub.fall_behind()
+            return
+        for organization, generations in organizations.items():
+            for sub in self._organizations.get(organization, ()):
+                sub.fall_behind()
+            if generations is None:
+                self.recent.forget_organization(organization)
+                for subs in self._subscribers.values():
+                    for sub in subs:
+                        if sub.organization == organization:
+                            sub.fall_behind()
+                continue
+            for generation_id, sequence in generations.items():
+                self.recent.forget(generation_id)
+                for sub in self._subscribers.get(generation_id, ()):
+                    if sub.organization == organization and sub.seen < sequence:
+                        sub.fall_behind()
 
     def publish(self, events: Iterable[GenerationEvent]) -> None:
         """Deliver committed events to every subscriber of their generation and org."""

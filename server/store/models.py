@@ -406,3 +406,19 @@ class RateBucket(Base):
     tokens: Mapped[float] = mapped_column(Float)
     refilled_at: Mapped[float] = mapped_column(Float)
     granted: Mapped[bool] = mapped_column(Boolean)
+
+
+class OrganizationCursor(Base):
+    """The last event cursor given out per organization, taken inside each commit.
+
+    On PostgreSQL the writer raises ``last_cursor`` in the transaction that inserts the
+    events, and the row stays locked until that transaction commits: two replicas
+    numbering one organization's events take turns, so numbers become visible in the
+    order they were taken. SQLite (one writer per file) numbers from memory and leaves
+    this table unused.
+    """
+
+    __tablename__ = "organization_cursors"
+
+    organization: Mapped[str] = mapped_column(String(128), primary_key=True)
+    last_cursor: Mapped[int] = mapped_column(Integer)

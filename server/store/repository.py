@@ -157,9 +157,18 @@ async def organization_events_after(
     """Stored events of ``org`` with cursor > ``after`` that match ``flt``, in cursor order.
 
     Also returns the cursor scanned up to, so a caller whose filter matched nothing can
-    still move on.
+    still move on. The last cursor is read first and the events only up to it: on
+    PostgreSQL each statement sees the commits made before it started, and a number is
+    never visible before the smaller ones (the writer takes them in turn, see
+    ``server.store.writer``), so every event up to that cursor is there to be read. Read
+    the other way round, an event committed between the two statements would be skipped.
     """
-    stmt = select(EVENTS).where(EVENTS.c.organization == org, EVENTS.c.cursor > after)
+    top = await latest_cursor(session, org)
+    if top <= after:
+        return [], after
+    stmt = select(EVENTS).where(
+        EVENTS.c.organization == org, EVENTS.c.cursor > after, EVENTS.c.cursor <= top
+    )
     if flt.statuses:
         stmt = stmt.where(EVENTS.c.generation_status.in_(flt.statuses))
     if flt.strategies:
@@ -185,7 +194,7 @@ async def organization_events_after(
     found = [_event(row) for row in await session.execute(stmt)]
     if len(found) == limit:
         return found, found[-1].cursor
-    return found, max(await latest_cursor(session, org), after)
+    return found, top
 
 
 async def latest_cursor(session: AsyncSession, org: str) -> int:

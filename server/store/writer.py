@@ -12,13 +12,18 @@ holds. Elsewhere (PostgreSQL) the batch runs on an async connection, one round t
 statement.
 
 Event cursors are per organization: its events are numbered 1, 2, 3... in commit order,
-so a cursor tells a tenant nothing of the others' volume. The writer numbers them as it
-builds a transaction, from the last number committed (read from the store the first time
-an organization writes) and keeps the new numbers only once the transaction committed:
-a batch that fails leaves no gap. This holds while one writer serves a database. Several
-replicas on one PostgreSQL database will have to take the numbers inside the committing
-transaction (a counter row per organization, locked until commit), so that numbers
-become visible in order and a reader never skips one still in flight (DESIGN §13).
+so a cursor tells a tenant nothing of the others' volume. On SQLite (one writer per
+file) the writer numbers them as it builds a transaction, from the last number committed
+(read from the store the first time an organization writes), and keeps the new numbers
+only once the transaction committed: a batch that fails leaves no gap. On PostgreSQL,
+where several replicas write, the numbers are taken inside the committing transaction
+from the organization's counter row (``organization_cursors``), which stays locked until
+that transaction ends: a replica numbering the same organization waits for it, so a
+number never becomes visible after a larger one and a reader polling by cursor never
+skips one still in flight (DESIGN §13). The organizations of a batch are locked in one
+order, first thing in the transaction, so two batches cannot deadlock on them. The same
+statement sends the NOTIFY (delivered at commit, see ``server.store.hints``) that wakes
+the other replicas' watchers.
 """
 
 from __future__ import annotations
@@ -30,20 +35,32 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Table,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
 from server.domain.events import GenerationEvent
 from server.domain.states import GENERATION_TERMINAL
-from server.store import sqlite_batch
+from server.store import hints, sqlite_batch
 from server.store.events import EventBus
 from server.store.live_counts import LimitReached, LiveCounts, LiveLimits, Tally
 from server.store.rows import EVENTS, GENERATIONS, TABLE_ORDER, Mode, Op
@@ -51,6 +68,28 @@ from server.store.rows import EVENTS, GENERATIONS, TABLE_ORDER, Mode, Op
 log = logging.getLogger(__name__)
 MAX_BATCH = 2000
 _TERMINAL = frozenset(s.value for s in GENERATION_TERMINAL)
+
+# A test seam: awaited inside the transaction once its event cursors are taken (with
+# the last cursor taken per organization), before anything else is written.
+AfterNumbering = Callable[[dict[str, int]], Awaitable[None]]
+
+# Raise the counters of a batch's organizations, in one order (no deadlock between two
+# batches), and send the wake-up; pg_notify runs once per row, and PostgreSQL delivers
+# identical notifications of one transaction once.
+_TAKE_CURSORS = text(
+    """
+    WITH taken AS (
+        INSERT INTO organization_cursors (organization, last_cursor)
+        SELECT o, n
+        FROM unnest(CAST(:organizations AS VARCHAR[]), CAST(:counts AS INTEGER[])) AS t(o, n)
+        ORDER BY o
+        ON CONFLICT (organization)
+        DO UPDATE SET last_cursor = organization_cursors.last_cursor + excluded.last_cursor
+        RETURNING organization, last_cursor
+    )
+    SELECT organization, last_cursor, pg_notify(:channel, :hint) AS notified FROM taken
+    """
+)
 
 
 @dataclass
@@ -137,6 +176,10 @@ class _Backend:
     """Writes a batch in one transaction; how depends on the database."""
 
     dialect = ""
+    # Whether ``write`` numbers the event rows itself, inside its transaction.
+    numbers_events = False
+    # Which replica the wake-ups it sends come from (set by the Writer).
+    origin = ""
 
     async def write(self, groups: list[Group], tally: Tally) -> tuple[int, int]:
         """Write the groups in one transaction; returns (statements, driver calls).
@@ -231,17 +274,30 @@ class _SqliteBackend(_Backend):
 
 
 class _AsyncBackend(_Backend):
-    """PostgreSQL: SQLAlchemy Core on an async connection, one round trip per statement."""
+    """PostgreSQL: SQLAlchemy Core on an async connection, one round trip per statement.
 
-    def __init__(self, engine: AsyncEngine, counts: LiveCounts | None) -> None:
+    Event cursors are taken in the transaction (see the module docstring).
+    """
+
+    numbers_events = True
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        counts: LiveCounts | None,
+        *,
+        after_numbering: AfterNumbering | None,
+    ) -> None:
         self._engine = engine
         self.dialect = engine.dialect.name
         self._statements = _Statements(self.dialect)
         self._counts = counts
+        self._after_numbering = after_numbering
 
     async def write(self, groups: list[Group], tally: Tally) -> tuple[int, int]:
         statements = self._statements
         counts = self._counts if tally else None
+        events = next((rows for table, _, rows in groups if table is EVENTS), [])
 
         def run(connection: Connection) -> int:
             # The deployment's live counts: endings are read before the rows are written,
@@ -257,14 +313,36 @@ class _AsyncBackend(_Backend):
             return bool(tally.finishing) + counts.apply(connection, tally, ended)
 
         async with self._engine.begin() as connection:
+            if events:
+                taken = await self._number(connection, events)
+                if self._after_numbering is not None:
+                    await self._after_numbering(taken)
             extra = await connection.run_sync(run)
-        return len(groups) + extra, len(groups) + extra + 2  # BEGIN and COMMIT too
+        extra += 1 if events else 0  # the numbering statement
+        # BEGIN and COMMIT are round trips too.
+        return len(groups) + extra, len(groups) + extra + 2
 
-    async def last_cursor(self, organization: str) -> int:
-        top = select(func.max(EVENTS.c.cursor)).where(EVENTS.c.organization == organization)
-        async with self._engine.connect() as connection:
-            found = (await connection.execute(top)).scalar()
-        return int(found or 0)
+    async def _number(
+        self, connection: AsyncConnection, events: list[dict[str, Any]]
+    ) -> dict[str, int]:
+        """Give ``events`` (rows, in commit order) their cursors; the last one per org."""
+        counts = Counter(row["organization"] for row in events)
+        organizations = sorted(counts)
+        result = await connection.execute(
+            _TAKE_CURSORS,
+            {
+                "organizations": organizations,
+                "counts": [counts[o] for o in organizations],
+                "channel": hints.CHANNEL,
+                "hint": hints.encode(self.origin, events),
+            },
+        )
+        taken = {row.organization: int(row.last_cursor) for row in result}
+        following = {o: taken[o] - counts[o] for o in organizations}
+        for row in events:
+            following[row["organization"]] += 1
+            row["cursor"] = following[row["organization"]]
+        return taken
 
     async def renew(self, owner: str, expiry: datetime) -> None:
         statement = (
@@ -316,6 +394,7 @@ class Writer:
         self._bus = bus
         self._lease = lease_seconds
         self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+        backend.origin = self.owner  # the wake-ups it sends name this replica
         self.stats = WriterStats()
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -339,14 +418,18 @@ class Writer:
         *,
         lease_seconds: float,
         limits: LiveLimits | None = None,
+        after_numbering: AfterNumbering | None = None,
     ) -> Writer:
         """A writer over the service's async engine (PostgreSQL).
 
         With ``limits``, creates must fit the deployment's live counts (see
-        ``live_counts``) or fail with ResourceExhaustedError.
+        ``live_counts``) or fail with ResourceExhaustedError. ``after_numbering`` is a
+        test seam: awaited in each transaction with events once their cursors are taken,
+        before the rest is written and committed.
         """
         counts = None if limits is None else LiveCounts(limits)
-        return cls(_AsyncBackend(engine, counts), bus, lease_seconds=lease_seconds)
+        backend = _AsyncBackend(engine, counts, after_numbering=after_numbering)
+        return cls(backend, bus, lease_seconds=lease_seconds)
 
     def lease_expiry(self) -> datetime:
         """When a claim made now runs out unless renewed."""
@@ -451,9 +534,10 @@ class Writer:
         cursors: dict[str, int] = {}  # numbers taken by this transaction, per organization
         ops: list[Op] = []
         finishing: list[str] = []  # generations written in a terminal state
+        numbered = self._backend.numbers_events  # else numbered here, from memory
         for write in batch:
             for op in write.ops:
-                if op.table is EVENTS:
+                if op.table is EVENTS and not numbered:
                     organization = op.row["organization"]
                     cursor = cursors.get(organization)
                     if cursor is None:

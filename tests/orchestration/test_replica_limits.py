@@ -140,11 +140,9 @@ async def replicas(
     )
     async with AsyncExitStack() as stack:
         stubs, computes = [], []
-        for n in range(count):  # one after the other: each migrates the database at start
+        for _ in range(count):  # one after the other: each migrates the database at start
             compute = FakeComputeBackend(hold=True)
             app = await stack.enter_async_context(App(settings, compute=compute))
-            if n == 0:
-                await tolerate_cursor_collisions(url)
             channel = await stack.enter_async_context(
                 grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
             )
@@ -155,28 +153,6 @@ async def replicas(
             org: await create_product(catalog, f"{org} coat", metadata=auth(org)) for org in KEYS
         }
         yield Replicas(url, stubs, computes, products)
-
-
-async def tolerate_cursor_collisions(url: str) -> None:
-    """Let two replicas store one organization's events under the same cursor.
-
-    A stopgap, to be removed once item 2 of issue 16 (branch ``events``) is merged: until
-    then each replica numbers an organization's events from its own memory, so creates
-    of one organization on two replicas collide on this unique index and fail for a
-    reason that is not this file's subject. These tests never read cursors.
-    """
-    engine = create_engine(DatabaseSettings(url=url))
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("DROP INDEX ix_generation_events_org_cursor"))
-            await conn.execute(
-                text(
-                    "CREATE INDEX ix_generation_events_org_cursor"
-                    " ON generation_events (organization, cursor)"
-                )
-            )
-    finally:
-        await engine.dispose()
 
 
 def retry_delay(error: grpc.aio.AioRpcError) -> float:
@@ -357,10 +333,8 @@ async def test_the_live_cap_holds_across_replica_processes(tmp_path: Path, pg_ur
         workdir.mkdir()
         processes.append(ServerProcess.with_fake_compute(workdir, hold=True, **settings))
     try:
-        for n, process in enumerate(processes):  # one after the other: each migrates first
+        for process in processes:  # one after the other: each migrates first
             await process.start()
-            if n == 0:
-                await tolerate_cursor_collisions(pg_url)
         async with AsyncExitStack() as stack:
             channels = [
                 await stack.enter_async_context(grpc.aio.insecure_channel(p.target))

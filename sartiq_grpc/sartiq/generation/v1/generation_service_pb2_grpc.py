@@ -362,8 +362,9 @@ class GenerationServiceServicer:
         OK right after the event with `terminal = true`; for a generation that is
         already finished this means the replay followed by the close. After a
         disconnect, call again with the last `sequence` received to miss nothing
-        (this also holds across server restarts). A subscriber that falls far
-        behind is caught up from the stored log, never silently skipped.
+        (this also holds across server restarts, and on another replica). Events
+        committed by another replica reach the stream live too. A subscriber that
+        falls far behind is caught up from the stored log, never silently skipped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -377,7 +378,9 @@ class GenerationServiceServicer:
         generations. It never ends by itself; heartbeats carry the cursor the
         server has looked up to, so a client resuming after a quiet period need
         not scan again. After a disconnect, call again with the last cursor
-        received (event or heartbeat) to miss nothing. The status filter matches
+        received (event or heartbeat) to miss nothing, on this or another
+        replica: cursors are numbered by the database, whichever replica
+        committed the event. The status filter matches
         the generation's status right after each event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

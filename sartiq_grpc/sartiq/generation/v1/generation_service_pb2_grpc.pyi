@@ -171,8 +171,9 @@ class GenerationServiceStub:
     OK right after the event with `terminal = true`; for a generation that is
     already finished this means the replay followed by the close. After a
     disconnect, call again with the last `sequence` received to miss nothing
-    (this also holds across server restarts). A subscriber that falls far
-    behind is caught up from the stored log, never silently skipped.
+    (this also holds across server restarts, and on another replica). Events
+    committed by another replica reach the stream live too. A subscriber that
+    falls far behind is caught up from the stored log, never silently skipped.
     """
     WatchGenerations: _grpc.UnaryStreamMultiCallable[_generation_service_pb2.WatchGenerationsRequest, _generation_service_pb2.WatchGenerationsResponse]
     """Streams the events of every generation of the caller's organization that
@@ -182,7 +183,9 @@ class GenerationServiceStub:
     generations. It never ends by itself; heartbeats carry the cursor the
     server has looked up to, so a client resuming after a quiet period need
     not scan again. After a disconnect, call again with the last cursor
-    received (event or heartbeat) to miss nothing. The status filter matches
+    received (event or heartbeat) to miss nothing, on this or another
+    replica: cursors are numbered by the database, whichever replica
+    committed the event. The status filter matches
     the generation's status right after each event.
     """
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_generation_service_pb2.GetCapabilitiesRequest, _generation_service_pb2.GetCapabilitiesResponse]
@@ -331,8 +334,9 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     OK right after the event with `terminal = true`; for a generation that is
     already finished this means the replay followed by the close. After a
     disconnect, call again with the last `sequence` received to miss nothing
-    (this also holds across server restarts). A subscriber that falls far
-    behind is caught up from the stored log, never silently skipped.
+    (this also holds across server restarts, and on another replica). Events
+    committed by another replica reach the stream live too. A subscriber that
+    falls far behind is caught up from the stored log, never silently skipped.
     """
     WatchGenerations: _aio.UnaryStreamMultiCallable[_generation_service_pb2.WatchGenerationsRequest, _generation_service_pb2.WatchGenerationsResponse]  # type: ignore[assignment]
     """Streams the events of every generation of the caller's organization that
@@ -342,7 +346,9 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
     generations. It never ends by itself; heartbeats carry the cursor the
     server has looked up to, so a client resuming after a quiet period need
     not scan again. After a disconnect, call again with the last cursor
-    received (event or heartbeat) to miss nothing. The status filter matches
+    received (event or heartbeat) to miss nothing, on this or another
+    replica: cursors are numbered by the database, whichever replica
+    committed the event. The status filter matches
     the generation's status right after each event.
     """
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_generation_service_pb2.GetCapabilitiesRequest, _generation_service_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
@@ -554,8 +560,9 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         OK right after the event with `terminal = true`; for a generation that is
         already finished this means the replay followed by the close. After a
         disconnect, call again with the last `sequence` received to miss nothing
-        (this also holds across server restarts). A subscriber that falls far
-        behind is caught up from the stored log, never silently skipped.
+        (this also holds across server restarts, and on another replica). Events
+        committed by another replica reach the stream live too. A subscriber that
+        falls far behind is caught up from the stored log, never silently skipped.
         """
 
     @_abc_1.abstractmethod
@@ -571,7 +578,9 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         generations. It never ends by itself; heartbeats carry the cursor the
         server has looked up to, so a client resuming after a quiet period need
         not scan again. After a disconnect, call again with the last cursor
-        received (event or heartbeat) to miss nothing. The status filter matches
+        received (event or heartbeat) to miss nothing, on this or another
+        replica: cursors are numbered by the database, whichever replica
+        committed the event. The status filter matches
         the generation's status right after each event.
         """
 
