@@ -58,7 +58,8 @@ def _retry_after(error: grpc.aio.AioRpcError) -> float:
     return 0.1
 
 
-async def _load(name: str, call: Call, concurrency: int, seconds: float) -> Result:
+async def load(name: str, call: Call, concurrency: int, seconds: float) -> Result:
+    """Run ``call`` from ``concurrency`` callers for ``seconds``; rate and latency."""
     latencies: list[float] = []
     refused = 0
     deadline = time.perf_counter() + seconds
@@ -98,7 +99,7 @@ async def _echo(concurrency: list[int], seconds: float) -> list[Result]:
     async with server_process("echo") as echo, grpc.aio.insecure_channel(echo.target) as channel:
         unary = channel.unary_unary("/bench.Echo/Unary", None, None)
         payload = b"x" * 64
-        return [await _load("echo unary", lambda: unary(payload), n, seconds) for n in concurrency]
+        return [await load("echo unary", lambda: unary(payload), n, seconds) for n in concurrency]
 
 
 async def _sartiq(figure: str, concurrency: int, seconds: float) -> Result:
@@ -129,7 +130,7 @@ async def _sartiq(figure: str, concurrency: int, seconds: float) -> Result:
                     return created
 
                 call = create if figure == "create" else end_to_end
-                result = await _load(figure, call, concurrency, seconds)
+                result = await load(figure, call, concurrency, seconds)
             stats = await server.stop()
     return dataclasses.replace(result, store=stats)
 
