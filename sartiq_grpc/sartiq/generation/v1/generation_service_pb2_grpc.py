@@ -100,7 +100,10 @@ class GenerationServiceStub:
     the call needs; `metadata["scope"]` names it.
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
     with backoff elsewhere (creates with the same `request_id`, watches
-    from the last sequence). Other UNAVAILABLE errors come from the
+    from the last sequence). With reason STORAGE_UNAVAILABLE: artifact storage
+    (the local directory or the object store) cannot be reached now; a
+    `google.rpc.RetryInfo` gives the delay, retry with the same
+    `request_id`. Other UNAVAILABLE errors come from the
     transport and carry no details; among them the end of a connection that
     reached the server's maximum connection age (300 s by default, then a
     grace for calls in flight): a long watch stream sees one periodically
@@ -258,7 +261,10 @@ class GenerationServiceServicer:
     the call needs; `metadata["scope"]` names it.
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
     with backoff elsewhere (creates with the same `request_id`, watches
-    from the last sequence). Other UNAVAILABLE errors come from the
+    from the last sequence). With reason STORAGE_UNAVAILABLE: artifact storage
+    (the local directory or the object store) cannot be reached now; a
+    `google.rpc.RetryInfo` gives the delay, retry with the same
+    `request_id`. Other UNAVAILABLE errors come from the
     transport and carry no details; among them the end of a connection that
     reached the server's maximum connection age (300 s by default, then a
     grace for calls in flight): a long watch stream sees one periodically
@@ -546,7 +552,10 @@ class GenerationService:
     the call needs; `metadata["scope"]` names it.
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
     with backoff elsewhere (creates with the same `request_id`, watches
-    from the last sequence). Other UNAVAILABLE errors come from the
+    from the last sequence). With reason STORAGE_UNAVAILABLE: artifact storage
+    (the local directory or the object store) cannot be reached now; a
+    `google.rpc.RetryInfo` gives the delay, retry with the same
+    `request_id`. Other UNAVAILABLE errors come from the
     transport and carry no details; among them the end of a connection that
     reached the server's maximum connection age (300 s by default, then a
     grace for calls in flight): a long watch stream sees one periodically

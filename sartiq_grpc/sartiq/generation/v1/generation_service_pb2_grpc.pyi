@@ -103,7 +103,10 @@ class GenerationServiceStub:
       the call needs; `metadata["scope"]` names it.
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
       with backoff elsewhere (creates with the same `request_id`, watches
-      from the last sequence). Other UNAVAILABLE errors come from the
+      from the last sequence). With reason STORAGE_UNAVAILABLE: artifact storage
+      (the local directory or the object store) cannot be reached now; a
+      `google.rpc.RetryInfo` gives the delay, retry with the same
+      `request_id`. Other UNAVAILABLE errors come from the
       transport and carry no details; among them the end of a connection that
       reached the server's maximum connection age (300 s by default, then a
       grace for calls in flight): a long watch stream sees one periodically
@@ -269,7 +272,10 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
       the call needs; `metadata["scope"]` names it.
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
       with backoff elsewhere (creates with the same `request_id`, watches
-      from the last sequence). Other UNAVAILABLE errors come from the
+      from the last sequence). With reason STORAGE_UNAVAILABLE: artifact storage
+      (the local directory or the object store) cannot be reached now; a
+      `google.rpc.RetryInfo` gives the delay, retry with the same
+      `request_id`. Other UNAVAILABLE errors come from the
       transport and carry no details; among them the end of a connection that
       reached the server's maximum connection age (300 s by default, then a
       grace for calls in flight): a long watch stream sees one periodically
@@ -431,7 +437,10 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
       the call needs; `metadata["scope"]` names it.
     * UNAVAILABLE, reason SHUTTING_DOWN: the server is shutting down; retry
       with backoff elsewhere (creates with the same `request_id`, watches
-      from the last sequence). Other UNAVAILABLE errors come from the
+      from the last sequence). With reason STORAGE_UNAVAILABLE: artifact storage
+      (the local directory or the object store) cannot be reached now; a
+      `google.rpc.RetryInfo` gives the delay, retry with the same
+      `request_id`. Other UNAVAILABLE errors come from the
       transport and carry no details; among them the end of a connection that
       reached the server's maximum connection age (300 s by default, then a
       grace for calls in flight): a long watch stream sees one periodically
