@@ -12,6 +12,13 @@ per second. The load comes over several channels (the kernel spreads connections
 calls, over the workers). ``creates`` run against a compute backend that holds every task,
 ``end to end`` (create + watch to the terminal event) against one that completes at once.
 
+``--takeover N`` (PostgreSQL): replica A (a backend that holds every task) creates N
+generations, then is killed with SIGKILL; the harness times, against the lease, until
+replica B has claimed every one (read from the database) and until B has completed them
+(B's backend completes at once; a task A's backend held is unknown to B's, so B submits it
+again under its key, as after a compute server that forgot it). DESIGN §10: all resumed
+within lease + 2 s.
+
 The PostgreSQL figures need a server (``--postgres``, else ``SARTIQ_BENCH_POSTGRES_URL`` or
 ``SARTIQ_TEST_POSTGRES_URL``); each run gets a database of its own, dropped afterwards.
 """
@@ -29,14 +36,18 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+from sqlalchemy import text
 
 from benchmarks.common import png, server_process
 from benchmarks.harness import Result, load
 from sartiq_grpc.client import SartiqClient
 from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2, resources_pb2
 from scripts.pgtemp import fresh_database
+from server.config import DatabaseSettings
+from server.store.db import create_engine
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -225,6 +236,72 @@ async def service_figure(
             )
 
 
+@dataclass(frozen=True)
+class Takeover:
+    """How long a killed replica's generations waited for another replica."""
+
+    generations: int
+    lease_s: float
+    claimed_s: float  # from the kill until the survivor held every one
+    completed_s: float  # ... until every one was COMPLETED
+
+
+async def takeover_figure(database_url: str, *, generations: int, lease: float) -> Takeover:
+    """Kill a replica holding ``generations``; time the survivor's claim and completion."""
+    engine = create_engine(DatabaseSettings(url=database_url))
+    settings = {"orchestration__lease_seconds": str(lease)}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "a").mkdir()
+            (Path(tmp) / "b").mkdir()
+            async with (
+                fleet(Path(tmp) / "b", database_url, workers=1, hold=False, **settings) as b,
+                fleet(Path(tmp) / "a", database_url, workers=1, hold=True, **settings) as a,
+                SartiqClient(a.target) as client,
+                SartiqClient(b.target) as survivor,
+            ):
+                product = await client.create_entity("product", "bench", images=[png()])
+                request = _request(product.id)
+                ids = [
+                    (await client.generations.CreateGenerateGeneration(request)).generation.id
+                    for _ in range(generations)
+                ]
+                a.process.kill()
+                killed = asyncio.get_running_loop().time()
+                await a.process.wait()
+                claimed = await _elapsed_until(lambda: _all_claimed(engine, ids), killed)
+                completed = await _elapsed_until(lambda: _all_completed(survivor, ids), killed)
+    finally:
+        await engine.dispose()
+    return Takeover(generations, lease, claimed, completed)
+
+
+async def _elapsed_until(condition: Callable[[], Awaitable[bool]], since: float) -> float:
+    """Seconds from ``since`` until ``condition`` holds (polled every 20 ms, 120 s at most)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(120):
+        while not await condition():  # noqa: ASYNC110 - polls other processes
+            await asyncio.sleep(0.02)
+    return loop.time() - since
+
+
+async def _all_claimed(engine: Any, ids: list[str]) -> bool:
+    """Whether every generation of ``ids`` has been claimed again (its fence raised)."""
+    async with engine.connect() as connection:
+        query = text("SELECT count(*) FROM generations WHERE id = ANY(:ids) AND fence > 0")
+        return int((await connection.execute(query, {"ids": ids})).scalar()) == len(ids)
+
+
+async def _all_completed(client: SartiqClient, ids: list[str]) -> bool:
+    for generation_id in ids:
+        got = await client.generations.GetGeneration(
+            generation_service_pb2.GetGenerationRequest(generation_id=generation_id)
+        )
+        if not got.generation.done:
+            return False
+    return True
+
+
 def report(rows: list[Measured], echo: Measured) -> None:
     """One table: rate, latency and CPU per call against the echo server's."""
     print(
@@ -257,6 +334,15 @@ async def run(args: argparse.Namespace) -> None:
     report(rows, echo)
     if not args.postgres:
         print("PostgreSQL figures skipped: no --postgres URL (or SARTIQ_BENCH_POSTGRES_URL)")
+        return
+    if args.takeover:
+        async with fresh_database(args.postgres, prefix="sartiq_bench") as url:
+            t = await takeover_figure(url, generations=args.takeover, lease=args.lease)
+        print(
+            f"takeover of {t.generations} generations (lease {t.lease_s:.1f} s): all claimed "
+            f"{t.claimed_s:.2f} s after the kill, all completed after {t.completed_s:.2f} s "
+            f"(target: lease + 2 s = {t.lease_s + 2:.1f} s)"
+        )
 
 
 def main() -> None:
@@ -271,6 +357,8 @@ def main() -> None:
         default=os.environ.get("SARTIQ_BENCH_POSTGRES_URL")
         or os.environ.get("SARTIQ_TEST_POSTGRES_URL", ""),
     )
+    parser.add_argument("--takeover", type=int, default=40, help="generations (0: skip)")
+    parser.add_argument("--lease", type=float, default=4.0, help="lease seconds (takeover)")
     args = parser.parse_args()
     args.workers = [int(n) for n in args.workers.split(",")]
     asyncio.run(run(args))

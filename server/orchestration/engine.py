@@ -214,6 +214,24 @@ class Engine:
             if task is not None:
                 task.cancel()
 
+    async def _still_held(self, live: LiveGeneration) -> bool:
+        """Before releasing a generation's compute tasks: whether it is still ours.
+
+        A replica paused past its lease may find a deadline passed when it wakes; the
+        tasks then belong to the replica that claimed the generation meanwhile.
+        """
+        if self._leases is None:
+            return True
+        try:
+            held = await self._leases.still_holds(live.id)
+        except Exception as exc:
+            log.warning("could not check the lease of %s (%s)", live.id, type(exc).__name__)
+            return True  # the writes that follow are fenced all the same
+        if not held:
+            log.warning("generation %s is run by another replica now; stopping here", live.id)
+            self._leases.forget(live.id)
+        return held
+
     async def cancel_elsewhere(self, organization: str, generation_id: str) -> Generation | None:
         """Cancel a live generation this replica does not run (shared database).
 
@@ -346,7 +364,7 @@ class Engine:
                 "workflow of generation %s failed (correlation id %s)", live.id, correlation_id
             )
             reason = ResourceError.internal(correlation_id)
-        if live.id in self._lost_ids:
+        if live.id in self._lost_ids or not await self._still_held(live):
             return  # another replica claimed it: its compute tasks are that one's now
         try:
             await close(live, self._compute, reason, retry=self._release_retry)

@@ -183,6 +183,19 @@ class Leases:
             if i not in renewed and self.fences.get(i) == fence
         }
 
+    async def still_holds(self, generation_id: str) -> bool:
+        """Whether the stored fencing number of the generation is still this replica's."""
+        fence = self.fences.get(generation_id)
+        if fence is None:
+            return False
+        async with self._engine.connect() as connection:
+            stored = (
+                await connection.execute(
+                    text("SELECT fence FROM generations WHERE id = :id"), {"id": generation_id}
+                )
+            ).scalar()
+        return stored == fence
+
     async def release(self) -> int:
         """Let other replicas claim what this one holds, at once; how many were released.
 
