@@ -115,6 +115,8 @@ class LiveGeneration:
 
     def __init__(self, generation: Generation, writer: Writer, *, new: bool = False) -> None:
         self.generation = generation
+        # Loaded from the store (a restart, a takeover), not created by this process.
+        self.resumed = not new
         self.recorder = Recorder(generation, new=new)
         self.token = StopToken()
         self._writer = writer

@@ -96,11 +96,12 @@ class TaskRunner:
         self, live: LiveGeneration, prediction: Prediction, task: ComputeTask
     ) -> TaskOutcome:
         live.token.check()
-        if not task.compute_task_id:
+        compute_id: str | ResourceError = task.compute_task_id or await self._earlier(live, task)
+        if not compute_id:
             unavailable = await self._inputs.prepare(live, task)
             if unavailable is not None:
                 return self._failed(live, prediction, task, unavailable)
-        compute_id = task.compute_task_id or await self._submit(live, task)
+            compute_id = await self._submit(live, task)
         if isinstance(compute_id, ResourceError):
             return self._failed(live, prediction, task, compute_id)
         self._attached(live, prediction, task, compute_id)
@@ -146,6 +147,23 @@ class TaskRunner:
             idempotency_key=task.id,  # a resubmission never starts a second task
             organization=live.generation.organization,
         )
+
+    async def _earlier(self, live: LiveGeneration, task: ComputeTask) -> str:
+        """The compute task an earlier run of a resumed generation may have created, or "".
+
+        A workflow stopped between a submit and the commit of its answer (its replica shut
+        down, or died) left no compute id; the task is looked up by its idempotency key
+        before anything is submitted again, so one attempt is submitted once.
+        """
+        if not live.resumed:
+            return ""
+        try:
+            found = await self._retry.call(
+                lambda: self._compute.find(task.id), sleep=live.token.sleep
+            )
+        except ComputeError:
+            return ""  # a submit under the same key finds the task all the same
+        return found or ""
 
     async def _submit(self, live: LiveGeneration, task: ComputeTask) -> str | ResourceError:
         """Submit, retrying transient errors within the policy's budget; the error otherwise.

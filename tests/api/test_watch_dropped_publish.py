@@ -89,12 +89,16 @@ async def test_a_dropped_publish_reaches_watchers_within_one_heartbeat(
             stored = 0
 
             async def caught_up() -> bool:
-                # Every event so far reached both streams (read again: the workflow
-                # may still be recording the task's submission).
+                # The task's submission is recorded and every event so far reached both
+                # streams (read again: the workflow may still be recording it).
                 nonlocal stored
                 request = pb.GetGenerationRequest(generation_id=generation_id)
-                stored = (await stub.GetGeneration(request)).generation.last_event_sequence
-                return len(one.events()) == len(every.events()) == stored
+                generation = (await stub.GetGeneration(request)).generation
+                stored = generation.last_event_sequence
+                task = generation.predictions[0].tasks[0]
+                running = task.status == enums_pb2.COMPUTE_TASK_STATUS_RUNNING
+                recorded = bool(task.compute_task_id) and running
+                return recorded and len(one.events()) == len(every.events()) == stored
 
             await assert_eventually(caught_up)  # both tail live events now
             fake.progress(next(iter(fake.tasks)), 0.5)
