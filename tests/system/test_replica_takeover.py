@@ -15,6 +15,7 @@ asked once per task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import statistics
 from collections.abc import AsyncIterator
@@ -122,7 +123,10 @@ async def test_kill_owner_under_load(
     the kill on the survivors get every event once, live.
     """
     total = 36
-    async with deployment(tmp_path, database_url, compute) as dep:
+    async with (
+        deployment(tmp_path, database_url, compute) as dep,
+        contextlib.AsyncExitStack() as streams_open,
+    ):
         replicas = await dep.start(*(f"replica-{n}" for n in range(count)))
         victim, survivors = replicas[0], replicas[1:]
         assert victim.channel is not None
@@ -133,6 +137,7 @@ async def test_kill_owner_under_load(
             call = replica.stub.WatchGenerations(pb.WatchGenerationsRequest(after_cursor=0))
             await call.wait_for_connection()
             streams.append(Stream(call))
+            streams_open.push_async_callback(streams[-1].stop)
         created = await create_round_robin(replicas, product_id, total)
         # Every task has reached compute and its compute id is stored: a takeover must
         # re-attach to it, never submit it again.
@@ -340,14 +345,14 @@ async def test_rolling_restart_under_load(
         replicas = await dep.start("r0", "r1", "r2", named=True)
         assert replicas[0].channel is not None
         product_id = await create_product(CatalogStub(replicas[0].channel))
-        created: dict[str, str] = {}
+        made: dict[str, str] = {}  # request id: generation id
         done = asyncio.Event()
 
         async def load() -> None:
             n = 0
             while not done.is_set():
                 request_id = f"load-{n}"
-                created[await create_anywhere(replicas, product_id, request_id, n)] = request_id
+                made[request_id] = await create_anywhere(replicas, product_id, request_id, n)
                 n += 1
                 await asyncio.sleep(0.05)  # the load's pace, not a wait for anything
 
@@ -355,30 +360,38 @@ async def test_rolling_restart_under_load(
 
         async def ten_more() -> None:
             """Wait until the client has created ten more generations."""
-            than = len(created) + 10
+            than = len(made) + 10
 
             async def enough() -> bool:
                 if loading.done():
                     loading.result()  # raises what stopped it
-                return len(created) >= than
+                return len(made) >= than
 
             await assert_eventually(enough, timeout=10)
 
+        steps = []
         try:
             clock = Timer()
             for replica in replicas:
                 await ten_more()
+                step = Timer()
                 assert await replica.terminate() == 0, replica.log()[-4000:]
+                stopped = step()
                 await replica.restart()
+                steps.append(f"{replica.label} stopped in {stopped:.1f} s, back in {step():.1f} s")
             await ten_more()
         finally:
             done.set()
             await loading
         rolled = clock()
-        print(f"\nrolling restart of 3 replicas: {rolled:.1f} s, {len(created)} generations")
-        assert len(set(created.values())) == len(created), "two requests made one generation"
-        await db.wait_statuses(set(created), {"COMPLETED"}, timeout=20)
-        await check_logs(db, compute, set(created))
+        print(
+            f"\nrolling restart of 3 replicas under load: {rolled:.1f} s, {len(made)} "
+            f"generations; {'; '.join(steps)}"
+        )
+        created = set(made.values())
+        assert len(created) == len(made), "two requests made one generation"
+        await db.wait_statuses(created, {"COMPLETED"}, timeout=20)
+        await check_logs(db, compute, created)
 
 
 # -- 5 ------------------------------------------------------------------------------------
