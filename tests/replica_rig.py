@@ -370,6 +370,11 @@ async def check_logs(
     assert not twice, f"compute tasks not submitted exactly once (key: submitters): {twice}"
     unknown = set(remote) - set(tasks)
     assert not unknown, f"compute was asked for tasks the store does not know: {unknown}"
+    if status == "COMPLETED":
+        unfinished = {k: t["status"] for k, t in remote.items() if t["status"] != "completed"}
+        assert not unfinished, f"compute tasks not completed: {unfinished}"
+        released = {k: t["cancels"] for k, t in remote.items() if t["cancels"]}
+        assert not released, f"compute tasks of completed generations were cancelled: {released}"
     return events
 
 

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import re
 import statistics
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC
 from pathlib import Path
 
 import grpc
@@ -26,12 +28,13 @@ import pytest
 from helpers import CatalogStub, assert_eventually, create_product, generate_request
 from pg import fresh_database, requires_postgres
 from replica_rig import LEASE, Compute, Database, Replica, Timer, check_logs, deployment
-from watching import Stream
+from watching import Stream, percentile
 
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2
 from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 
 pytestmark = requires_postgres
+HEARTBEAT = 30.0  # the replicas' heartbeat (replica_rig): no watcher sees one in a test
 
 # How a replica says, in its log, that it found another had claimed its generations.
 LOST_LEASES = re.compile(r"lost.{0,60}lease|lease.{0,60}(lost|claimed|taken)|fenc", re.I)
@@ -191,10 +194,22 @@ async def test_kill_owner_under_load(
         for stream in streams:
             await stream.stop()
     logged = [(e.generation_id, e.sequence, e.cursor) for e in events]
+    wall_offset = time.time() - time.monotonic()
+    delays = []
     for stream in streams:
         received = [(e.generation_id, e.sequence, e.cursor) for e in stream.events()]
         assert received == logged, "a watcher missed, repeated or reordered events"
         assert stream.heartbeats() == 0
+        for arrived, item in stream.items:
+            if not item.HasField("event"):
+                continue
+            made = item.event.event_time.ToDatetime(tzinfo=UTC).timestamp()
+            delays.append(arrived + wall_offset - made)
+    print(
+        f"event time to delivery on the {len(streams)} surviving watchers: "
+        f"p50 {percentile(delays, 0.5) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms"
+    )
+    assert max(delays) < HEARTBEAT / 3, "events reached a watcher late, not live"
 
 
 # -- 2 ------------------------------------------------------------------------------------
