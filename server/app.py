@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -24,7 +26,7 @@ from server.compute.http import HttpComputeBackend
 from server.compute.local import LocalComputeBackend
 from server.compute.processors.tasks import default_registry
 from server.compute.retry import RetryPolicy
-from server.config import Settings
+from server.config import ServerSettings, Settings
 from server.domain.enums import GenerationType
 from server.domain.errors import StartupError
 from server.domain.limits import RateLimiter, TokenBuckets
@@ -53,6 +55,7 @@ from server.store.db import (
     sqlite_path,
 )
 from server.store.events import EventBus
+from server.store.leases import Leases
 from server.store.listener import EventListener, asyncpg_connector
 from server.store.live_counts import LiveLimits
 from server.store.lock import DatabaseLock
@@ -162,6 +165,21 @@ def _live_limits(settings: Settings) -> LiveLimits:
     )
 
 
+def replica_name(server: ServerSettings) -> str:
+    """The replica's identity among the replicas: configured, or host, port and worker.
+
+    A configured port and worker index name the same replica across restarts, so a
+    restarted one resumes its predecessor's generations at once; with port 0 (chosen at
+    start) there is no such identity, and a random suffix keeps the name unique.
+    """
+    if server.replica_name is not None:
+        return server.replica_name
+    name = f"{socket.gethostname()[:60]}:{server.port}/{server.worker_index or 0}"
+    if server.port == 0:
+        name += f"-{uuid.uuid4().hex[:12]}"
+    return name
+
+
 def _prepare_directories(settings: Settings) -> None:
     """Create an SQLite database's directory if missing (the storage makes its own)."""
     url = make_url(settings.database.url)
@@ -211,6 +229,8 @@ class App:
         self._bus: EventBus | None = None
         self._writer: Writer | None = None
         self._listener: EventListener | None = None
+        self._leases: Leases | None = None
+        self._commands = asyncio.Event()  # another replica released or recorded a cancel
         self._compute: ComputeBackend | None = None
         self._storage: ArtifactStorage | None = None  # built here, so closed here
         self._engine: Engine | None = None
@@ -248,24 +268,33 @@ class App:
         self._bus = self._bus_override or EventBus(s.server.watch_buffer)
         store = Store(create_session_factory(self._db), self._bus)
         lease = s.orchestration.lease_seconds
+        name = replica_name(s.server)
         if is_sqlite(s.database.url):
             self._writer = Writer.for_sqlite(
                 sqlite_path(s.database.url),
                 self._bus,
                 busy_timeout_ms=s.database.busy_timeout_ms,
                 lease_seconds=lease,
+                name=name,
             )
         else:
+            self._leases = Leases(self._db, name=name, lease_seconds=lease)
             self._writer = Writer.for_async(
-                self._db, self._bus, lease_seconds=lease, limits=_live_limits(s)
+                self._db,
+                self._bus,
+                lease_seconds=lease,
+                limits=_live_limits(s),
+                leases=self._leases,
             )
-            # Other replicas' commits wake this one's watchers (DESIGN §13).
+            # Other replicas' commits wake this one's watchers, their releases and
+            # cancels this one's engine (DESIGN §13).
             probe = s.database.listen_probe_interval
             self._listener = EventListener(
                 asyncpg_connector(s.database.listen_url or s.database.url, timeout=max(probe, 5.0)),
                 self._bus,
                 origin=self._writer.owner,
                 probe_interval=probe,
+                commands=self._commands,
             )
             await self._listener.start()
         await self._writer.start()
@@ -399,6 +428,8 @@ class App:
             max_running=2 * s.orchestration.max_tasks_in_flight,
             take_over_live_leases=is_sqlite(s.database.url),
             release_retry=release_policy(retry),
+            leases=self._leases,
+            wakeup=self._commands,
         )
 
     def _authenticator(self) -> Authenticator:
@@ -454,6 +485,11 @@ class App:
             await self._engine.shutdown()
         if self._writer is not None:
             await self._writer.shutdown()  # what workflows queued is committed first
+        if self._leases is not None:
+            # Other replicas resume these at once instead of when the leases run out.
+            released = await self._leases.release()
+            if released:
+                log.info("released %d unfinished generations to the other replicas", released)
         if self._compute is not None:
             await self._compute.aclose()  # its workers may read artifacts until then
         if self._storage is not None:

@@ -73,6 +73,15 @@ class ServerSettings(BaseModel):
         description="internal: set by the supervisor for each worker process it starts "
         "(0..workers-1), the worker's identity among the replicas",
     )
+    replica_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9._:/@-]+$",
+        description="this replica's identity in the database, unique among running "
+        "replicas; unset: <hostname>:<port>/<worker> (a random suffix when the port is 0). "
+        "A replica started under a dead one's name resumes its generations at once",
+    )
     worker_restarts: int = Field(
         default=5,
         ge=0,

@@ -5,6 +5,13 @@ through its recorder to the single writer. On start-up the engine claims every g
 left unfinished and resumes it from what the database holds. Every task it starts is
 kept and, on shutdown, cancelled and awaited (their generations resume at the next
 start); cancels and deadlines stop workflows through their tokens instead.
+
+Where replicas share the database (``leases``), the engine also keeps its leases: it
+renews them every third of their length, claims what other replicas left (a lease that
+ran out, a replica that shut down) as soon as it can, carries out the cancels other
+replicas recorded for its generations, and stops, without a word to compute, the
+workflows of generations another replica has claimed since (the new owner re-attaches
+their compute tasks).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter, OrderedDict
 
@@ -24,6 +32,7 @@ from server.orchestration.closing import close
 from server.orchestration.live import LiveGeneration, Stop, Stopped
 from server.orchestration.workflows import WorkflowRegistry
 from server.store import mapping, repository
+from server.store.leases import Claim, LeaseLost, Leases
 from server.store.sessions import Store
 from server.store.writer import Writer
 
@@ -43,6 +52,8 @@ class Engine:
         max_running: int,
         take_over_live_leases: bool,
         release_retry: RetryPolicy | None = None,
+        leases: Leases | None = None,
+        wakeup: asyncio.Event | None = None,
     ) -> None:
         self._store = store
         self._writer = writer
@@ -65,6 +76,14 @@ class Engine:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._closed = False
+        # Shared database: this replica's claims, and what wakes their keeper early (a
+        # replica released its generations, or recorded a cancel for one of ours).
+        self._leases = leases
+        self._wakeup = wakeup or asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
+        self._lost_ids: set[str] = set()
+        if leases is not None:
+            writer.on_lost = self._lost
 
     @property
     def workflows(self) -> WorkflowRegistry:
@@ -110,16 +129,109 @@ class Engine:
         """The generation's place among those waiting to start (1 = next), 0 if not waiting."""
         return self._waiting.position(generation_id)
 
+    @property
+    def shared(self) -> bool:
+        """Whether other replicas may run generations of this database."""
+        return self._leases is not None
+
     async def start(self) -> None:
         """Claim every unfinished generation this process may run, and resume it."""
+        if self._leases is not None:
+            # Those nobody holds, and those of a dead predecessor under this name.
+            await self._adopt(await self._leases.claim(predecessor=True))
+            self._keeper = asyncio.create_task(self._keep_leases(), name="leases")
+            return
         claimed = await self._writer.claim_unfinished(now=utcnow(), take_over=self._take_over)
+        await self._adopt([Claim(generation_id, False) for generation_id in claimed])
+
+    async def _adopt(self, claims: list[Claim]) -> None:
+        """Resume generations just claimed; carry out the cancels recorded for them."""
+        fresh = [claim for claim in claims if claim.id not in self._live]
+        if not fresh or self._closed:
+            return
         async with self._store.read() as session:
-            rows = await repository.generations_by_id(session, claimed)
+            rows = await repository.generations_by_id(session, [c.id for c in fresh])
             generations = [mapping.generation(row) for row in rows]
+        cancels = {claim.id for claim in fresh if claim.cancel_requested}
         for generation in generations:
-            self.launch(LiveGeneration(generation, self._writer))
-        if generations:
-            log.info("resumed %d unfinished generations", len(generations))
+            live = LiveGeneration(generation, self._writer)
+            self.launch(live)
+            if generation.id in cancels:
+                await self._cancel_quietly(live)
+        log.info("resumed %d unfinished generations", len(generations))
+
+    async def _keep_leases(self) -> None:
+        """Renew, claim and carry out recorded cancels until shutdown (shared database)."""
+        leases = self._leases
+        assert leases is not None
+        interval = leases.lease_seconds / 3
+        renew_at = time.monotonic() + interval
+        while True:
+            wait = interval
+            try:
+                if time.monotonic() >= renew_at:
+                    renew_at = time.monotonic() + interval
+                    self._lost(await leases.renew())
+                await self._adopt(await leases.claim())
+                for generation_id in await leases.cancel_requests():
+                    live = self._live.get(generation_id)
+                    if live is not None:
+                        await self._cancel_quietly(live)
+                # Wake at the next renewal, or when another replica's lease runs out.
+                wait = renew_at - time.monotonic()
+                expiry = await leases.next_expiry()
+                if expiry is not None:
+                    wait = min(wait, max(expiry, 0.2) + 0.02)
+            except Exception as exc:
+                log.warning("keeping the leases failed (%s); trying again", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(wait, 0.02)):
+                    await self._wakeup.wait()
+            self._wakeup.clear()
+
+    async def _cancel_quietly(self, live: LiveGeneration) -> None:
+        """Cancel a generation whose cancel another replica recorded."""
+        try:
+            await self.cancel(live)
+        except LeaseLost:
+            return  # another replica runs it now, and carries the cancel out
+        except Exception:
+            log.exception("recording the cancel of generation %s failed", live.id)
+
+    def _lost(self, generation_ids: set[str]) -> None:
+        """Another replica claimed these: stop their workflows here, releasing nothing."""
+        for generation_id in generation_ids:
+            if self._leases is not None:
+                self._leases.forget(generation_id)
+            live = self._live.get(generation_id)
+            if live is None:
+                continue
+            log.warning("generation %s is run by another replica now; stopping here", live.id)
+            self._lost_ids.add(generation_id)
+            if self._waiting.remove(generation_id):
+                self._retire(live)
+            task = self._tasks.get(generation_id)
+            if task is not None:
+                task.cancel()
+
+    async def cancel_elsewhere(self, organization: str, generation_id: str) -> Generation | None:
+        """Cancel a live generation this replica does not run (shared database).
+
+        The cancel is recorded for the generation's owner, which is woken. When nobody
+        holds the generation (its owner shut down or died), this replica claims it and
+        cancels it itself, and returns it once CANCELLING is durable; otherwise None:
+        the owner carries the cancel out.
+        """
+        leases = self._leases
+        assert leases is not None
+        if not await leases.request_cancel(organization, generation_id):
+            return None  # it ended meanwhile
+        claims = await leases.claim(only=generation_id)
+        await self._adopt(claims)
+        live = self._live.get(generation_id)
+        if live is None:
+            return None
+        return await self.cancel(live)
 
     def launch(self, live: LiveGeneration) -> int:
         """Take charge of a generation whose records are durable: run it now or queue it.
@@ -167,6 +279,11 @@ class Engine:
     async def shutdown(self) -> None:
         """Stop every workflow, leaving its generation for the next start; idempotent."""
         self._closed = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
         self._waiting.clear()
         for timer in self._timers.values():
             timer.cancel()
@@ -194,13 +311,22 @@ class Engine:
         try:
             await self._run(live)
         finally:
-            timer = self._timers.pop(live.id, None)
-            if timer is not None:
-                timer.cancel()
-            if self._live.pop(live.id, None) is not None:
-                self._live_by_org[live.generation.organization] -= 1
+            self._retire(live)
             self._tasks.pop(live.id, None)
             self._start_waiting()
+
+    def _retire(self, live: LiveGeneration) -> None:
+        """Stop counting the generation as run here (it ended, or is left to another)."""
+        timer = self._timers.pop(live.id, None)
+        if timer is not None:
+            timer.cancel()
+        if self._live.pop(live.id, None) is not None:
+            self._live_by_org[live.generation.organization] -= 1
+        self._lost_ids.discard(live.id)
+        if self._leases is not None and not self._closed:
+            # Not renewed any more: unless it ended, its lease runs out and it is claimed
+            # again (at shutdown, release hands over what this replica held instead).
+            self._leases.forget(live.id)
 
     async def _run(self, live: LiveGeneration) -> None:
         reason: Stop | ResourceError
@@ -212,14 +338,20 @@ class Engine:
             reason = stopped.reason
         except asyncio.CancelledError:
             raise  # shutdown: the generation resumes at the next start
+        except LeaseLost:
+            return  # another replica runs it now
         except Exception:
             correlation_id = uuid.uuid4().hex
             log.exception(
                 "workflow of generation %s failed (correlation id %s)", live.id, correlation_id
             )
             reason = ResourceError.internal(correlation_id)
+        if live.id in self._lost_ids:
+            return  # another replica claimed it: its compute tasks are that one's now
         try:
             await close(live, self._compute, reason, retry=self._release_retry)
+        except LeaseLost:
+            return
         except Exception:
             # Nothing more can be recorded now; the next start resumes the generation.
             log.exception("closing generation %s failed", live.id)

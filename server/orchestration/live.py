@@ -19,6 +19,7 @@ from server.domain.errors import ResourceExhaustedError
 from server.domain.model import Generation
 from server.domain.recorder import Recorder
 from server.store import rows
+from server.store.leases import LeaseLost
 from server.store.writer import Writer
 
 T = TypeVar("T")
@@ -135,7 +136,9 @@ class LiveGeneration:
         )
         # A create must fit the deployment's limits where the database counts them.
         admit = self.generation.organization if changes.new else None
-        queued = self._writer.submit(ops, changes.events, admit=admit)
+        queued = self._writer.submit(
+            ops, changes.events, admit=admit, generation=self.id, new=changes.new
+        )
         self._unconfirmed.add(queued)
         queued.add_done_callback(self._settled)
 
@@ -172,7 +175,9 @@ class LiveGeneration:
                 ops = rows.changes_ops(
                     changes, owner=self._writer.owner, lease_expires_at=self._writer.lease_expiry()
                 )
-                queued = self._writer.submit(ops, changes.events)
+                queued = self._writer.submit(
+                    ops, changes.events, generation=self.id, new=changes.new
+                )
                 # Waited for by every flush (a cancel answers after it), but its failure
                 # is handled here rather than kept for the next flush.
                 self._unconfirmed.add(queued)
@@ -191,6 +196,7 @@ class LiveGeneration:
         """A queued write finished; keep its failure for the next ``flush`` to report."""
         self._unconfirmed.discard(write)
         if not write.cancelled() and (failure := write.exception()) is not None:
-            if not isinstance(failure, ResourceExhaustedError):  # a refused create: an answer
+            # A refused create is an answer; a lost lease is handled by the engine.
+            if not isinstance(failure, ResourceExhaustedError | LeaseLost):
                 log.warning("a queued write of a live generation failed", exc_info=failure)
             self._failure = failure

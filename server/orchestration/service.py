@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.config import MediaSettings, OrchestrationSettings
-from server.domain.enums import CatalogKind, GenerationType, PredictionStatus, Strategy, TaskType
+from server.domain.enums import (
+    CatalogKind,
+    GenerationStatus,
+    GenerationType,
+    PredictionStatus,
+    Strategy,
+    TaskType,
+)
 from server.domain.errors import (
     NotFoundError,
     Violations,
@@ -39,6 +46,8 @@ from server.strategies.inputs import CreateOptions
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+# How long a cancel sent to a replica that does not run the generation waits for its owner.
+CANCEL_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,11 +297,36 @@ class GenerationService:
             stored = await self.get(org, generation_id)
             if stored.done:
                 return stored
-            # Unfinished but run by no workflow here (its run just ended, or another
-            # process held it): take it over so the cancel is carried out.
+            if self._engine.shared:
+                return await self._cancel_elsewhere(org, generation_id)
+            # Unfinished but run by no workflow here (its run just ended, or the
+            # process that held it is gone): take it over so the cancel is carried out.
             live = LiveGeneration(stored, self._engine.writer)
             self._engine.launch(live)
         return await self._engine.cancel(live)
+
+    async def _cancel_elsewhere(self, org: str, generation_id: str) -> Generation:
+        """Cancel a generation another replica runs: recorded for it, answered once it acted.
+
+        The answer is the generation once its owner has recorded CANCELLING (or it has
+        ended), normally within milliseconds; if the owner died, another replica takes
+        the generation over when its lease runs out and carries the cancel out then, so
+        after ``CANCEL_WAIT_S`` the answer is the generation as it stands.
+        """
+        cancelling = await self._engine.cancel_elsewhere(org, generation_id)
+        if cancelling is not None:
+            return cancelling
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_WAIT_S
+        delay = 0.01
+        while True:
+            stored = await self.get(org, generation_id)
+            if stored.done or stored.status is GenerationStatus.CANCELLING:
+                return stored
+            if loop.time() >= deadline:
+                return stored
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
 
 class _StoreLookups:

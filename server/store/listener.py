@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from server.domain.errors import StartupError
 from server.store import hints
 from server.store.events import EventBus
+from server.store.leases import COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,23 @@ class EventListener:
         origin: this replica's name in the hints it sends itself, which it ignores.
         probe_interval: seconds between liveness probes; also how long a probe, or a
             connection attempt, may take, and the longest wait between attempts.
+        commands: set on every notification on ``leases.COMMANDS`` (a replica released
+            its generations, or recorded a cancel), and on every (re)connection.
     """
 
     def __init__(
-        self, connect: Connect, bus: EventBus, *, origin: str, probe_interval: float
+        self,
+        connect: Connect,
+        bus: EventBus,
+        *,
+        origin: str,
+        probe_interval: float,
+        commands: asyncio.Event | None = None,
     ) -> None:
         self._connect = connect
         self._bus = bus
         self._origin = origin
+        self._commands = commands
         self._interval = probe_interval
         self._timeout = max(probe_interval, 1.0)
         self._connection: Any = None
@@ -136,6 +146,9 @@ class EventListener:
         connection = self._connection = await self._connect()
         connection.add_termination_listener(lambda _: lost.set())
         await connection.add_listener(hints.CHANNEL, self._notified)
+        if self._commands is not None:
+            await connection.add_listener(COMMANDS, self._commanded)
+            self._commands.set()
         log.info("listening for other replicas' events")
         self._bus.wake(None)
 
@@ -154,6 +167,10 @@ class EventListener:
             self._bus.wake(None)
         elif hint.origin != self._origin:  # this replica published its own already
             self._bus.wake(hint.organizations)
+
+    def _commanded(self, _connection: Any, _pid: int, _channel: str, _payload: str) -> None:
+        if self._commands is not None:
+            self._commands.set()  # a wake-up only: the engine reads what to do
 
     async def _close(self) -> None:
         connection, self._connection = self._connection, None

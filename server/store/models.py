@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -161,10 +162,15 @@ class Generation(Base):
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
     # REFINE's record (the JSON form of domain.model.Refine); unset for other strategies.
     refinement: Mapped[dict[str, Any] | None]
-    # Which process runs the live generation, and until when its claim holds unless
+    # Which replica runs the live generation, and until when its claim holds unless
     # renewed; unset once the generation is terminal.
     owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None]
+    # Raised by every claim; a write of the generation commits only while the writer's
+    # number is still the stored one (DESIGN §13: a paused old owner commits nothing).
+    fence: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # A cancel recorded by a replica that does not run the generation, for its owner.
+    cancel_requested_at: Mapped[datetime | None]
     # Loaded only where a response needs them (repository.WITH_LABELS).
     labels: Mapped[list[GenerationLabel]] = relationship(
         cascade="all, delete-orphan", lazy="raise", order_by="GenerationLabel.key"

@@ -130,6 +130,10 @@ def generation_row(
         "refinement": None if refinement is None else model.to_json(refinement),
         "owner": None if done else owner,
         "lease_expires_at": None if done else lease_expires_at,
+        # Claims and cancel requests are written by their own statements (``leases``);
+        # these are only a new row's values (SQLite writes every column).
+        "fence": 0,
+        "cancel_requested_at": None,
     }
 
 

@@ -48,6 +48,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     func,
+    literal_column,
     or_,
     select,
     text,
@@ -62,6 +63,7 @@ from server.domain.events import GenerationEvent
 from server.domain.states import GENERATION_TERMINAL
 from server.store import hints, sqlite_batch
 from server.store.events import EventBus
+from server.store.leases import FENCES, LeaseLost, Leases
 from server.store.live_counts import LimitReached, LiveCounts, LiveLimits, Tally
 from server.store.rows import EVENTS, GENERATIONS, TABLE_ORDER, Mode, Op
 
@@ -112,6 +114,8 @@ class _Write:
     events: list[GenerationEvent]
     done: asyncio.Future[None]
     admit: str | None = None  # a create: its organization, for the deployment's limits
+    generation: str | None = None  # the live generation it changes (fenced on PostgreSQL)
+    new: bool = False  # it creates that generation
 
 
 @dataclass
@@ -119,6 +123,7 @@ class _Statements:
     """Statements per (table, mode), compiled once per dialect."""
 
     dialect: str
+    lease_seconds: float = 30.0
     cache: dict[tuple[str, Mode], Executable] = field(default_factory=dict)
 
     def get(self, op: Op) -> Executable:
@@ -145,7 +150,14 @@ class _Statements:
             recipe = func.coalesce(table.c.recipe, insert.excluded.recipe)
             built = insert.on_conflict_do_update(index_elements=keys, set_={"recipe": recipe})
         else:
-            columns = [c.name for c in table.columns if c.name not in keys]
+            skip = set(keys)
+            if table is GENERATIONS and self.dialect == "postgresql":
+                # Claims, renewals and cancel requests have statements of their own
+                # (``leases``); a new generation's lease starts on the database's clock.
+                skip |= {"lease_expires_at", "fence", "cancel_requested_at"}
+                until = f"timezone('UTC', now()) + interval '{float(self.lease_seconds)} seconds'"
+                insert = insert.values(lease_expires_at=literal_column(until))
+            columns = [c.name for c in table.columns if c.name not in skip]
             built = insert.on_conflict_do_update(
                 index_elements=keys, set_={c: insert.excluded[c] for c in columns}
             )
@@ -181,12 +193,18 @@ class _Backend:
     # Which replica the wake-ups it sends come from (set by the Writer).
     origin = ""
 
-    async def write(self, groups: list[Group], tally: Tally) -> tuple[int, int]:
+    async def write(
+        self, groups: list[Group], tally: Tally, fences: dict[str, int]
+    ) -> tuple[int, int]:
         """Write the groups in one transaction; returns (statements, driver calls).
+
+        ``fences``: the generations the batch changes, with the fencing number this
+        replica holds each with (empty where one process owns the database).
 
         Raises:
             LimitReached: the deployment's counts refused creates of ``tally`` (nothing
                 was written).
+            LeaseLost: another replica claimed some of ``fences`` (nothing was written).
         """
         raise NotImplementedError
 
@@ -223,8 +241,11 @@ class _SqliteBackend(_Backend):
             statement = self._statements[(table.name, mode)] = sqlite_batch.Statement(table, mode)
         return statement
 
-    async def write(self, groups: list[Group], tally: Tally) -> tuple[int, int]:
-        # One process per SQLite file: the engine counts live generations in memory.
+    async def write(
+        self, groups: list[Group], tally: Tally, fences: dict[str, int]
+    ) -> tuple[int, int]:
+        # One process per SQLite file: the engine counts live generations in memory, and
+        # no other process can hold a generation.
         prepared = []
         for table, mode, rows in groups:
             statement = self._statement(table, mode)
@@ -287,14 +308,17 @@ class _AsyncBackend(_Backend):
         counts: LiveCounts | None,
         *,
         after_numbering: AfterNumbering | None,
+        lease_seconds: float,
     ) -> None:
         self._engine = engine
         self.dialect = engine.dialect.name
-        self._statements = _Statements(self.dialect)
+        self._statements = _Statements(self.dialect, lease_seconds)
         self._counts = counts
         self._after_numbering = after_numbering
 
-    async def write(self, groups: list[Group], tally: Tally) -> tuple[int, int]:
+    async def write(
+        self, groups: list[Group], tally: Tally, fences: dict[str, int]
+    ) -> tuple[int, int]:
         statements = self._statements
         counts = self._counts if tally else None
         events = next((rows for table, _, rows in groups if table is EVENTS), [])
@@ -313,12 +337,15 @@ class _AsyncBackend(_Backend):
             return bool(tally.finishing) + counts.apply(connection, tally, ended)
 
         async with self._engine.begin() as connection:
+            # Locks in one order in every transaction: cursors, generations, counts.
             if events:
                 taken = await self._number(connection, events)
                 if self._after_numbering is not None:
                     await self._after_numbering(taken)
+            if fences:
+                await _check_fences(connection, fences)
             extra = await connection.run_sync(run)
-        extra += 1 if events else 0  # the numbering statement
+        extra += (1 if events else 0) + (1 if fences else 0)  # numbering, fencing
         # BEGIN and COMMIT are round trips too.
         return len(groups) + extra, len(groups) + extra + 2
 
@@ -345,11 +372,8 @@ class _AsyncBackend(_Backend):
         return taken
 
     async def renew(self, owner: str, expiry: datetime) -> None:
-        statement = (
-            update(GENERATIONS).where(GENERATIONS.c.owner == owner).values(lease_expires_at=expiry)
-        )
-        async with self._engine.begin() as connection:
-            await connection.execute(statement)
+        # Replicas renew through ``Leases``, on the database's clock.
+        return
 
     async def claim(
         self, owner: str, expiry: datetime, now: datetime, *, take_over: bool
@@ -379,6 +403,20 @@ class _AsyncBackend(_Backend):
         return ids
 
 
+async def _check_fences(connection: AsyncConnection, fences: dict[str, int]) -> None:
+    """Lock the generations a batch changes; raise unless this replica still holds each.
+
+    Raises:
+        LeaseLost: another replica claimed some of them since (their stored fencing
+            number is no longer this replica's).
+    """
+    rows = (await connection.execute(FENCES, {"ids": list(fences)})).all()
+    stored = {row.id: int(row.fence) for row in rows}
+    lost = {i for i, fence in fences.items() if stored.get(i) != fence}
+    if lost:
+        raise LeaseLost(lost)
+
+
 class Writer:
     """Owns every database write: group commits, then publishing, then releasing waiters.
 
@@ -387,13 +425,27 @@ class Writer:
         bus: where committed events are published.
         lease_seconds: how long this process's claim on its live generations holds
             unless renewed; the writer renews it every third of that.
+        name: this replica's name, the owner it records (a random one by default).
+        leases: where replicas share the database, this replica's claims: a change of
+            a generation commits only while the replica still holds it.
     """
 
-    def __init__(self, backend: _Backend, bus: EventBus, *, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        backend: _Backend,
+        bus: EventBus,
+        *,
+        lease_seconds: float,
+        name: str | None = None,
+        leases: Leases | None = None,
+    ) -> None:
         self._backend = backend
         self._bus = bus
         self._lease = lease_seconds
-        self.owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+        self.owner = name or f"{socket.gethostname()}:{uuid.uuid4().hex[:12]}"
+        self.leases = leases
+        # Told the generations another replica took from this one (see ``Engine``).
+        self.on_lost: Callable[[set[str]], None] | None = None
         backend.origin = self.owner  # the wake-ups it sends name this replica
         self.stats = WriterStats()
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
@@ -404,11 +456,17 @@ class Writer:
 
     @classmethod
     def for_sqlite(
-        cls, path: str, bus: EventBus, *, busy_timeout_ms: int, lease_seconds: float
+        cls,
+        path: str,
+        bus: EventBus,
+        *,
+        busy_timeout_ms: int,
+        lease_seconds: float,
+        name: str | None = None,
     ) -> Writer:
         """A writer with its own thread and connection on the SQLite file at ``path``."""
         connection = sqlite_batch.Connection(path, busy_timeout_ms=busy_timeout_ms)
-        return cls(_SqliteBackend(connection), bus, lease_seconds=lease_seconds)
+        return cls(_SqliteBackend(connection), bus, lease_seconds=lease_seconds, name=name)
 
     @classmethod
     def for_async(
@@ -419,17 +477,23 @@ class Writer:
         lease_seconds: float,
         limits: LiveLimits | None = None,
         after_numbering: AfterNumbering | None = None,
+        leases: Leases | None = None,
     ) -> Writer:
         """A writer over the service's async engine (PostgreSQL).
 
         With ``limits``, creates must fit the deployment's live counts (see
-        ``live_counts``) or fail with ResourceExhaustedError. ``after_numbering`` is a
-        test seam: awaited in each transaction with events once their cursors are taken,
-        before the rest is written and committed.
+        ``live_counts``) or fail with ResourceExhaustedError. With ``leases``, changes of
+        a generation commit only while this replica holds it (its fencing number), or
+        fail with LeaseLost. ``after_numbering`` is a test seam: awaited in each
+        transaction with events once their cursors are taken, before the rest is
+        written and committed.
         """
         counts = None if limits is None else LiveCounts(limits)
-        backend = _AsyncBackend(engine, counts, after_numbering=after_numbering)
-        return cls(backend, bus, lease_seconds=lease_seconds)
+        backend = _AsyncBackend(
+            engine, counts, after_numbering=after_numbering, lease_seconds=lease_seconds
+        )
+        name = None if leases is None else leases.name
+        return cls(backend, bus, lease_seconds=lease_seconds, name=name, leases=leases)
 
     def lease_expiry(self) -> datetime:
         """When a claim made now runs out unless renewed."""
@@ -440,13 +504,22 @@ class Writer:
         self._task = asyncio.create_task(self._run(), name="store-writer")
 
     def submit(
-        self, ops: list[Op], events: list[GenerationEvent], *, admit: str | None = None
+        self,
+        ops: list[Op],
+        events: list[GenerationEvent],
+        *,
+        admit: str | None = None,
+        generation: str | None = None,
+        new: bool = False,
     ) -> asyncio.Future[None]:
         """Queue a write; the future resolves once it is committed and its events published.
 
         ``admit`` marks a write that creates a generation of that organization: where the
         database counts the deployment's live generations, the future fails with
         ResourceExhaustedError (and nothing is written) when a limit leaves no room.
+        ``generation`` names the live generation the write changes (``new``: creates):
+        where replicas share the database, the future fails with LeaseLost (and nothing
+        is written) once another replica holds it.
 
         Raises:
             RuntimeError: the writer is shut down.
@@ -454,7 +527,7 @@ class Writer:
         if self._closed:
             raise RuntimeError("the writer is shut down")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(ops, events, done, admit))
+        self._queue.put_nowait(_Write(ops, events, done, admit, generation, new))
         return done
 
     async def write(self, ops: list[Op], events: Sequence[GenerationEvent] = ()) -> None:
@@ -499,6 +572,10 @@ class Writer:
                 # Refused creates are answered alone; the rest of the batch goes again.
                 batch = self._refuse(batch, limit)
                 continue
+            except LeaseLost as lost:
+                # Another replica runs these now: their writes fail, the rest goes again.
+                batch = self._fence_out(batch, lost)
+                continue
             except Exception as exc:
                 await self._isolate(batch, exc)
                 return
@@ -517,6 +594,8 @@ class Writer:
                 await self._transaction([write])
             except LimitReached as limit:
                 self._refuse([write], limit)
+            except LeaseLost as lost:
+                self._fence_out([write], lost)
             except Exception as single:
                 log.warning("a write failed: %s", type(single).__name__)
                 _fail(write, single)
@@ -529,6 +608,25 @@ class Writer:
         for index, error in limit.refused.items():
             _fail(batch[index], error)
         return [write for index, write in enumerate(batch) if index not in limit.refused]
+
+    def _fence_out(self, batch: list[_Write], lost: LeaseLost) -> list[_Write]:
+        """Fail the writes of generations another replica holds now; the writes left."""
+        log.warning(
+            "%d generations were claimed by another replica; this one stops running them",
+            len(lost.ids),
+        )
+        if self.leases is not None:
+            for generation_id in lost.ids:
+                self.leases.forget(generation_id)
+        if self.on_lost is not None:
+            self.on_lost(lost.ids)
+        kept = []
+        for write in batch:
+            if write.generation in lost.ids:
+                _fail(write, LeaseLost({write.generation}))
+            else:
+                kept.append(write)
+        return kept
 
     async def _transaction(self, batch: list[_Write]) -> None:
         cursors: dict[str, int] = {}  # numbers taken by this transaction, per organization
@@ -547,14 +645,36 @@ class Writer:
                     finishing.append(op.row["id"])
                 ops.append(op)
         tally = Tally([write.admit for write in batch], finishing)
+        fences = self._fences(batch)
         started = time.perf_counter()
-        statements, calls = await self._backend.write(group(ops), tally)
+        statements, calls = await self._backend.write(group(ops), tally, fences)
         self.stats.busy_seconds += time.perf_counter() - started
         self._cursors.update(cursors)  # committed: the numbers are taken
+        if self.leases is not None:
+            for write in batch:
+                if write.new and write.generation is not None:
+                    self.leases.adopt(write.generation)
+            for generation_id in finishing:  # ended: nothing more to hold
+                self.leases.forget(generation_id)
         self.stats.transactions += 1
         self.stats.statements += statements
         self.stats.driver_calls += calls
         self.stats.rows += len(ops)
+
+    def _fences(self, batch: list[_Write]) -> dict[str, int]:
+        """The generations ``batch`` changes that must still be this replica's, and how.
+
+        A generation this replica does not hold (any more) gets -1, which no stored
+        number matches: its write fails.
+        """
+        if self.leases is None:
+            return {}
+        created = {w.generation for w in batch if w.new}
+        return {
+            w.generation: self.leases.fences.get(w.generation, -1)
+            for w in batch
+            if w.generation is not None and w.generation not in created
+        }
 
     async def _last_cursor(self, organization: str) -> int:
         """The organization's last committed cursor, read from the store the first time."""

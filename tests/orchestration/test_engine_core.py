@@ -145,9 +145,9 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     held = Gate()
     write, submit = writer_module._SqliteBackend.write, writer_module.Writer.submit
 
-    async def slow_write(self: Any, groups: Any, tally: Any) -> tuple[int, int]:
+    async def slow_write(self: Any, groups: Any, tally: Any, fences: Any) -> tuple[int, int]:
         await held.opened.wait()
-        return await write(self, groups, tally)
+        return await write(self, groups, tally, fences)
 
     def noting_submit(self: Any, ops: Any, events: Any, **kwargs: Any) -> Any:
         held.queued.extend(events)

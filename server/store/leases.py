@@ -1,0 +1,237 @@
+"""Which replica runs which live generation, on PostgreSQL: claims, renewals, fencing.
+
+Replicas share one database (DESIGN §13). A replica claims live generations that nobody
+holds, or whose holder's lease ran out, with ``FOR UPDATE SKIP LOCKED``, so two replicas
+claiming at once take different generations and neither waits for the other. Leases run
+on the database's clock (naive UTC, like every stored time) and are renewed every third
+of their length. Every claim raises the generation's fencing number; this replica keeps
+the number of each generation it holds, and the writer commits a change of a generation
+only while that number is still the stored one (see ``Writer``), so an owner that was
+paused or cut off past its lease commits nothing once another replica has claimed.
+
+A replica's name is its identity in the ``owner`` column. A replica that starts under
+the name of a dead one (an orchestrator restarting a crashed process) claims that one's
+generations at once instead of waiting for their leases to run out; were the other still
+alive, the fencing numbers would stop it. On SIGTERM a replica releases what it holds and
+says so on ``COMMANDS``; the other replicas claim at once. A cancel that reaches a replica
+which does not run the generation is recorded on the generation for its owner (and sent
+on ``COMMANDS`` as a wake-up): the owner checks the record whenever it is woken and at
+every renewal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.domain.states import GENERATION_TERMINAL
+
+log = logging.getLogger(__name__)
+
+COMMANDS = "sartiq_commands"
+
+_LIVE = "status NOT IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(GENERATION_TERMINAL)))
+_NOW = "timezone('UTC', now())"
+_UNTIL = f"{_NOW} + make_interval(secs => :lease)"
+_EXPIRED = f"(owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < {_NOW})"
+
+# Oldest first; rows another replica is claiming right now are skipped, not waited for.
+_CLAIM = f"""
+WITH claimable AS (
+    SELECT id FROM generations
+    WHERE {_LIVE} AND ({_EXPIRED} OR (CAST(:predecessor AS BOOLEAN) AND owner = :name))
+      AND (CAST(:only AS VARCHAR) IS NULL OR id = :only)
+    ORDER BY created_at, id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE generations AS g
+SET owner = :name, lease_expires_at = {_UNTIL}, fence = g.fence + 1
+FROM claimable WHERE g.id = claimable.id
+RETURNING g.id, g.fence, g.cancel_requested_at IS NOT NULL AS cancel, g.created_at
+"""
+
+# The rows are locked in id order (as the writer locks them), then extended where the
+# fencing number is still this replica's.
+_RENEW = f"""
+WITH held AS (
+    SELECT g.id FROM generations AS g
+    JOIN unnest(CAST(:ids AS VARCHAR[]), CAST(:fences AS BIGINT[])) AS t(id, fence)
+      ON g.id = t.id AND g.fence = t.fence
+    WHERE g.{_LIVE}
+    ORDER BY g.id
+    FOR UPDATE OF g
+)
+UPDATE generations AS g SET lease_expires_at = {_UNTIL}
+FROM held WHERE g.id = held.id
+RETURNING g.id
+"""
+
+# Checked first thing by every write transaction that changes generations it holds.
+FENCES = text("SELECT id, fence FROM generations WHERE id = ANY(:ids) ORDER BY id FOR UPDATE")
+
+_RELEASE = f"""
+WITH held AS (
+    SELECT g.id FROM generations AS g
+    JOIN unnest(CAST(:ids AS VARCHAR[]), CAST(:fences AS BIGINT[])) AS t(id, fence)
+      ON g.id = t.id AND g.fence = t.fence
+    WHERE g.{_LIVE}
+    ORDER BY g.id
+    FOR UPDATE OF g
+)
+UPDATE generations AS g SET owner = NULL, lease_expires_at = NULL
+FROM held WHERE g.id = held.id
+RETURNING g.id
+"""
+
+_REQUEST_CANCEL = f"""
+UPDATE generations SET cancel_requested_at = coalesce(cancel_requested_at, {_NOW})
+WHERE id = :id AND organization = :organization AND {_LIVE}
+RETURNING id
+"""
+
+_CANCEL_REQUESTS = f"""
+SELECT id FROM generations
+WHERE id = ANY(:ids) AND cancel_requested_at IS NOT NULL AND {_LIVE} AND status <> 'CANCELLING'
+"""
+
+_NEXT_EXPIRY = f"""
+SELECT EXTRACT(EPOCH FROM min(lease_expires_at) - {_NOW})
+FROM generations WHERE {_LIVE} AND owner IS DISTINCT FROM :name
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A generation this replica has just claimed."""
+
+    id: str
+    cancel_requested: bool  # a cancel was recorded for it: carry it out
+
+
+class LeaseLost(Exception):  # noqa: N818 - the name says what happened
+    """Another replica claimed these generations: this one must not write them."""
+
+    def __init__(self, ids: set[str]) -> None:
+        super().__init__(f"{len(ids)} generations are held by another replica now")
+        self.ids = ids
+
+
+class Leases:
+    """The claims of one replica on a shared PostgreSQL database.
+
+    Args:
+        engine: the service's async engine.
+        name: this replica's name (unique among running replicas).
+        lease_seconds: how long a claim holds unless renewed.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, name: str, lease_seconds: float) -> None:
+        self._engine = engine
+        self.name = name
+        self.lease_seconds = lease_seconds
+        # The fencing number of every generation this replica holds.
+        self.fences: dict[str, int] = {}
+
+    def adopt(self, generation_id: str) -> None:
+        """A generation created here: held with the number a new row starts with."""
+        self.fences.setdefault(generation_id, 0)
+
+    def forget(self, generation_id: str) -> None:
+        """Stop holding the generation (it ended, or another replica runs it)."""
+        self.fences.pop(generation_id, None)
+
+    def held(self, generation_id: str) -> int | None:
+        """The fencing number this replica holds the generation with, if it does."""
+        return self.fences.get(generation_id)
+
+    async def claim(self, *, predecessor: bool = False, only: str | None = None) -> list[Claim]:
+        """Claim live generations nobody holds (or whose lease ran out); oldest first.
+
+        ``predecessor``: also those held under this replica's name (a dead process that
+        ran under it). ``only``: just that generation, if it is claimable.
+        """
+        params = {
+            "name": self.name,
+            "lease": self.lease_seconds,
+            "predecessor": predecessor,
+            "only": only,
+        }
+        async with self._engine.begin() as connection:
+            rows = list((await connection.execute(text(_CLAIM), params)).all())
+        rows.sort(key=lambda row: (row.created_at, row.id))
+        for row in rows:
+            self.fences[row.id] = int(row.fence)
+        return [Claim(row.id, bool(row.cancel)) for row in rows]
+
+    async def renew(self) -> set[str]:
+        """Extend every lease this replica holds; the generations it turns out to have lost."""
+        if not self.fences:
+            return set()
+        ids, fences = list(self.fences), list(self.fences.values())
+        async with self._engine.begin() as connection:
+            result = await connection.execute(
+                text(_RENEW), {"ids": ids, "fences": fences, "lease": self.lease_seconds}
+            )
+            renewed = {row.id for row in result}
+        # A generation whose end committed meanwhile was forgotten by the writer: not lost.
+        return {
+            i
+            for i, fence in zip(ids, fences, strict=True)
+            if i not in renewed and self.fences.get(i) == fence
+        }
+
+    async def release(self) -> int:
+        """Let other replicas claim what this one holds, at once; how many were released.
+
+        Never raises: a replica that cannot release leaves its leases to expire.
+        """
+        if not self.fences:
+            return 0
+        try:
+            async with self._engine.begin() as connection:
+                result = await connection.execute(
+                    text(_RELEASE),
+                    {"ids": list(self.fences), "fences": list(self.fences.values())},
+                )
+                released = len(result.all())
+                await connection.execute(
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": COMMANDS, "payload": "released"},
+                )
+        except Exception as exc:
+            log.warning("releasing the leases failed (%s); they expire instead", type(exc).__name__)
+            return 0
+        self.fences.clear()
+        return released
+
+    async def request_cancel(self, organization: str, generation_id: str) -> bool:
+        """Record a cancel for the generation's owner and wake it; False if it is not live."""
+        async with self._engine.begin() as connection:
+            recorded = (
+                await connection.execute(
+                    text(_REQUEST_CANCEL), {"id": generation_id, "organization": organization}
+                )
+            ).first()
+            if recorded is not None:
+                await connection.execute(
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": COMMANDS, "payload": "cancel"},
+                )
+        return recorded is not None
+
+    async def cancel_requests(self) -> list[str]:
+        """Generations this replica holds that another replica was asked to cancel."""
+        if not self.fences:
+            return []
+        async with self._engine.connect() as connection:
+            result = await connection.execute(text(_CANCEL_REQUESTS), {"ids": list(self.fences)})
+            return [row.id for row in result]
+
+    async def next_expiry(self) -> float | None:
+        """Seconds until the first lease of another replica runs out (None: none is held)."""
+        async with self._engine.connect() as connection:
+            seconds = (await connection.execute(text(_NEXT_EXPIRY), {"name": self.name})).scalar()
+        return None if seconds is None else float(seconds)
