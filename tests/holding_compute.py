@@ -12,7 +12,8 @@ Any bearer token is accepted and names the caller: each replica under test uses 
 token, so every call is attributed to the replica that made it. ``GET /control/state``
 tells the test, per task, who submitted it and how many times (every POST of its key,
 repeats included), who followed it (status polls), who released it (cancels), and the
-lookups by key. Listens on 127.0.0.1, a free port written to PORT_FILE once it serves.
+lookups by key. Each submit and cancel is noted on stderr with its time. Listens on
+127.0.0.1, a free port written to PORT_FILE once it serves.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class HoldingCompute:
             self.tasks[task.id] = task
             self.by_key[task.key] = task
         task.submits.append(caller)
+        _note(f"submit {task.key} -> {task.id} by {caller} ({len(task.submits)})")
         return _answer(task.answer(), 201)
 
     async def lookup(self, request: Request) -> Response:
@@ -194,6 +196,7 @@ class HoldingCompute:
         if task is None:
             return _error(404, "no such task", category="not_found")
         task.cancels.append(caller)
+        _note(f"cancel {task.id} ({task.key}) by {caller}")
         task.settle()
         if task.status == "running":
             task.status = "cancelled"
@@ -250,6 +253,11 @@ class HoldingCompute:
                 "lookups": dict(self.lookups),
             }
         )
+
+
+def _note(line: str) -> None:
+    """One line on stderr (the test keeps it in compute.log), with the wall-clock time."""
+    print(f"{datetime.now(UTC):%H:%M:%S.%f} {line}", file=sys.stderr, flush=True)
 
 
 def _caller(request: Request) -> str | None:

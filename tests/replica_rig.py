@@ -366,7 +366,11 @@ async def check_logs(
         assert sorted(cursors) == list(range(1, len(cursors) + 1)), (organization, cursors)
     tasks = await db.tasks()
     remote = await compute.tasks()
-    twice = {k: t["submits"] for k, t in remote.items() if len(t["submits"]) != 1}
+    twice = {
+        f"{key} ({task['id']}, generation {tasks[key].generation_id})": task["submits"]
+        for key, task in remote.items()
+        if len(task["submits"]) != 1 and key in tasks
+    }
     assert not twice, f"compute tasks not submitted exactly once (key: submitters): {twice}"
     unknown = set(remote) - set(tasks)
     assert not unknown, f"compute was asked for tasks the store does not know: {unknown}"

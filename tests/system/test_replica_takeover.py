@@ -36,8 +36,8 @@ from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 pytestmark = requires_postgres
 HEARTBEAT = 30.0  # the replicas' heartbeat (replica_rig): no watcher sees one in a test
 
-# How a replica says, in its log, that it found another had claimed its generations.
-LOST_LEASES = re.compile(r"lost.{0,60}lease|lease.{0,60}(lost|claimed|taken)|fenc", re.I)
+# How a replica says, in its log, that it found another had claimed one of its generations.
+LOST_LEASE = re.compile(r"generation (\S+) is run by another replica now")
 
 
 @pytest.fixture
@@ -259,10 +259,20 @@ async def test_paused_owner_is_fenced(
         await compute.release()
         await db.wait_statuses(set(created), {"COMPLETED"}, timeout=20)
 
-        async def found_out() -> bool:
-            return any(LOST_LEASES.search(str(r.get("message", ""))) for r in paused.log_records())
+        lost: set[str] = set()
 
-        await assert_eventually(found_out, timeout=LEASE)
+        async def found_out() -> bool:
+            for record in paused.log_records():
+                found = LOST_LEASE.search(str(record.get("message", "")))
+                if found is not None:
+                    lost.add(found.group(1))
+            return lost >= theirs
+
+        try:
+            await assert_eventually(found_out, timeout=LEASE)
+        except AssertionError:
+            raise AssertionError(f"its log names {len(lost)} of {len(theirs)} as lost") from None
+        assert lost == theirs
         await check_logs(db, compute, set(created))
         remote = await compute.tasks()
         tasks = await db.tasks()
@@ -329,15 +339,18 @@ async def test_cancel_on_a_non_owner(
 
 async def create_anywhere(
     replicas: list[Replica], product_id: str, request_id: str, first: int
-) -> str:
-    """Create on replica ``first``, or on the next ones while it is down (same request id)."""
+) -> tuple[str, Replica]:
+    """Create on replica ``first``, or on the next ones while it is down (same request id).
+
+    Returns the generation's id and the replica that answered.
+    """
     errors = []
     for attempt in range(3 * len(replicas)):
         replica = replicas[(first + attempt) % len(replicas)]
         if replica.stub is None:
             continue
         try:
-            return await create_on(replica, product_id, request_id)
+            return await create_on(replica, product_id, request_id), replica
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 raise
@@ -353,7 +366,8 @@ async def test_rolling_restart_under_load(
     """Three named replicas restarted one by one (SIGTERM) under load lose nothing.
 
     Each is started again with its name while a client creates generations without
-    pause: every one completes once, no compute task is submitted twice.
+    pause; each is stopped right after it accepted one (its workflow is then submitting
+    the task). Every generation completes once, no compute task is submitted twice.
     """
     await compute.hold_for(1.5)
     async with deployment(tmp_path, database_url, compute) as dep:
@@ -361,40 +375,46 @@ async def test_rolling_restart_under_load(
         assert replicas[0].channel is not None
         product_id = await create_product(CatalogStub(replicas[0].channel))
         made: dict[str, str] = {}  # request id: generation id
+        accepted = {replica.label: asyncio.Event() for replica in replicas}
         done = asyncio.Event()
 
         async def load() -> None:
             n = 0
             while not done.is_set():
                 request_id = f"load-{n}"
-                made[request_id] = await create_anywhere(replicas, product_id, request_id, n)
+                made[request_id], replica = await create_anywhere(
+                    replicas, product_id, request_id, n
+                )
+                accepted[replica.label].set()
                 n += 1
-                await asyncio.sleep(0.05)  # the load's pace, not a wait for anything
+                await asyncio.sleep(0.2)  # the load's pace, not a wait for anything
 
         loading = asyncio.create_task(load())
 
-        async def ten_more() -> None:
-            """Wait until the client has created ten more generations."""
-            than = len(made) + 10
+        async def creates(count: int, on: Replica | None = None) -> None:
+            """Wait until the client has created ``count`` more (the last one on ``on``)."""
+            than = len(made) + count
+            if on is not None:
+                accepted[on.label].clear()
 
             async def enough() -> bool:
                 if loading.done():
                     loading.result()  # raises what stopped it
-                return len(made) >= than
+                return len(made) >= than and (on is None or accepted[on.label].is_set())
 
-            await assert_eventually(enough, timeout=10)
+            await assert_eventually(enough, timeout=10, interval=0.005)
 
         steps = []
         try:
             clock = Timer()
             for replica in replicas:
-                await ten_more()
+                await creates(4, on=replica)
                 step = Timer()
                 assert await replica.terminate() == 0, replica.log()[-4000:]
                 stopped = step()
                 await replica.restart()
                 steps.append(f"{replica.label} stopped in {stopped:.1f} s, back in {step():.1f} s")
-            await ten_more()
+            await creates(4)
         finally:
             done.set()
             await loading
