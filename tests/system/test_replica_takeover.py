@@ -36,6 +36,7 @@ from sartiq_grpc.sartiq.generation.v1 import generation_service_pb2 as pb
 pytestmark = requires_postgres
 HEARTBEAT = 30.0  # the replicas' heartbeat (replica_rig): no watcher sees one in a test
 
+ENDED = {"COMPLETED", "PARTIALLY_COMPLETED", "FAILED", "CANCELLED"}
 # How a replica says, in its log, that it found another had claimed one of its generations.
 LOST_LEASE = re.compile(r"generation (\S+) is run by another replica now")
 
@@ -155,6 +156,7 @@ async def test_kill_owner_under_load(
         await victim.kill()
         claimed: dict[str, float] = {}
         claimers: dict[str, str | None] = {}
+        moved: set[str] = set()  # survivors' own generations claimed meanwhile (renewed: none)
 
         async def all_claimed() -> bool:
             rows = await db.generations()
@@ -164,6 +166,9 @@ async def test_kill_owner_under_load(
                 claimers[generation_id] = row.owner
                 if row.owner in survivor_names and row.fence > before[generation_id].fence:
                     claimed[generation_id] = now
+            moved.update(
+                i for i, row in rows.items() if i not in theirs and row.fence != before[i].fence
+            )
             return len(claimed) == len(theirs)
 
         try:
@@ -177,6 +182,7 @@ async def test_kill_owner_under_load(
             f"of the killed one claimed after {summary(takeover)}"
         )
         assert takeover[-1] <= LEASE + 2, f"takeover took {takeover[-1]:.2f} s"
+        assert not moved, f"survivors' generations changed hands: {moved}"
 
         await compute.release()
         await db.wait_statuses(set(created), {"COMPLETED"}, timeout=20)
@@ -404,16 +410,40 @@ async def test_rolling_restart_under_load(
 
             await assert_eventually(enough, timeout=10, interval=0.005)
 
+        async def handed_over(name: str, held: set[str]) -> float:
+            """Seconds until each of ``held`` is claimed by another replica (or has ended)."""
+            since = Timer()
+
+            async def claimed() -> bool:
+                rows = await db.generations()
+                return all(
+                    rows[i].owner not in (None, name) or rows[i].status in ENDED for i in held
+                )
+
+            await assert_eventually(claimed, timeout=LEASE * 2, interval=0.02)
+            return since()
+
         steps = []
+        handovers = []
         try:
             clock = Timer()
             for replica in replicas:
                 await creates(4, on=replica)
                 step = Timer()
+                held = {
+                    i for i, row in (await db.generations()).items() if row.owner == replica.name
+                }
                 assert await replica.terminate() == 0, replica.log()[-4000:]
                 stopped = step()
+                # Released at SIGTERM: the others claim them at once, not at the lease's end.
+                assert replica.name is not None
+                handovers.append(await handed_over(replica.name, held))
                 await replica.restart()
-                steps.append(f"{replica.label} stopped in {stopped:.1f} s, back in {step():.1f} s")
+                steps.append(
+                    f"{replica.label} stopped in {stopped:.1f} s (its {len(held)} live "
+                    f"generations claimed by others {handovers[-1]:.2f} s after its exit), "
+                    f"back in {step():.1f} s"
+                )
             await creates(4)
         finally:
             done.set()
@@ -423,6 +453,7 @@ async def test_rolling_restart_under_load(
             f"\nrolling restart of 3 replicas under load: {rolled:.1f} s, {len(made)} "
             f"generations; {'; '.join(steps)}"
         )
+        assert max(handovers) < LEASE / 2, "the generations of a stopped replica waited"
         created = set(made.values())
         assert len(created) == len(made), "two requests made one generation"
         await db.wait_statuses(created, {"COMPLETED"}, timeout=20)
