@@ -10,6 +10,7 @@ paused replicas are covered by the process tests (tests/system/test_replica_take
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -132,3 +133,30 @@ async def test_a_replica_that_shuts_down_hands_its_generations_over_at_once(
 
         await assert_eventually(completed)
         assert len(fake.submitted) == 3  # re-attached by their compute ids, not resubmitted
+
+
+async def test_a_submit_cut_short_by_a_shutdown_is_found_not_submitted_again(
+    tmp_path: Path, pg_url: str
+) -> None:
+    fake = FakeComputeBackend(hold=True)
+    fake.submit_gate = asyncio.Event()  # compute accepts the task; its answer never comes
+    async with _replica(_settings(tmp_path, pg_url, "b"), fake) as (b, _):
+        async with _replica(_settings(tmp_path, pg_url, "a"), fake) as (a, catalog):
+            generation_id = await create_generation(a, await create_product(catalog))
+            await wait_submitted(fake, 1)
+        # a shut down inside its submit: no compute id was recorded, and b took over.
+        (task,) = fake.tasks
+
+        async def attached() -> bool:
+            request = pb.GetGenerationRequest(generation_id=generation_id)
+            generation = (await b.GetGeneration(request)).generation
+            return generation.predictions[0].tasks[0].compute_task_id == task
+
+        await assert_eventually(attached, timeout=LEASE / 3)
+        fake.complete(task)
+
+        async def completed() -> bool:
+            return await _status(b, generation_id) == enums_pb2.GENERATION_STATUS_COMPLETED
+
+        await assert_eventually(completed)
+        assert len(fake.submit_calls) == 1  # b found it by its key instead
