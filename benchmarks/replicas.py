@@ -112,6 +112,9 @@ async def fleet(
         # service, not the admission bounds.
         SARTIQ_ORCHESTRATION__MAX_QUEUED_GENERATIONS="1000000",
         SARTIQ_ORCHESTRATION__MAX_LIVE_PER_ORGANIZATION="1000000",
+        # Every generation gets its workflow at once: a replica with none free would
+        # leave new ones to the deployment's line (measured by tests, not here).
+        SARTIQ_ORCHESTRATION__MAX_TASKS_IN_FLIGHT="100000",
         SARTIQ_LOG_LEVEL="WARNING",
     )
     env.update({f"SARTIQ_{k.upper()}": v for k, v in settings.items()})

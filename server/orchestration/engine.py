@@ -82,6 +82,9 @@ class Engine:
         self._wakeup = wakeup or asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
         self._lost_ids: set[str] = set()
+        # Whether the deployment's line was found empty by the last claim (until a
+        # replica announces a generation joined it).
+        self._line_empty = False
         if leases is not None:
             writer.on_lost = self._lost
 
@@ -138,7 +141,7 @@ class Engine:
         """Claim every unfinished generation this process may run, and resume it."""
         if self._leases is not None:
             # Those nobody holds, and those of a dead predecessor under this name.
-            await self._adopt(await self._leases.claim(predecessor=True))
+            await self._adopt(await self._leases.claim(room=self._room(), predecessor=True))
             self._keeper = asyncio.create_task(self._keep_leases(), name="leases")
             return
         claimed = await self._writer.claim_unfinished(now=utcnow(), take_over=self._take_over)
@@ -172,7 +175,7 @@ class Engine:
                 if time.monotonic() >= renew_at:
                     renew_at = time.monotonic() + interval
                     self._lost(await leases.renew())
-                await self._adopt(await leases.claim())
+                await self._claim()
                 for generation_id in await leases.cancel_requests():
                     live = self._live.get(generation_id)
                     if live is not None:
@@ -188,6 +191,40 @@ class Engine:
                 async with asyncio.timeout(max(wait, 0.02)):
                     await self._wakeup.wait()
             self._wakeup.clear()
+
+    def _room(self) -> int:
+        """How many more workflows could start here now."""
+        return max(self._max_running - len(self._tasks) - len(self._waiting), 0)
+
+    def has_room(self) -> bool:
+        """Whether a new generation would start at once (none waits, a workflow is free)."""
+        return self._room() > 0
+
+    async def _claim(self) -> None:
+        """Claim what dead replicas left, and from the deployment's line what fits here."""
+        assert self._leases is not None
+        room = self._room()
+        claims = await self._leases.claim(room=room)
+        self._line_empty = sum(claim.waited for claim in claims) < room
+        await self._adopt(claims)
+
+    async def join_line(self, generation_id: str) -> int:
+        """A generation was created for the deployment's line: wake the other replicas.
+
+        Returns its place in the line (1 = next; 0 if a replica took it already).
+        """
+        assert self._leases is not None
+        await self._leases.announce_waiting()
+        return await self._leases.queue_position(generation_id)
+
+    async def position(self, generation: Generation) -> int:
+        """The generation's place among those waiting to start, here or in the deployment."""
+        local = self.queue_position(generation.id)
+        if local or self._leases is None or generation.status is not GenerationStatus.PENDING:
+            return local
+        if generation.id in self._live:
+            return 0
+        return await self._leases.queue_position(generation.id)
 
     async def _cancel_quietly(self, live: LiveGeneration) -> None:
         """Cancel a generation whose cancel another replica recorded."""
@@ -244,7 +281,7 @@ class Engine:
         assert leases is not None
         if not await leases.request_cancel(organization, generation_id):
             return None  # it ended meanwhile
-        claims = await leases.claim(only=generation_id)
+        claims = await leases.claim(only=generation_id, room=1)
         await self._adopt(claims)
         live = self._live.get(generation_id)
         if live is None:
@@ -332,6 +369,8 @@ class Engine:
             self._retire(live)
             self._tasks.pop(live.id, None)
             self._start_waiting()
+            if self._leases is not None and not self._line_empty and not self._closed:
+                self._wakeup.set()  # room here: take the next from the deployment's line
 
     def _retire(self, live: LiveGeneration) -> None:
         """Stop counting the generation as run here (it ended, or is left to another)."""

@@ -113,8 +113,12 @@ class StopToken:
 class LiveGeneration:
     """One generation a workflow is driving in this process."""
 
-    def __init__(self, generation: Generation, writer: Writer, *, new: bool = False) -> None:
+    def __init__(
+        self, generation: Generation, writer: Writer, *, new: bool = False, held: bool = True
+    ) -> None:
         self.generation = generation
+        # False: committed for the deployment's line, held by no replica (never run here).
+        self._held = held
         # Loaded from the store (a restart, a takeover), not created by this process.
         self.resumed = not new
         self.recorder = Recorder(generation, new=new)
@@ -133,13 +137,16 @@ class LiveGeneration:
         if not self.recorder.pending:
             return
         changes = self.recorder.take()
-        ops = rows.changes_ops(
-            changes, owner=self._writer.owner, lease_expires_at=self._writer.lease_expiry()
-        )
+        owner = self._writer.owner if self._held else None
+        ops = rows.changes_ops(changes, owner=owner, lease_expires_at=self._writer.lease_expiry())
         # A create must fit the deployment's limits where the database counts them.
         admit = self.generation.organization if changes.new else None
         queued = self._writer.submit(
-            ops, changes.events, admit=admit, generation=self.id, new=changes.new
+            ops,
+            changes.events,
+            admit=admit,
+            generation=self.id if self._held else None,
+            new=changes.new,
         )
         self._unconfirmed.add(queued)
         queued.add_done_callback(self._settled)

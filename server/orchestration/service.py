@@ -193,8 +193,14 @@ class GenerationService:
         v.raise_if_any()
 
     async def _record(self, key: tuple[str, str], generation: Generation) -> Generation:
-        """Commit a new generation, then start its workflow; the PENDING snapshot."""
-        live = LiveGeneration(generation, self._engine.writer, new=True)
+        """Commit a new generation, then start its workflow; the PENDING snapshot.
+
+        Where replicas share the database and this one has no workflow free, the
+        generation is committed held by no replica: it joins the deployment's line, from
+        which replicas with room take generations, the organizations in turn.
+        """
+        shared_line = self._engine.shared and not self._engine.has_room()
+        live = LiveGeneration(generation, self._engine.writer, new=True, held=not shared_line)
         snapshot = live.recorder.created()
         try:
             await live.flush()
@@ -206,6 +212,9 @@ class GenerationService:
             if existing is None:
                 raise
             return existing
+        if shared_line:
+            position = await self._engine.join_line(generation.id)
+            return clone(snapshot, queue_position=position) if position else snapshot
         # Found without walking the line: a new generation waits at its end.
         position = self._engine.launch(live)
         if position:  # a new record: the snapshot's encoding was made already
@@ -255,7 +264,7 @@ class GenerationService:
             if row is None:
                 raise generation_not_found(generation_id)
             generation = mapping.generation(row)
-        generation.queue_position = self._engine.queue_position(generation_id)
+        generation.queue_position = await self._engine.position(generation)
         return generation
 
     async def list(self, org: str, flt: GenerationFilter, page_size: int, page_token: str) -> Page:

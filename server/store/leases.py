@@ -38,19 +38,49 @@ _NOW = "timezone('UTC', now())"
 _UNTIL = f"{_NOW} + make_interval(secs => :lease)"
 _EXPIRED = f"(owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < {_NOW})"
 
-# Oldest first; rows another replica is claiming right now are skipped, not waited for.
+# Two kinds of claim, one statement. Held generations whose holder's lease ran out (or,
+# at a start, held under this replica's name) are all taken. Generations nobody holds
+# wait in the deployment's line (created while their replica was full, or released at a
+# shutdown): as many are taken as this replica has room for, the organizations in turn
+# (each one's oldest first, then each one's second...). Rows another replica is claiming
+# right now are skipped, not waited for.
 _CLAIM = f"""
-WITH claimable AS (
-    SELECT id FROM generations
-    WHERE {_LIVE} AND ({_EXPIRED} OR (CAST(:predecessor AS BOOLEAN) AND owner = :name))
+WITH orphaned AS (
+    SELECT id, 'orphaned' AS kind FROM generations
+    WHERE {_LIVE} AND owner IS NOT NULL
+      AND (lease_expires_at IS NULL OR lease_expires_at < {_NOW}
+           OR (CAST(:predecessor AS BOOLEAN) AND owner = :name))
       AND (CAST(:only AS VARCHAR) IS NULL OR id = :only)
-    ORDER BY created_at, id
     FOR UPDATE SKIP LOCKED
+), line AS (
+    SELECT id, row_number() OVER (PARTITION BY organization ORDER BY created_at, id) AS turn
+    FROM generations
+    WHERE {_LIVE} AND owner IS NULL AND (CAST(:only AS VARCHAR) IS NULL OR id = :only)
+), waiting AS (
+    SELECT g.id, 'waiting' AS kind FROM generations AS g JOIN line ON line.id = g.id
+    ORDER BY line.turn, g.created_at, g.id
+    LIMIT :room
+    FOR UPDATE OF g SKIP LOCKED
+), claimable AS (
+    SELECT id, kind FROM orphaned UNION ALL SELECT id, kind FROM waiting
 )
 UPDATE generations AS g
 SET owner = :name, lease_expires_at = {_UNTIL}, fence = g.fence + 1
 FROM claimable WHERE g.id = claimable.id
-RETURNING g.id, g.fence, g.cancel_requested_at IS NOT NULL AS cancel, g.created_at
+RETURNING g.id, g.fence, g.cancel_requested_at IS NOT NULL AS cancel, g.created_at,
+    claimable.kind
+"""
+
+# Where a generation stands in the deployment's line (1 = next), in the claims' order.
+_POSITION = f"""
+WITH line AS (
+    SELECT id, created_at,
+        row_number() OVER (PARTITION BY organization ORDER BY created_at, id) AS turn
+    FROM generations WHERE {_LIVE} AND owner IS NULL
+), ranked AS (
+    SELECT id, row_number() OVER (ORDER BY turn, created_at, id) AS position FROM line
+)
+SELECT position FROM ranked WHERE id = :id
 """
 
 # The rows are locked in id order (as the writer locks them), then extended where the
@@ -109,6 +139,7 @@ class Claim:
 
     id: str
     cancel_requested: bool  # a cancel was recorded for it: carry it out
+    waited: bool = False  # it came from the deployment's line (not from a dead holder)
 
 
 class LeaseLost(Exception):  # noqa: N818 - the name says what happened
@@ -147,24 +178,43 @@ class Leases:
         """The fencing number this replica holds the generation with, if it does."""
         return self.fences.get(generation_id)
 
-    async def claim(self, *, predecessor: bool = False, only: str | None = None) -> list[Claim]:
-        """Claim live generations nobody holds (or whose lease ran out); oldest first.
+    async def claim(
+        self, *, room: int, predecessor: bool = False, only: str | None = None
+    ) -> list[Claim]:
+        """Claim what other replicas left; the generations claimed, oldest first.
 
-        ``predecessor``: also those held under this replica's name (a dead process that
-        ran under it). ``only``: just that generation, if it is claimable.
+        Every generation whose holder's lease ran out is claimed, and up to ``room`` from
+        the deployment's line, organizations in turn. ``predecessor``: also those held
+        under this replica's name (a dead process that ran under it). ``only``: just that
+        generation, if it is claimable.
         """
         params = {
             "name": self.name,
             "lease": self.lease_seconds,
             "predecessor": predecessor,
             "only": only,
+            "room": room,
         }
         async with self._engine.begin() as connection:
             rows = list((await connection.execute(text(_CLAIM), params)).all())
         rows.sort(key=lambda row: (row.created_at, row.id))
         for row in rows:
             self.fences[row.id] = int(row.fence)
-        return [Claim(row.id, bool(row.cancel)) for row in rows]
+        return [Claim(row.id, bool(row.cancel), row.kind == "waiting") for row in rows]
+
+    async def announce_waiting(self) -> None:
+        """Wake the other replicas: a generation joined the deployment's line."""
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": COMMANDS, "payload": "waiting"},
+            )
+
+    async def queue_position(self, generation_id: str) -> int:
+        """The generation's place in the deployment's line (1 = next); 0 if not in it."""
+        async with self._engine.connect() as connection:
+            position = (await connection.execute(text(_POSITION), {"id": generation_id})).scalar()
+        return int(position or 0)
 
     async def renew(self) -> set[str]:
         """Extend every lease this replica holds; the generations it turns out to have lost."""

@@ -245,7 +245,7 @@ def event_row(event: GenerationEvent) -> dict[str, Any]:
     }
 
 
-def changes_ops(changes: Changes, *, owner: str, lease_expires_at: datetime) -> list[Op]:
+def changes_ops(changes: Changes, *, owner: str | None, lease_expires_at: datetime) -> list[Op]:
     """Every row one generation's changes write."""
     generation = changes.generation
     ops: list[Op] = []

@@ -4,7 +4,9 @@ Two apps share a database and one compute fake that holds every task (as one com
 server would serve both), each with its own name. A cancel sent to the replica that does
 not run the generation is recorded for the owner, which carries it out; a replica that
 shuts down releases its generations and the other resumes them at once, far inside the
-lease, re-attaching their compute tasks instead of submitting them again. Killed and
+lease, re-attaching their compute tasks instead of submitting them again. A replica with no
+workflow free leaves a new generation to the deployment's line, where a replica with
+room takes it. Killed and
 paused replicas are covered by the process tests (tests/system/test_replica_takeover.py).
 """
 
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,6 +27,7 @@ from helpers import (
     assert_eventually,
     create_generation,
     create_product,
+    generate_request,
     wait_submitted,
 )
 from pg import fresh_database, requires_postgres
@@ -46,12 +50,14 @@ async def pg_url() -> AsyncIterator[str]:
         yield url
 
 
-def _settings(tmp_path: Path, url: str, name: str) -> Settings:
+def _settings(tmp_path: Path, url: str, name: str, **orchestration: Any) -> Settings:
     base = make_settings(tmp_path / name, replica_name=name)
     return base.model_copy(
         update={
             "database": DatabaseSettings(url=url),
-            "orchestration": OrchestrationSettings(progress_interval=0.0, lease_seconds=LEASE),
+            "orchestration": OrchestrationSettings(
+                progress_interval=0.0, lease_seconds=LEASE, **orchestration
+            ),
         }
     )
 
@@ -160,3 +166,39 @@ async def test_a_submit_cut_short_by_a_shutdown_is_found_not_submitted_again(
 
         await assert_eventually(completed)
         assert len(fake.submit_calls) == 1  # b found it by its key instead
+
+
+async def test_a_full_replica_leaves_new_generations_to_the_deployments_line(
+    tmp_path: Path, pg_url: str
+) -> None:
+    fake = FakeComputeBackend(hold=True)
+    # One compute slot and two workflows per replica (the second waits for the slot).
+    small = {"max_tasks_in_flight": 1}
+    async with (
+        _replica(_settings(tmp_path, pg_url, "a", **small), fake) as (a, catalog),
+        _replica(_settings(tmp_path, pg_url, "b", **small), fake) as (b, _),
+    ):
+        product = await create_product(catalog)
+        running = [await create_generation(a, product) for _ in range(2)]
+        await wait_submitted(fake, 1)
+        # a is full: the next goes to the line, and b, idle, takes it at once.
+        taken = await create_generation(a, product)
+        await wait_submitted(fake, 2)
+        owners = await _owners(pg_url)
+        assert [owners[g][0] for g in running] == ["a", "a"]
+        assert owners[taken] == ("b", 1)
+        # b's second workflow fills it: the next ones wait in the line, first, second.
+        await create_generation(b, product)
+        first = await a.CreateGenerateGeneration(generate_request(product))
+        second = await b.CreateGenerateGeneration(generate_request(product))
+        assert (first.generation.queue_position, second.generation.queue_position) == (1, 2)
+        request = pb.GetGenerationRequest(generation_id=second.generation.id)
+        assert (await a.GetGeneration(request)).generation.queue_position == 2
+        # A workflow of a ends: a takes the first in line.
+        fake.complete(next(iter(fake.tasks)))
+
+        async def moved_on() -> bool:
+            return (await _owners(pg_url))[first.generation.id][0] == "a"
+
+        await assert_eventually(moved_on)
+        assert (await a.GetGeneration(request)).generation.queue_position == 1

@@ -78,6 +78,11 @@ class Replica:
         row["owner"] = self.leases.name
         return self.writer.submit([Op(GENERATIONS, Mode.UPSERT, row)], [], generation=generation_id)
 
+    def queue(self, generation_id: str, organization: str) -> asyncio.Future[None]:
+        """Create a generation for the deployment's line (held by no replica)."""
+        row = generation(generation_id, organization, "PENDING")
+        return self.writer.submit([Op(GENERATIONS, Mode.UPSERT, row)], [], new=True)
+
     def create(self, generation_id: str) -> asyncio.Future[None]:
         row = generation(generation_id, "org", "PENDING")
         row["owner"] = self.leases.name
@@ -143,9 +148,9 @@ async def test_a_claimed_generation_is_fenced_against_its_old_owner(pg_url: str)
     async with replica(pg_url, "a") as a, replica(pg_url, "b") as b:
         await a.create("g1")
         await a.create("g2")
-        assert await b.leases.claim() == []  # held, and the lease runs
+        assert await b.leases.claim(room=100) == []  # held, and the lease runs
         await expire(pg_url, "g1")
-        claims = await b.leases.claim()
+        claims = await b.leases.claim(room=100)
         assert [c.id for c in claims] == ["g1"]
         assert (await stored(pg_url, "g1")).fence == 1
         # a, paused past its lease, wakes up and writes: nothing of g1 commits.
@@ -167,7 +172,7 @@ async def test_a_lost_write_does_not_take_the_rest_of_its_batch_with_it(pg_url: 
         for n in range(3):
             await a.create(f"g{n}")
         await expire(pg_url, "g1")
-        await b.leases.claim()
+        await b.leases.claim(room=100)
         # Queued together: one transaction, then again without the lost write.
         outcomes = await asyncio.gather(
             *(a.change(f"g{n}") for n in range(3)), return_exceptions=True
@@ -186,7 +191,7 @@ async def test_two_replicas_claiming_at_once_take_different_generations(pg_url: 
             await dead.create(f"g{n:02}")
     await expire(pg_url, *(f"g{n:02}" for n in range(40)))
     async with replica(pg_url, "a") as a, replica(pg_url, "b") as b:
-        first, second = await asyncio.gather(a.leases.claim(), b.leases.claim())
+        first, second = await asyncio.gather(a.leases.claim(room=100), b.leases.claim(room=100))
     taken = [c.id for c in first] + [c.id for c in second]
     assert sorted(taken) == [f"g{n:02}" for n in range(40)]  # each once, none left
     fences = {(await stored(pg_url, g)).fence for g in taken}
@@ -203,9 +208,9 @@ async def test_a_restarted_replica_claims_its_predecessors_generations_at_once(
     # The leases still run for 30 s: a replica under another name takes nothing, one
     # under the dead one's name takes what it held, and only that.
     async with replica(pg_url, "c") as c:
-        assert await c.leases.claim(predecessor=True) == []
+        assert await c.leases.claim(room=100, predecessor=True) == []
     async with replica(pg_url, "a") as again:
-        claims = await again.leases.claim(predecessor=True)
+        claims = await again.leases.claim(room=100, predecessor=True)
         assert [c.id for c in claims] == ["mine"]
         assert (await stored(pg_url, "mine")).fence == 1
         await again.change("mine")
@@ -216,7 +221,7 @@ async def test_renewal_extends_the_leases_held_and_reports_those_lost(pg_url: st
         await a.create("kept")
         await a.create("taken")
         await expire(pg_url, "kept", "taken")
-        await b.leases.claim(only="taken")
+        await b.leases.claim(only="taken", room=1)
         assert await a.leases.renew() == {"taken"}
         row = await stored(pg_url, "kept")
         assert row.owner == "a"
@@ -236,7 +241,7 @@ async def test_release_hands_the_generations_to_the_next_claim(pg_url: str) -> N
         await a.create("g1")
         await a.create("g2")
         assert await a.leases.release() == 2
-        claims = await b.leases.claim()
+        claims = await b.leases.claim(room=100)
         assert [c.id for c in claims] == ["g1", "g2"]
 
 
@@ -249,5 +254,24 @@ async def test_a_recorded_cancel_reaches_the_owner(pg_url: str) -> None:
         assert await a.leases.cancel_requests() == ["g1"]
         # Claimed by another later (a died), the request comes with the claim.
         await expire(pg_url, "g1")
-        claims = await b.leases.claim(only="g1")
+        claims = await b.leases.claim(only="g1", room=1)
         assert [(c.id, c.cancel_requested) for c in claims] == [("g1", True)]
+
+
+async def test_the_line_is_taken_organizations_in_turn_as_room_allows(pg_url: str) -> None:
+    async with replica(pg_url, "a") as a, replica(pg_url, "b") as b:
+        for n in range(3):
+            await a.queue(f"x{n}", "x")  # a flood, first
+        await a.queue("y0", "y")  # then one of another organization
+        assert [await b.leases.queue_position(g) for g in ("x0", "y0", "x1", "x2")] == [
+            1,
+            2,
+            3,
+            4,
+        ]
+        claims = await b.leases.claim(room=2)
+        assert [(c.id, c.waited) for c in claims] == [("x0", True), ("y0", True)]
+        assert await b.leases.queue_position("x1") == 1
+        assert await b.leases.queue_position("x0") == 0  # held now: not in the line
+        assert [c.id for c in await a.leases.claim(room=0)] == []  # no room, nothing taken
+        assert [c.id for c in await a.leases.claim(room=5)] == ["x1", "x2"]
