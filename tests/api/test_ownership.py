@@ -200,5 +200,6 @@ async def test_a_full_replica_leaves_new_generations_to_the_deployments_line(
         async def moved_on() -> bool:
             return (await _owners(pg_url))[first.generation.id][0] == "a"
 
-        await assert_eventually(moved_on)
+        # Woken by the workflow's end, not by its next round (every third of the lease).
+        await assert_eventually(moved_on, timeout=LEASE / 10)
         assert (await a.GetGeneration(request)).generation.queue_position == 1
