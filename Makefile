@@ -70,6 +70,7 @@ breaking: $(BUF)
 bench: install
 	$(BIN)/python -m benchmarks.harness
 	$(BIN)/python -m benchmarks.streams
+	$(BIN)/python -m benchmarks.replicas
 
 ## chaos: the long chaos run (kill -9 under load, killed first starts); SEED=n repeats one
 SEED ?= $(shell date +%s)

@@ -83,9 +83,9 @@ WITH line AS (
 SELECT position FROM ranked WHERE id = :id
 """
 
-# The rows are locked in id order (as the writer locks them), then extended where the
-# fencing number is still this replica's.
-_RENEW = f"""
+# The live generations this replica still holds (``:ids`` with their ``:fences``),
+# locked in id order as the writer locks them; renewed, or released.
+_HELD = f"""
 WITH held AS (
     SELECT g.id FROM generations AS g
     JOIN unnest(CAST(:ids AS VARCHAR[]), CAST(:fences AS BIGINT[])) AS t(id, fence)
@@ -94,27 +94,20 @@ WITH held AS (
     ORDER BY g.id
     FOR UPDATE OF g
 )
+"""
+_RENEW = f"""{_HELD}
 UPDATE generations AS g SET lease_expires_at = {_UNTIL}
+FROM held WHERE g.id = held.id
+RETURNING g.id
+"""
+_RELEASE = f"""{_HELD}
+UPDATE generations AS g SET owner = NULL, lease_expires_at = NULL
 FROM held WHERE g.id = held.id
 RETURNING g.id
 """
 
 # Checked first thing by every write transaction that changes generations it holds.
 FENCES = text("SELECT id, fence FROM generations WHERE id = ANY(:ids) ORDER BY id FOR UPDATE")
-
-_RELEASE = f"""
-WITH held AS (
-    SELECT g.id FROM generations AS g
-    JOIN unnest(CAST(:ids AS VARCHAR[]), CAST(:fences AS BIGINT[])) AS t(id, fence)
-      ON g.id = t.id AND g.fence = t.fence
-    WHERE g.{_LIVE}
-    ORDER BY g.id
-    FOR UPDATE OF g
-)
-UPDATE generations AS g SET owner = NULL, lease_expires_at = NULL
-FROM held WHERE g.id = held.id
-RETURNING g.id
-"""
 
 _REQUEST_CANCEL = f"""
 UPDATE generations SET cancel_requested_at = coalesce(cancel_requested_at, {_NOW})

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 from alembic import command
 from helpers import assert_eventually
-from pg import fresh_database, requires_postgres
+from pg import fresh_database, generation_row, requires_postgres
 from sqlalchemy import text
 
 from server.config import DatabaseSettings
@@ -36,33 +34,8 @@ async def pg_url() -> AsyncIterator[str]:
         yield url
 
 
-def generation(generation_id: str, organization: str, status: str) -> dict[str, Any]:
-    """A generation row as the writer stores it."""
-    now = datetime.now(UTC)
-    return {
-        "id": generation_id,
-        "organization": organization,
-        "type": "BASE",
-        "strategy": "GENERATE",
-        "status": status,
-        "request_id": None,
-        "fingerprint": "f",
-        "params": {},
-        "orchestration": {"type": "BASE"},
-        "error": None,
-        "created_at": now,
-        "started_at": None,
-        "finished_at": now if status in ENDED else None,
-        "deadline_at": None,
-        "event_seq": 0,
-        "refinement": None,
-        "owner": None,
-        "lease_expires_at": None,
-    }
-
-
 def upsert(generation_id: str, organization: str, status: str) -> list[Op]:
-    return [Op(GENERATIONS, Mode.UPSERT, generation(generation_id, organization, status))]
+    return [Op(GENERATIONS, Mode.UPSERT, generation_row(generation_id, organization, status))]
 
 
 async def counts(url: str) -> dict[str, int]:
@@ -179,7 +152,9 @@ async def test_0010_counts_the_generations_live_at_the_upgrade(pg_url: str) -> N
             await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0008"))
             for org, each in statuses.items():
                 for n, status in enumerate(each):
-                    await conn.execute(GENERATIONS.insert(), generation(f"{org}-{n}", org, status))
+                    await conn.execute(
+                        GENERATIONS.insert(), generation_row(f"{org}-{n}", org, status)
+                    )
     finally:
         await engine.dispose()
     await upgrade_to_head(settings)

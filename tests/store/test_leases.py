@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from pg import fresh_database, requires_postgres
+from pg import fresh_database, generation_row, requires_postgres
 from sqlalchemy import text
 
 from server.config import DatabaseSettings
@@ -27,34 +26,6 @@ from server.store.rows import GENERATIONS, Mode, Op
 from server.store.writer import Writer
 
 pytestmark = requires_postgres
-
-
-def generation(generation_id: str, organization: str, status: str) -> dict[str, Any]:
-    """A generation row as the writer stores it."""
-    now = datetime.now(UTC)
-    ended = status in ("COMPLETED", "FAILED", "CANCELLED")
-    return {
-        "id": generation_id,
-        "organization": organization,
-        "type": "BASE",
-        "strategy": "GENERATE",
-        "status": status,
-        "request_id": None,
-        "fingerprint": "f",
-        "params": {},
-        "orchestration": {"type": "BASE"},
-        "error": None,
-        "created_at": now,
-        "started_at": None,
-        "finished_at": now if ended else None,
-        "deadline_at": None,
-        "event_seq": 0,
-        "refinement": None,
-        "owner": None,
-        "lease_expires_at": None,
-        "fence": 0,
-        "cancel_requested_at": None,
-    }
 
 
 @pytest.fixture
@@ -74,17 +45,17 @@ class Replica:
         writer.on_lost = self.lost.append
 
     def change(self, generation_id: str, status: str = "PROCESSING") -> asyncio.Future[None]:
-        row = generation(generation_id, "org", status)
+        row = generation_row(generation_id, "org", status)
         row["owner"] = self.leases.name
         return self.writer.submit([Op(GENERATIONS, Mode.UPSERT, row)], [], generation=generation_id)
 
     def queue(self, generation_id: str, organization: str) -> asyncio.Future[None]:
         """Create a generation for the deployment's line (held by no replica)."""
-        row = generation(generation_id, organization, "PENDING")
+        row = generation_row(generation_id, organization, "PENDING")
         return self.writer.submit([Op(GENERATIONS, Mode.UPSERT, row)], [], new=True)
 
     def create(self, generation_id: str) -> asyncio.Future[None]:
-        row = generation(generation_id, "org", "PENDING")
+        row = generation_row(generation_id, "org", "PENDING")
         row["owner"] = self.leases.name
         return self.writer.submit(
             [Op(GENERATIONS, Mode.UPSERT, row)], [], generation=generation_id, new=True
