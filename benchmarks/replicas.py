@@ -2,6 +2,7 @@
 
     python -m benchmarks.replicas [--seconds 5] [--callers 100] [--workers 1,2]
                                   [--postgres postgresql+asyncpg://...] [--takeover 40]
+                                  [--slots 100000] [--lease 4]
 
 Each server is its own process tree (``python -m benchmarks.fleet``: a supervisor and its
 workers when there are several, on one port with SO_REUSEPORT). The harness reads the
@@ -95,7 +96,13 @@ class Fleet:
 
 @contextlib.asynccontextmanager
 async def fleet(
-    workdir: Path, database_url: str, *, workers: int, hold: bool, **settings: str
+    workdir: Path,
+    database_url: str,
+    *,
+    workers: int,
+    hold: bool,
+    slots: int = 100_000,
+    **settings: str,
 ) -> AsyncIterator[Fleet]:
     """Start ``workers`` replicas of the service on one port; SIGTERM them afterwards."""
     port_file = workdir / "port"
@@ -112,9 +119,9 @@ async def fleet(
         # service, not the admission bounds.
         SARTIQ_ORCHESTRATION__MAX_QUEUED_GENERATIONS="1000000",
         SARTIQ_ORCHESTRATION__MAX_LIVE_PER_ORGANIZATION="1000000",
-        # Every generation gets its workflow at once: a replica with none free would
-        # leave new ones to the deployment's line (measured by tests, not here).
-        SARTIQ_ORCHESTRATION__MAX_TASKS_IN_FLIGHT="100000",
+        # By default every generation gets its workflow at once (--slots to change it);
+        # a replica with none free leaves new ones to the deployment's line.
+        SARTIQ_ORCHESTRATION__MAX_TASKS_IN_FLIGHT=str(slots),
         SARTIQ_LOG_LEVEL="WARNING",
     )
     env.update({f"SARTIQ_{k.upper()}": v for k, v in settings.items()})
@@ -195,6 +202,7 @@ async def service_figure(
     database_url: str,
     *,
     workers: int,
+    slots: int,
     channels: int,
     callers: int,
     seconds: float,
@@ -204,7 +212,9 @@ async def service_figure(
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         async with (
-            fleet(workdir, database_url, workers=workers, hold=figure == "create") as running,
+            fleet(
+                workdir, database_url, workers=workers, hold=figure == "create", slots=slots
+            ) as running,
             contextlib.AsyncExitStack() as stack,
         ):
             clients = [
@@ -252,14 +262,26 @@ class Takeover:
 async def takeover_figure(database_url: str, *, generations: int, lease: float) -> Takeover:
     """Kill a replica holding ``generations``; time the survivor's claim and completion."""
     engine = create_engine(DatabaseSettings(url=database_url))
-    settings = {"orchestration__lease_seconds": str(lease)}
+    lease_s = str(lease)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "a").mkdir()
             (Path(tmp) / "b").mkdir()
             async with (
-                fleet(Path(tmp) / "b", database_url, workers=1, hold=False, **settings) as b,
-                fleet(Path(tmp) / "a", database_url, workers=1, hold=True, **settings) as a,
+                fleet(
+                    Path(tmp) / "b",
+                    database_url,
+                    workers=1,
+                    hold=False,
+                    orchestration__lease_seconds=lease_s,
+                ) as b,
+                fleet(
+                    Path(tmp) / "a",
+                    database_url,
+                    workers=1,
+                    hold=True,
+                    orchestration__lease_seconds=lease_s,
+                ) as a,
                 SartiqClient(a.target) as client,
                 SartiqClient(b.target) as survivor,
             ):
@@ -323,17 +345,18 @@ def report(rows: list[Measured], echo: Measured) -> None:
 async def run(args: argparse.Namespace) -> None:
     """Every figure the arguments ask for, then one table."""
     load = {"channels": args.channels, "callers": args.callers, "seconds": args.seconds}
+    slots = args.slots
     echo = await echo_figure(**load)
     rows: list[Measured] = []
     for figure in ("create", "end to end"):
         with tempfile.TemporaryDirectory() as tmp:
             url = f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"
-            rows.append(await service_figure(figure, url, workers=1, **load))
+            rows.append(await service_figure(figure, url, workers=1, slots=slots, **load))
         if not args.postgres:
             continue
         for workers in args.workers:
             async with fresh_database(args.postgres, prefix="sartiq_bench") as url:
-                rows.append(await service_figure(figure, url, workers=workers, **load))
+                rows.append(await service_figure(figure, url, workers=workers, slots=slots, **load))
     report(rows, echo)
     if not args.postgres:
         print("PostgreSQL figures skipped: no --postgres URL (or SARTIQ_BENCH_POSTGRES_URL)")
@@ -359,6 +382,13 @@ def main() -> None:
         "--postgres",
         default=os.environ.get("SARTIQ_BENCH_POSTGRES_URL")
         or os.environ.get("SARTIQ_TEST_POSTGRES_URL", ""),
+    )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=100_000,
+        help="SARTIQ_ORCHESTRATION__MAX_TASKS_IN_FLIGHT of the servers (8: the default, "
+        "where creates past 16 running wait, on PostgreSQL in the deployment's line)",
     )
     parser.add_argument("--takeover", type=int, default=40, help="generations (0: skip)")
     parser.add_argument("--lease", type=float, default=4.0, help="lease seconds (takeover)")

@@ -55,7 +55,7 @@ from server.store.db import (
     sqlite_path,
 )
 from server.store.events import EventBus
-from server.store.leases import Leases
+from server.store.leases import Leases, Wakeups
 from server.store.listener import EventListener, asyncpg_connector
 from server.store.live_counts import LiveLimits
 from server.store.lock import DatabaseLock
@@ -230,7 +230,7 @@ class App:
         self._writer: Writer | None = None
         self._listener: EventListener | None = None
         self._leases: Leases | None = None
-        self._commands = asyncio.Event()  # another replica released or recorded a cancel
+        self._commands = Wakeups()  # what other replicas' notifications ask of the engine
         self._compute: ComputeBackend | None = None
         self._storage: ArtifactStorage | None = None  # built here, so closed here
         self._engine: Engine | None = None

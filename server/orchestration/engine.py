@@ -32,7 +32,7 @@ from server.orchestration.closing import close
 from server.orchestration.live import LiveGeneration, Stop, Stopped
 from server.orchestration.workflows import WorkflowRegistry
 from server.store import mapping, repository
-from server.store.leases import Claim, LeaseLost, Leases
+from server.store.leases import Claim, LeaseLost, Leases, Wakeups
 from server.store.sessions import Store
 from server.store.writer import Writer
 
@@ -53,7 +53,7 @@ class Engine:
         take_over_live_leases: bool,
         release_retry: RetryPolicy | None = None,
         leases: Leases | None = None,
-        wakeup: asyncio.Event | None = None,
+        wakeup: Wakeups | None = None,
     ) -> None:
         self._store = store
         self._writer = writer
@@ -79,7 +79,7 @@ class Engine:
         # Shared database: this replica's claims, and what wakes their keeper early (a
         # replica released its generations, or recorded a cancel for one of ours).
         self._leases = leases
-        self._wakeup = wakeup or asyncio.Event()
+        self._wakeup = wakeup or Wakeups()
         self._keeper: asyncio.Task[None] | None = None
         self._lost_ids: set[str] = set()
         # Whether the deployment's line was found empty by the last claim (until a
@@ -169,28 +169,33 @@ class Engine:
         assert leases is not None
         interval = leases.lease_seconds / 3
         renew_at = time.monotonic() + interval
+        expiry_at = renew_at
+        kinds: set[str] = set()  # none: a round of its own, everything is looked at
         while True:
-            wait = interval
             try:
                 if time.monotonic() >= renew_at:
                     renew_at = time.monotonic() + interval
                     self._lost(await leases.renew())
-                await self._claim()
-                for generation_id in await leases.cancel_requests():
-                    live = self._live.get(generation_id)
-                    if live is not None:
-                        await self._cancel_quietly(live)
-                # Wake at the next renewal, or when another replica's lease runs out.
-                wait = renew_at - time.monotonic()
-                expiry = await leases.next_expiry()
-                if expiry is not None:
-                    wait = min(wait, max(expiry, 0.2) + 0.02)
+                # The line alone (a generation joined it, a workflow ended here) asks
+                # for a claim, and only when there is room for one.
+                whole = not kinds <= {Wakeups.WAITING, Wakeups.ROOM}
+                if whole or self._room():
+                    await self._claim()
+                if whole:
+                    for generation_id in await leases.cancel_requests():
+                        live = self._live.get(generation_id)
+                        if live is not None:
+                            await self._cancel_quietly(live)
+                    # Look again when the first lease of another replica runs out.
+                    expiry = await leases.next_expiry()
+                    expiry_at = time.monotonic() + (interval if expiry is None else expiry)
             except Exception as exc:
                 log.warning("keeping the leases failed (%s); trying again", type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(wait, 0.02)):
-                    await self._wakeup.wait()
-            self._wakeup.clear()
+                expiry_at = time.monotonic() + interval
+            wait = min(renew_at, max(expiry_at, time.monotonic() + 0.2) + 0.02) - time.monotonic()
+            kinds = await self._wakeup.wait(max(wait, 0.02))
+            if Wakeups.WAITING in kinds:
+                self._line_empty = False  # a workflow's end here takes from it then
 
     def _room(self) -> int:
         """How many more workflows could start here now."""
@@ -214,8 +219,7 @@ class Engine:
         Returns its place in the line (1 = next; 0 if a replica took it already).
         """
         assert self._leases is not None
-        await self._leases.announce_waiting()
-        return await self._leases.queue_position(generation_id)
+        return await self._leases.join_line(generation_id)
 
     async def position(self, generation: Generation) -> int:
         """The generation's place among those waiting to start, here or in the deployment."""
@@ -370,7 +374,7 @@ class Engine:
             self._tasks.pop(live.id, None)
             self._start_waiting()
             if self._leases is not None and not self._line_empty and not self._closed:
-                self._wakeup.set()  # room here: take the next from the deployment's line
+                self._wakeup.notify(Wakeups.ROOM)  # take the next from the deployment's line
 
     def _retire(self, live: LiveGeneration) -> None:
         """Stop counting the generation as run here (it ended, or is left to another)."""

@@ -21,19 +21,25 @@ every renewal.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from server.domain.enums import GenerationStatus
 from server.domain.states import GENERATION_TERMINAL
 
 log = logging.getLogger(__name__)
 
 COMMANDS = "sartiq_commands"
 
-_LIVE = "status NOT IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(GENERATION_TERMINAL)))
+# Live statuses spelled out (not "NOT IN terminal"), so the status index finds the rows.
+_LIVE = "status IN ({})".format(
+    ", ".join(f"'{s.value}'" for s in sorted(set(GenerationStatus) - GENERATION_TERMINAL))
+)
 _NOW = "timezone('UTC', now())"
 _UNTIL = f"{_NOW} + make_interval(secs => :lease)"
 _EXPIRED = f"(owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < {_NOW})"
@@ -82,6 +88,8 @@ WITH line AS (
 )
 SELECT position FROM ranked WHERE id = :id
 """
+# Announced to the other replicas, with its place in the line: one round trip.
+_JOIN = f"SELECT pg_notify(:channel, :payload), ({_POSITION}) AS position"
 
 # The live generations this replica still holds (``:ids`` with their ``:fences``),
 # locked in id order as the writer locks them; renewed, or released.
@@ -124,6 +132,41 @@ _NEXT_EXPIRY = f"""
 SELECT EXTRACT(EPOCH FROM min(lease_expires_at) - {_NOW})
 FROM generations WHERE {_LIVE} AND owner IS DISTINCT FROM :name
 """
+
+
+class Wakeups:
+    """Why the engine's lease keeper should look again before its next round.
+
+    Kinds: ``WAITING`` (a generation joined the deployment's line), ``ROOM`` (a workflow
+    here ended), ``CANCEL`` and ``RELEASED`` (sent by other replicas), ``ANY`` (hints may
+    have been missed, as after the listening connection was re-established).
+    """
+
+    WAITING, ROOM, CANCEL, RELEASED, ANY = "waiting", "room", "cancel", "released", "any"
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._kinds: set[str] = set()
+
+    def notify(self, kind: str) -> None:
+        """Wake the keeper (an unknown kind counts as ``ANY``)."""
+        self._kinds.add(kind if kind in _KINDS else self.ANY)
+        self._event.set()
+
+    async def wait(self, within: float) -> set[str]:
+        """The kinds notified since the last call, once there is one or ``within`` s passed.
+
+        An empty set: the time ran out (the keeper's own round).
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._event.wait()
+        self._event.clear()
+        kinds, self._kinds = self._kinds, set()
+        return kinds
+
+
+_KINDS = frozenset({Wakeups.WAITING, Wakeups.ROOM, Wakeups.CANCEL, Wakeups.RELEASED, Wakeups.ANY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,13 +238,15 @@ class Leases:
             self.fences[row.id] = int(row.fence)
         return [Claim(row.id, bool(row.cancel), row.kind == "waiting") for row in rows]
 
-    async def announce_waiting(self) -> None:
-        """Wake the other replicas: a generation joined the deployment's line."""
+    async def join_line(self, generation_id: str) -> int:
+        """Wake the other replicas: the generation joined the deployment's line.
+
+        Returns its place in the line (1 = next; 0 if a replica took it already).
+        """
+        params = {"channel": COMMANDS, "payload": Wakeups.WAITING, "id": generation_id}
         async with self._engine.begin() as connection:
-            await connection.execute(
-                text("SELECT pg_notify(:channel, :payload)"),
-                {"channel": COMMANDS, "payload": "waiting"},
-            )
+            position = (await connection.execute(text(_JOIN), params)).one().position
+        return int(position or 0)
 
     async def queue_position(self, generation_id: str) -> int:
         """The generation's place in the deployment's line (1 = next); 0 if not in it."""
@@ -255,7 +300,7 @@ class Leases:
                 released = len(result.all())
                 await connection.execute(
                     text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": COMMANDS, "payload": "released"},
+                    {"channel": COMMANDS, "payload": Wakeups.RELEASED},
                 )
         except Exception as exc:
             log.warning("releasing the leases failed (%s); they expire instead", type(exc).__name__)
@@ -274,7 +319,7 @@ class Leases:
             if recorded is not None:
                 await connection.execute(
                     text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": COMMANDS, "payload": "cancel"},
+                    {"channel": COMMANDS, "payload": Wakeups.CANCEL},
                 )
         return recorded is not None
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from server.domain.errors import StartupError
 from server.store import hints
 from server.store.events import EventBus
-from server.store.leases import COMMANDS
+from server.store.leases import COMMANDS, Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ class EventListener:
         origin: this replica's name in the hints it sends itself, which it ignores.
         probe_interval: seconds between liveness probes; also how long a probe, or a
             connection attempt, may take, and the longest wait between attempts.
-        commands: set on every notification on ``leases.COMMANDS`` (a replica released
-            its generations, or recorded a cancel), and on every (re)connection.
+        commands: told of every notification on ``leases.COMMANDS`` (a replica released
+            its generations, recorded a cancel, or left one to the deployment's line), and
+            of every (re)connection (``ANY``: notifications may have been missed).
     """
 
     def __init__(
@@ -82,7 +83,7 @@ class EventListener:
         *,
         origin: str,
         probe_interval: float,
-        commands: asyncio.Event | None = None,
+        commands: Wakeups | None = None,
     ) -> None:
         self._connect = connect
         self._bus = bus
@@ -148,7 +149,7 @@ class EventListener:
         await connection.add_listener(hints.CHANNEL, self._notified)
         if self._commands is not None:
             await connection.add_listener(COMMANDS, self._commanded)
-            self._commands.set()
+            self._commands.notify(Wakeups.ANY)
         log.info("listening for other replicas' events")
         self._bus.wake(None)
 
@@ -168,9 +169,9 @@ class EventListener:
         elif hint.origin != self._origin:  # this replica published its own already
             self._bus.wake(hint.organizations)
 
-    def _commanded(self, _connection: Any, _pid: int, _channel: str, _payload: str) -> None:
+    def _commanded(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
         if self._commands is not None:
-            self._commands.set()  # a wake-up only: the engine reads what to do
+            self._commands.notify(payload)  # a wake-up only: the engine reads what to do
 
     async def _close(self) -> None:
         connection, self._connection = self._connection, None
