@@ -24,6 +24,12 @@ skips one still in flight (DESIGN §13). The organizations of a batch are locked
 order, first thing in the transaction, so two batches cannot deadlock on them. The same
 statement sends the NOTIFY (delivered at commit, see ``server.store.hints``) that wakes
 the other replicas' watchers.
+
+Where replicas share the database, a write names the live generation it changes, and the
+transaction locks those generations (after the cursor rows, before the live counts: one
+lock order everywhere) and checks their fencing numbers against the ones this replica
+holds them with (``leases``): the writes of a generation another replica has claimed
+since fail with LeaseLost and nothing of them is written; the rest of the batch commits.
 """
 
 from __future__ import annotations
