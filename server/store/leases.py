@@ -17,6 +17,11 @@ says so on ``COMMANDS``; the other replicas claim at once. A cancel that reaches
 which does not run the generation is recorded on the generation for its owner (and sent
 on ``COMMANDS`` as a wake-up): the owner checks the record whenever it is woken and at
 every renewal.
+
+Generations nobody holds form the deployment's line: a replica with no workflow free
+creates new generations into it, and a replica that shuts down releases its own to it.
+Replicas with room take from it, the organizations in turn, woken by a notification on
+``COMMANDS`` or by one of their own workflows ending.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ _LIVE = "status IN ({})".format(
 )
 _NOW = "timezone('UTC', now())"
 _UNTIL = f"{_NOW} + make_interval(secs => :lease)"
-_EXPIRED = f"(owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < {_NOW})"
 
 # Two kinds of claim, one statement. Held generations whose holder's lease ran out (or,
 # at a start, held under this replica's name) are all taken. Generations nobody holds
