@@ -418,7 +418,6 @@ class App:
                 GenerationType.AGENTIC: AgenticWorkflow(runner, evaluators, files),
             }
         )
-        # One process per SQLite file: any other holder of a lease is our dead predecessor.
         return Engine(
             store,
             writer,
@@ -426,7 +425,6 @@ class App:
             workflows,
             # Enough workflows to keep every compute slot busy; the rest wait as data.
             max_running=2 * s.orchestration.max_tasks_in_flight,
-            take_over_live_leases=is_sqlite(s.database.url),
             release_retry=release_policy(retry),
             leases=self._leases,
             wakeup=self._commands,

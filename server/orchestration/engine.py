@@ -50,7 +50,6 @@ class Engine:
         workflows: WorkflowRegistry,
         *,
         max_running: int,
-        take_over_live_leases: bool,
         release_retry: RetryPolicy | None = None,
         leases: Leases | None = None,
         wakeup: Wakeups | None = None,
@@ -60,7 +59,6 @@ class Engine:
         self._compute = compute
         self._workflows = workflows
         self._max_running = max_running
-        self._take_over = take_over_live_leases
         self._release_retry = release_retry
         self._live: dict[str, LiveGeneration] = {}
         self._live_by_org: Counter[str] = Counter()
@@ -144,7 +142,7 @@ class Engine:
             await self._adopt(await self._leases.claim(room=self._room(), predecessor=True))
             self._keeper = asyncio.create_task(self._keep_leases(), name="leases")
             return
-        claimed = await self._writer.claim_unfinished(now=utcnow(), take_over=self._take_over)
+        claimed = await self._writer.claim_unfinished()  # one process owns the database
         await self._adopt([Claim(generation_id, False) for generation_id in claimed])
 
     async def _adopt(self, claims: list[Claim]) -> None:

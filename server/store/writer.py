@@ -48,17 +48,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    ColumnElement,
     Connection,
     Table,
-    and_,
     bindparam,
     func,
     literal_column,
-    or_,
-    select,
     text,
-    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
@@ -219,13 +214,13 @@ class _Backend:
         raise NotImplementedError
 
     async def renew(self, owner: str, expiry: datetime) -> None:
-        """Extend the leases of every generation ``owner`` holds."""
-        raise NotImplementedError
+        """Extend the leases of every generation ``owner`` holds (replicas: ``Leases``)."""
 
-    async def claim(
-        self, owner: str, expiry: datetime, now: datetime, *, take_over: bool
-    ) -> list[str]:
-        """Make ``owner`` the runner of unfinished generations; their ids, oldest first."""
+    async def claim(self, owner: str, expiry: datetime) -> list[str]:
+        """Make ``owner`` the runner of every unfinished generation; their ids, oldest first.
+
+        Only where one process owns the database; replicas claim through ``Leases``.
+        """
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -271,24 +266,18 @@ class _SqliteBackend(_Backend):
             (sqlite_batch.to_sqlite_datetime(expiry), owner),
         )
 
-    async def claim(
-        self, owner: str, expiry: datetime, now: datetime, *, take_over: bool
-    ) -> list[str]:
+    async def claim(self, owner: str, expiry: datetime) -> list[str]:
         terminal = ", ".join(f"'{s.value}'" for s in GENERATION_TERMINAL)
         where = f"status NOT IN ({terminal})"
-        params: tuple[Any, ...] = ()
-        if not take_over:
-            where += " AND (owner IS NULL OR lease_expires_at < ?)"
-            params = (sqlite_batch.to_sqlite_datetime(now),)
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")
         try:
             rows = connection.query(
-                f"SELECT id FROM generations WHERE {where} ORDER BY created_at, id", params
+                f"SELECT id FROM generations WHERE {where} ORDER BY created_at, id", ()
             )
             connection.execute(
                 f"UPDATE generations SET owner = ?, lease_expires_at = ? WHERE {where}",
-                (owner, sqlite_batch.to_sqlite_datetime(expiry), *params),
+                (owner, sqlite_batch.to_sqlite_datetime(expiry)),
             )
         except BaseException:
             connection.execute("ROLLBACK")
@@ -376,37 +365,6 @@ class _AsyncBackend(_Backend):
             following[row["organization"]] += 1
             row["cursor"] = following[row["organization"]]
         return taken
-
-    async def renew(self, owner: str, expiry: datetime) -> None:
-        # Replicas renew through ``Leases``, on the database's clock.
-        return
-
-    async def claim(
-        self, owner: str, expiry: datetime, now: datetime, *, take_over: bool
-    ) -> list[str]:
-        terminal = [s.value for s in GENERATION_TERMINAL]
-        condition: ColumnElement[bool] = GENERATIONS.c.status.not_in(terminal)
-        if not take_over:
-            condition = and_(
-                condition,
-                or_(GENERATIONS.c.owner.is_(None), GENERATIONS.c.lease_expires_at < now),
-            )
-        # Rows another replica is claiming right now are skipped, not waited for.
-        candidates = (
-            select(GENERATIONS.c.id, GENERATIONS.c.created_at)
-            .where(condition)
-            .with_for_update(skip_locked=True)
-        )
-        async with self._engine.begin() as connection:
-            rows = (await connection.execute(candidates)).all()
-            ids = [row.id for row in sorted(rows, key=lambda r: (r.created_at, r.id))]
-            if ids:
-                await connection.execute(
-                    update(GENERATIONS)
-                    .where(GENERATIONS.c.id.in_(ids))
-                    .values(owner=owner, lease_expires_at=expiry)
-                )
-        return ids
 
 
 async def _check_fences(connection: AsyncConnection, fences: dict[str, int]) -> None:
@@ -700,14 +658,13 @@ class Writer:
             if not write.done.done():
                 write.done.set_result(None)
 
-    async def claim_unfinished(self, *, now: datetime, take_over: bool) -> list[str]:
-        """Claim unfinished generations for this process; their ids, oldest first.
+    async def claim_unfinished(self) -> list[str]:
+        """Claim every unfinished generation for this process; their ids, oldest first.
 
-        Generations nobody holds, or whose holder's lease ran out, are claimed; with
-        ``take_over`` (one process per database, as with SQLite) every one is, since any
-        other holder is this process's dead predecessor.
+        Only where one process owns the database (SQLite: any other holder is this
+        process's dead predecessor); replicas claim through ``Leases``.
         """
-        return await self._backend.claim(self.owner, self.lease_expiry(), now, take_over=take_over)
+        return await self._backend.claim(self.owner, self.lease_expiry())
 
     async def _renew_leases(self) -> None:
         try:
