@@ -35,6 +35,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,26 +263,23 @@ class Takeover:
 async def takeover_figure(database_url: str, *, generations: int, lease: float) -> Takeover:
     """Kill a replica holding ``generations``; time the survivor's claim and completion."""
     engine = create_engine(DatabaseSettings(url=database_url))
-    lease_s = str(lease)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "a").mkdir()
             (Path(tmp) / "b").mkdir()
+
+            def replica(name: str, *, hold: bool) -> AbstractAsyncContextManager[Fleet]:
+                return fleet(
+                    Path(tmp) / name,
+                    database_url,
+                    workers=1,
+                    hold=hold,
+                    orchestration__lease_seconds=str(lease),
+                )
+
             async with (
-                fleet(
-                    Path(tmp) / "b",
-                    database_url,
-                    workers=1,
-                    hold=False,
-                    orchestration__lease_seconds=lease_s,
-                ) as b,
-                fleet(
-                    Path(tmp) / "a",
-                    database_url,
-                    workers=1,
-                    hold=True,
-                    orchestration__lease_seconds=lease_s,
-                ) as a,
+                replica("b", hold=False) as b,
+                replica("a", hold=True) as a,
                 SartiqClient(a.target) as client,
                 SartiqClient(b.target) as survivor,
             ):

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from server.domain.errors import ResourceExhaustedError
 from server.domain.model import Generation
-from server.domain.recorder import Recorder
+from server.domain.recorder import Changes, Recorder
 from server.store import rows
 from server.store.leases import LeaseLost
 from server.store.writer import Writer
@@ -136,20 +136,23 @@ class LiveGeneration:
         """Queue what was recorded without waiting for it to be durable."""
         if not self.recorder.pending:
             return
-        changes = self.recorder.take()
+        queued = self._queue(self.recorder.take())
+        self._unconfirmed.add(queued)
+        queued.add_done_callback(self._settled)
+
+    def _queue(self, changes: Changes) -> asyncio.Future[None]:
+        """Hand ``changes`` to the writer; the future of their commit."""
         owner = self._writer.owner if self._held else None
         ops = rows.changes_ops(changes, owner=owner, lease_expires_at=self._writer.lease_expiry())
         # A create must fit the deployment's limits where the database counts them.
         admit = self.generation.organization if changes.new else None
-        queued = self._writer.submit(
+        return self._writer.submit(
             ops,
             changes.events,
             admit=admit,
             generation=self.id if self._held else None,
             new=changes.new,
         )
-        self._unconfirmed.add(queued)
-        queued.add_done_callback(self._settled)
 
     async def flush(self) -> None:
         """Queue what was recorded and wait until it, and everything queued before, is durable.
@@ -181,12 +184,7 @@ class LiveGeneration:
         for attempt in range(tries):
             queued: asyncio.Future[None] | None = None
             if changes is not None:
-                ops = rows.changes_ops(
-                    changes, owner=self._writer.owner, lease_expires_at=self._writer.lease_expiry()
-                )
-                queued = self._writer.submit(
-                    ops, changes.events, generation=self.id, new=changes.new
-                )
+                queued = self._queue(changes)
                 # Waited for by every flush (a cancel answers after it), but its failure
                 # is handled here rather than kept for the next flush.
                 self._unconfirmed.add(queued)
