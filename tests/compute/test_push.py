@@ -82,6 +82,20 @@ async def test_a_task_is_followed_on_its_events_stream_without_polling(
         await _streams_closed(r)
 
 
+async def test_progress_is_pushed_as_it_happens(tmp_path: Path, compute: ComputeProcess) -> None:
+    """A long task's progress reaches the service while it runs, with no status poll."""
+    async with rig(tmp_path, compute, timeout=TIMEOUT) as r:
+        generation_id = await r.video(seconds=20, fps=30)
+        await assert_eventually(lambda: r.running(generation_id), timeout=30)
+        task = (await r.client.get(generation_id)).predictions[0].tasks[0]
+        assert (await r.remote_task(task.compute_task_id)).status == "running"
+        assert _requests(r, "events", task.compute_task_id) == 1
+        assert _requests(r, "status", task.compute_task_id) == 0
+        await r.client.cancel(generation_id)
+        await r.nothing_left_running()
+        await _streams_closed(r)
+
+
 async def test_with_push_off_the_service_polls_only(
     tmp_path: Path, compute: ComputeProcess
 ) -> None:
