@@ -12,7 +12,7 @@ NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,postgres,s3]'
+	$(BIN)/python -m pip install -q -e '.[dev,postgres,s3,fleet]'
 	touch $(STAMP)
 
 install: $(STAMP)
