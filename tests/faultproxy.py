@@ -171,9 +171,13 @@ def chaos_faults(call: str, rng: random.Random) -> Fault:
 
 @dataclass
 class FaultProxy:
-    """Listens on 127.0.0.1 and forwards to ``upstream_port``."""
+    """Listens on 127.0.0.1 and forwards to ``upstream_port`` (and ``also``, round robin).
+
+    With ``also``, each request goes to the next server: a load balancer in front of them.
+    """
 
     upstream_port: int
+    also: tuple[int, ...] = ()
     faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
@@ -184,6 +188,7 @@ class FaultProxy:
     _chaos_rate: float = 0.0
     _chaos: dict[str, random.Random] = field(default_factory=dict)
     _seed: int = 0
+    _forwarded: int = 0
 
     async def start(self) -> int:
         """Listen (on the port used before, if any); returns the port."""
@@ -318,7 +323,10 @@ class FaultProxy:
         return answer
 
     async def _forward(self, raw: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        upstreams = (self.upstream_port, *self.also)
+        self._forwarded += 1
+        upstream = upstreams[self._forwarded % len(upstreams)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", upstream)
         try:
             writer.write(_with_close(raw))
             await writer.drain()

@@ -10,13 +10,16 @@ processors, each run noted in ``runs.log``, and ``hold...`` tags held until rele
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +41,10 @@ LEASE_S = "2"
 REDELIVER_AFTER_S = "3"
 
 
-def fleet_settings(directory: Path, namespace: str) -> dict[str, str]:
-    """``SARTIQ_COMPUTE_SERVER__*`` of a test fleet (shared by its API servers and workers)."""
-    return {
+def _fleet_env(directory: Path, namespace: str) -> dict[str, str]:
+    """The environment of a test fleet's processes (API servers and workers alike)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SARTIQ_")}
+    settings = {
         "BROKER_URL": REDIS_URL,
         "STORAGE__URL": f"file://{directory / 'storage'}",
         "NAMESPACE": namespace,
@@ -50,6 +54,11 @@ def fleet_settings(directory: Path, namespace: str) -> dict[str, str]:
         "PROCESSORS": "fleet_processors:registry",
         "LOG_LEVEL": "INFO",
     }
+    env.update({f"SARTIQ_COMPUTE_SERVER__{k}": v for k, v in settings.items()})
+    env["SARTIQ_TEST_FLEET_DIR"] = str(directory)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
+    env["PYTHONFAULTHANDLER"] = "1"
+    return env
 
 
 class WorkerProcess:
@@ -242,14 +251,7 @@ class Fleet:
 async def fleet(directory: Path, *, apis: int = 2) -> AsyncIterator[Fleet]:
     """``apis`` API servers of a new namespace in ``directory``; workers: ``add_worker``."""
     namespace = f"test:{uuid.uuid4().hex[:12]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SARTIQ_")}
-    env.update(
-        {f"SARTIQ_COMPUTE_SERVER__{k}": v for k, v in fleet_settings(directory, namespace).items()}
-    )
-    env["SARTIQ_TEST_FLEET_DIR"] = str(directory)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
-    env["PYTHONFAULTHANDLER"] = "1"
-    running = Fleet(directory, namespace, env)
+    running = Fleet(directory, namespace, _fleet_env(directory, namespace))
     try:
         for _ in range(apis):
             await running.add_api()
@@ -271,3 +273,71 @@ async def _forget(namespace: str) -> None:
                 await client.delete(key)
     finally:
         await client.aclose()
+
+
+@contextmanager
+def fleet_processes(directory: Path, *, apis: int = 2, workers: int = 2) -> Iterator[list[int]]:
+    """A fleet for a whole test module (blocking): yields its API servers' ports.
+
+    Each worker runs one pool process; the fleet's keys are deleted afterwards.
+    """
+    namespace = f"test:{uuid.uuid4().hex[:12]}"
+    env = _fleet_env(directory, namespace)
+    with ExitStack() as stack:
+        ports = []
+        for index in range(apis):
+            api = ServerProcess(
+                [sys.executable, "-m", "server.compute.server"],
+                dict(
+                    env,
+                    SARTIQ_COMPUTE_SERVER__PORT="0",
+                    SARTIQ_COMPUTE_SERVER__PORT_FILE=str(directory / f"api{index}.port"),
+                ),
+                directory,
+                port_variable="SARTIQ_COMPUTE_SERVER__PORT_FILE",
+                log_name=f"api{index}.log",
+            )
+            ports.append(stack.enter_context(api.running()))
+        stack.callback(_forget_now, namespace)
+        for index in range(workers):
+            stack.enter_context(_worker_running(directory, env, f"worker{index}"))
+        _wait_workers(ports[0], workers)
+        yield ports
+
+
+@contextmanager
+def _worker_running(directory: Path, env: dict[str, str], name: str) -> Iterator[None]:
+    with (directory / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server.compute.fleet.worker", f"--name={name}@test"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _wait_workers(port: int, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = parse(HealthAnswer, httpx.get(f"http://127.0.0.1:{port}/health").content)
+        if answer.capacity.workers >= count:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} workers did not start within {timeout} s")
+        time.sleep(0.1)  # polling the fleet's health, not waiting on a guess
+
+
+def _forget_now(namespace: str) -> None:
+    asyncio.run(_forget(namespace))
