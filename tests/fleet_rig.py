@@ -35,17 +35,24 @@ REDIS_URL = os.environ.get("SARTIQ_TEST_REDIS_URL", "")
 requires_redis = pytest.mark.skipif(
     not REDIS_URL, reason="SARTIQ_TEST_REDIS_URL is not set; the compute fleet needs a Redis"
 )
+AMQP_URL = os.environ.get("SARTIQ_TEST_AMQP_URL", "")
+requires_rabbitmq = pytest.mark.skipif(
+    not (AMQP_URL and REDIS_URL),
+    reason="SARTIQ_TEST_AMQP_URL (a RabbitMQ) and SARTIQ_TEST_REDIS_URL (the records) are "
+    "needed for a fleet over RabbitMQ",
+)
 TOKEN = "fleet-token"
 # Short enough for tests to see a dead worker's task run again within seconds.
 LEASE_S = "2"
 REDELIVER_AFTER_S = "3"
 
 
-def _fleet_env(directory: Path, namespace: str) -> dict[str, str]:
+def _fleet_env(directory: Path, namespace: str, broker: str = "") -> dict[str, str]:
     """The environment of a test fleet's processes (API servers and workers alike)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SARTIQ_")}
     settings = {
-        "BROKER_URL": REDIS_URL,
+        "BROKER_URL": broker or REDIS_URL,
+        "RECORDS_URL": REDIS_URL,
         "STORAGE__URL": f"file://{directory / 'storage'}",
         "NAMESPACE": namespace,
         "TOKEN": TOKEN,
@@ -248,10 +255,13 @@ class Fleet:
 
 
 @asynccontextmanager
-async def fleet(directory: Path, *, apis: int = 2) -> AsyncIterator[Fleet]:
-    """``apis`` API servers of a new namespace in ``directory``; workers: ``add_worker``."""
+async def fleet(directory: Path, *, apis: int = 2, broker: str = "") -> AsyncIterator[Fleet]:
+    """``apis`` API servers of a new namespace in ``directory``; workers: ``add_worker``.
+
+    The broker is the Redis of the records unless ``broker`` names another (RabbitMQ).
+    """
     namespace = f"test:{uuid.uuid4().hex[:12]}"
-    running = Fleet(directory, namespace, _fleet_env(directory, namespace))
+    running = Fleet(directory, namespace, _fleet_env(directory, namespace, broker))
     try:
         for _ in range(apis):
             await running.add_api()
@@ -259,6 +269,8 @@ async def fleet(directory: Path, *, apis: int = 2) -> AsyncIterator[Fleet]:
     finally:
         await running.close()
         await _forget(namespace)
+        if broker:
+            await asyncio.to_thread(_delete_queues, broker, namespace)
 
 
 async def _forget(namespace: str) -> None:
@@ -337,6 +349,19 @@ def _wait_workers(port: int, count: int, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{count} workers did not start within {timeout} s")
         time.sleep(0.1)  # polling the fleet's health, not waiting on a guess
+
+
+def _delete_queues(broker: str, namespace: str) -> None:
+    """Delete the fleet's queues from a RabbitMQ broker."""
+    import kombu
+
+    from server.domain.enums import TaskType
+
+    with kombu.Connection(broker) as connection:
+        channel = connection.default_channel
+        for task_type in TaskType:
+            name = f"{namespace.replace(':', '.')}.{task_type.value.lower()}"
+            kombu.Queue(name).bind(channel).delete()
 
 
 def _forget_now(namespace: str) -> None:

@@ -15,7 +15,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from fleet_rig import Fleet, fleet, requires_redis
+from fleet_rig import AMQP_URL, Fleet, fleet, requires_rabbitmq, requires_redis
 from helpers import assert_eventually, png_bytes
 
 from server.compute.wire import TaskAnswer
@@ -166,3 +166,27 @@ async def test_videos_do_not_delay_short_tasks_on_their_own_queue(tmp_path: Path
             done = await f.terminal(v.id, timeout=120)
             assert done.status == "completed", done
             assert done.output.videos[0].frame_count == 8
+
+
+@requires_rabbitmq
+async def test_the_fleet_over_rabbitmq_redelivers_a_killed_workers_task_at_once(
+    tmp_path: Path,
+) -> None:
+    async with fleet(tmp_path, broker=AMQP_URL) as f:
+        first, second = await f.add_worker(), await f.add_worker()
+        await f.wait_workers(2)
+        tasks = [
+            await f.submit("IMAGE_ADJUSTER", adjust(f"r{n}"), f"r{n}", n % 2) for n in range(10)
+        ]
+        held = await f.submit("IMAGE_ADJUSTER", adjust("hold-rabbit"), "k-rabbit")
+        await _running(f, held.id, "hold-rabbit")
+        (runner,) = f.runners("hold-rabbit")
+        victim = first if runner in first.pids else second
+        await victim.kill()  # its connection drops: RabbitMQ hands the delivery on
+        f.release("hold-rabbit")
+        done = await f.terminal(held.id, timeout=60)
+        assert done.status == "completed"
+        assert f.runs()["hold-rabbit"] == 2
+        for task in tasks:
+            assert (await f.terminal(task.id)).status == "completed"
+        assert all(f.runs()[f"r{n}"] == 1 for n in range(10))
