@@ -72,11 +72,12 @@ protos-check: install
 breaking: $(BUF)
 	$(BUF) breaking --against '.git#branch=main'
 
-## bench: the DESIGN §10 harness (not part of `make test`)
+## bench: the DESIGN §10 harness (not part of `make test`; the fleet's part needs Redis)
 bench: install
 	$(BIN)/python -m benchmarks.harness
 	$(BIN)/python -m benchmarks.streams
 	$(BIN)/python -m benchmarks.replicas
+	$(BIN)/python -m benchmarks.compute_fleet
 
 ## chaos: the long chaos run (kill -9 under load, killed first starts); SEED=n repeats one
 SEED ?= $(shell date +%s)

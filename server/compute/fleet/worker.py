@@ -65,11 +65,13 @@ from server.config import MediaSettings
 from server.domain.enums import TaskType
 from server.logs import configure
 from server.media.backends import open_storage
-from server.media.storage import ArtifactStorage
+from server.media.storage import ArtifactStorage, StorageError
 
 log = logging.getLogger(__name__)
 RUN_TASK = "sartiq.compute.run"
 _PROGRESS_EVERY_S = 0.2
+# How soon a delivery that met a Redis or storage failure is tried again.
+_INFRASTRUCTURE_RETRY_S = 2.0
 
 
 def queue_name(settings: ComputeServerSettings, task_type: TaskType) -> str:
@@ -109,7 +111,13 @@ def make_celery(
     if runner is not None:
 
         def run(self: Any, task_id: str) -> None:
-            retry_in = runner().run(task_id)
+            try:
+                retry_in = runner().run(task_id)
+            except (redis.RedisError, StorageError) as exc:
+                # The records or the storage failed us: deliver it again (its claim, if
+                # this delivery took one, lapses first). Never acknowledged as done.
+                log.warning("task %s delivered again: %s", task_id, exc)
+                retry_in = min(settings.lease_s, _INFRASTRUCTURE_RETRY_S)
             if retry_in is not None:
                 raise self.retry(countdown=retry_in)
 
@@ -254,7 +262,11 @@ class Runner:
     def _execute(
         self, record: TaskRecord, report: Callable[[float | None], None]
     ) -> tuple[str, list[StoredOutput], tuple[str, str]]:
-        """(status, outputs, (error category, message)) of running the record's task."""
+        """(status, outputs, (error category, message)) of running the record's task.
+
+        Raises:
+            StorageError: an input could not be read, or an output written, for now.
+        """
         inputs = set(record.inputs)
 
         def resolve(reference: str) -> bytes:
@@ -273,17 +285,18 @@ class Runner:
             report(None)  # a cancel that came between the claim and now
             produced = verified(processor(record.params, context))
             report(None)
-            stored = [self._store(output) for output in produced]
         except _StopError as stop:
             return ("lost" if stop.lost else "cancelled"), [], ("", "")
         except ProcessorError as exc:
             return "failed", [], (exc.category, str(exc))
         except ComputeError as exc:
             return "failed", [], (exc.category.value, exc.message)
+        except StorageError:
+            raise  # an input could not be read for now: the delivery is tried again
         except Exception:
             log.exception("processor for %s failed", record.task_type)
             return "failed", [], ("internal", "processor failed unexpectedly")
-        return "completed", stored, ("", "")
+        return "completed", [self._store(output) for output in produced], ("", "")
 
     def _store(self, output: Any) -> StoredOutput:
         blob = self._loop.run_until_complete(self._storage.put(output.data, output.mime_type))
