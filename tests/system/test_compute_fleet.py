@@ -12,12 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
+import uuid
 from pathlib import Path
 
 import pytest
-from fleet_rig import AMQP_URL, Fleet, fleet, requires_rabbitmq, requires_redis
+import redis.asyncio as aioredis
+from fleet_rig import AMQP_URL, REDIS_URL, Fleet, fleet, requires_rabbitmq, requires_redis
 from helpers import assert_eventually, png_bytes
 
+from server.compute.fleet.records import CREATE, Keys
 from server.compute.wire import TaskAnswer
 
 pytestmark = [requires_redis, pytest.mark.timeout(240)]
@@ -190,3 +194,34 @@ async def test_the_fleet_over_rabbitmq_redelivers_a_killed_workers_task_at_once(
         for task in tasks:
             assert (await f.terminal(task.id)).status == "completed"
         assert all(f.runs()[f"r{n}"] == 1 for n in range(10))
+
+
+async def test_a_task_whose_api_server_died_before_queueing_it_is_queued_by_another(
+    tmp_path: Path,
+) -> None:
+    async with fleet(tmp_path) as f:
+        await f.add_worker()
+        await f.wait_workers(1)
+        first = await f.submit("IMAGE_ADJUSTER", adjust("first"), "first")
+        assert (await f.terminal(first.id)).status == "completed"
+        # The record as an API server writes it just before it dies: created, never queued
+        # (its input stored already: the first task's).
+        client = aioredis.Redis.from_url(REDIS_URL)
+        keys = Keys(f.namespace)
+        task_id = f"task-{uuid.uuid4()}"
+        try:
+            params_json, inputs = await client.hmget(keys.task(first.id), ["params", "inputs"])
+            assert params_json is not None
+            assert inputs is not None
+            params = dict(json.loads(params_json), test_tag="orphan")
+            await client.register_script(CREATE)(
+                keys=[keys.key("orphan"), keys.task(task_id), keys.pending, keys.created],
+                args=[task_id, "orphan", "IMAGE_ADJUSTER", "", json.dumps(params), inputs],
+            )
+        finally:
+            await client.aclose()
+        assert (await f.task(task_id, index=1)).status == "pending"
+        # Reading it (as the adapter polls) queues it once it has waited a few seconds.
+        done = await f.terminal_at(task_id, index=1, timeout=60)
+        assert done.status == "completed", done
+        assert f.runs()["orphan"] == 1
