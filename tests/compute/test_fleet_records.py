@@ -24,10 +24,10 @@ from server.compute.fleet.records import (
     FINISH,
     RENEW,
     Keys,
-    StoredOutput,
     TaskRecord,
     outputs_json,
 )
+from server.compute.server.board import NamedOutput
 
 pytestmark = requires_redis
 TTL_MS = 60_000
@@ -84,7 +84,7 @@ class Records:
 
     def finish(self, task_id: str, token: str, status: str = "completed") -> str:
         k = self.keys
-        output = StoredOutput(sha256="a" * 64, size=3, mime_type="image/png", width=1, height=1)
+        output = NamedOutput(sha256="a" * 64, size=3, mime_type="image/png", width=1, height=1)
         return str(
             self._run(
                 "finish",

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import TypeAdapter
 
-from server.compute.wire import OutputItem, TaskAnswer, TaskOutput, WireStatus, output_path
+from server.compute.server.board import NamedOutput, task_output
+from server.compute.wire import TaskAnswer, WireStatus
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -189,23 +190,7 @@ return redis.call('ZCOUNT', KEYS[1], now, '+inf')
 )
 
 
-class StoredOutput(BaseModel):
-    """One output of a completed task as its record keeps it: named by its bytes."""
-
-    model_config = ConfigDict(frozen=True)
-
-    sha256: str
-    size: int = Field(ge=1)
-    mime_type: str
-    width: int = 0
-    height: int = 0
-    seed: int = 0
-    duration_s: float | None = None
-    frame_count: int = 0
-    notes: list[str] = Field(default_factory=list)
-
-
-_OUTPUTS = TypeAdapter(list[StoredOutput])
+_OUTPUTS = TypeAdapter(list[NamedOutput])
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +253,7 @@ class TaskRecord:
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
-    outputs: list[StoredOutput]
+    outputs: list[NamedOutput]
     error_category: str | None
     error_message: str | None
     attempts: int
@@ -319,22 +304,6 @@ class TaskRecord:
 
     def answer(self) -> TaskAnswer:
         """The wire answer: state, and each output by its output path, hash and size."""
-        images: list[OutputItem] = []
-        videos: list[OutputItem] = []
-        for index, output in enumerate(self.outputs if self.status == "completed" else []):
-            item = OutputItem(
-                url=output_path(self.id, index),
-                sha256=output.sha256,
-                size=output.size,
-                seed=output.seed,
-                mime_type=output.mime_type,
-                width=output.width,
-                height=output.height,
-                duration_s=output.duration_s,
-                frame_count=output.frame_count,
-                notes=output.notes,
-            )
-            (videos if output.mime_type.startswith("video/") else images).append(item)
         return TaskAnswer(
             id=self.id,
             idempotency_key=self.idempotency_key,
@@ -344,13 +313,13 @@ class TaskRecord:
             created_at=self.created_at,
             started_at=self.started_at,
             completed_at=self.completed_at,
-            output=TaskOutput(images=images, videos=videos),
+            output=task_output(self.id, self.outputs if self.status == "completed" else []),
             error_category=self.error_category,
             error_message=self.error_message,
         )
 
 
-def outputs_json(outputs: list[StoredOutput]) -> str:
+def outputs_json(outputs: list[NamedOutput]) -> str:
     """The ``outputs`` field of a record."""
     return _OUTPUTS.dump_json(outputs).decode()
 

@@ -46,20 +46,20 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 from kombu import Queue
 
-from server.compute.base import ComputeError
+from server.compute.base import ComputeError, OutputFile
 from server.compute.fleet.records import (
     CLAIM,
     FINISH,
     HEARTBEAT,
     RENEW,
     Keys,
-    StoredOutput,
     TaskRecord,
     outputs_json,
 )
 from server.compute.outputs import verified
 from server.compute.processors.tasks import default_registry
 from server.compute.registry import ProcessorContext, ProcessorError, ProcessorRegistry
+from server.compute.server.board import NamedOutput
 from server.compute.server.settings import ComputeServerSettings
 from server.config import MediaSettings
 from server.domain.enums import TaskType
@@ -261,7 +261,7 @@ class Runner:
 
     def _execute(
         self, record: TaskRecord, report: Callable[[float | None], None]
-    ) -> tuple[str, list[StoredOutput], tuple[str, str]]:
+    ) -> tuple[str, list[NamedOutput], tuple[str, str]]:
         """(status, outputs, (error category, message)) of running the record's task.
 
         Raises:
@@ -298,19 +298,9 @@ class Runner:
             return "failed", [], ("internal", "processor failed unexpectedly")
         return "completed", [self._store(output) for output in produced], ("", "")
 
-    def _store(self, output: Any) -> StoredOutput:
+    def _store(self, output: OutputFile) -> NamedOutput:
         blob = self._loop.run_until_complete(self._storage.put(output.data, output.mime_type))
-        return StoredOutput(
-            sha256=blob.sha256,
-            size=blob.size_bytes,
-            mime_type=output.mime_type,
-            width=output.width,
-            height=output.height,
-            seed=output.seed,
-            duration_s=output.duration_s,
-            frame_count=output.frame_count,
-            notes=list(output.notes),
-        )
+        return NamedOutput.of(output, blob.sha256)
 
     def close(self) -> None:
         """Stop the heartbeat and release the connections; never raises."""
