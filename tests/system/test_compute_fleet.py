@@ -13,6 +13,8 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -74,6 +76,30 @@ async def test_a_worker_killed_mid_task_leaves_it_to_another_which_completes_it_
         await _output(f, done)
         health = await f.health()
         assert (health.tasks_created, health.tasks_ended) == (1, 1)  # ended once
+
+
+async def test_a_pool_process_killed_mid_task_is_replaced_and_the_task_runs_again_once(
+    tmp_path: Path,
+) -> None:
+    async with fleet(tmp_path) as f:
+        worker = await f.add_worker()
+        await f.wait_workers(1)
+        task = await f.submit("IMAGE_ADJUSTER", adjust("hold-child"), "k-child")
+        await _running(f, task.id, "hold-child")
+        (child,) = f.runners("hold-child")
+        assert child in worker.pids
+        assert worker.process is not None
+        assert child != worker.process.pid  # a pool process, not the worker's main one
+        os.kill(child, signal.SIGKILL)
+        # The worker hands the delivery back at once, while the dead process's claim still
+        # holds: the new delivery waits the claim out, then runs the task again.
+        f.release("hold-child")
+        done = await f.terminal(task.id, timeout=60)
+        assert done.status == "completed", done
+        assert f.runs()["hold-child"] == 2
+        assert len(done.output.items) == 1
+        health = await f.health()
+        assert (health.tasks_created, health.tasks_ended) == (1, 1)
 
 
 async def test_an_api_server_killed_the_other_answers_for_its_task(tmp_path: Path) -> None:
