@@ -7,12 +7,12 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
 
-.PHONY: install run compute-server test fuzz lint fmt check protos protos-check breaking bench chaos demo clean
+.PHONY: install run compute-server compute-worker test fuzz lint fmt check protos protos-check breaking bench chaos demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,postgres,s3]'
+	$(BIN)/python -m pip install -q -e '.[dev,postgres,s3,fleet]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,10 +29,16 @@ run: install
 	mkdir -p var
 	$(BIN)/python -m server
 
-## compute-server: the local processors behind the compute wire protocol on 127.0.0.1:8700
-## (SARTIQ_COMPUTE_SERVER__*); `make run` uses it with SARTIQ_COMPUTE__BACKEND=http
+## compute-server: the compute wire protocol on 127.0.0.1:8700 (SARTIQ_COMPUTE_SERVER__*): one
+## process with the local processors, or an API server of the fleet when a broker is set;
+## `make run` uses it with SARTIQ_COMPUTE__BACKEND=http
 compute-server: install
 	$(BIN)/python -m server.compute.server
+
+## compute-worker: a Celery worker of the compute fleet (SARTIQ_COMPUTE_SERVER__BROKER_URL,
+## __STORAGE__URL; see the README's "Running the compute fleet")
+compute-worker: install
+	$(BIN)/sartiq-compute-worker
 
 ## test: lint, check the generated stubs for drift, run the whole suite (Node example included)
 test: lint protos-check $(NODE_EXAMPLE)
@@ -66,12 +72,13 @@ protos-check: install
 breaking: $(BUF)
 	$(BUF) breaking --against '.git#branch=main'
 
-## bench: the DESIGN §10 harness (not part of `make test`)
+## bench: the DESIGN §10 harness (not part of `make test`; the fleet's part needs Redis)
 bench: install
 	$(BIN)/python -m benchmarks.harness
 	$(BIN)/python -m benchmarks.streams
 	$(BIN)/python -m benchmarks.replicas
 	$(BIN)/python -m benchmarks.push
+	$(BIN)/python -m benchmarks.compute_fleet
 
 ## chaos: the long chaos run (kill -9 under load, killed first starts); SEED=n repeats one
 SEED ?= $(shell date +%s)

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import make_settings
 from faultproxy import FaultProxy
+from fleet_rig import TOKEN as TOKEN
+from fleet_rig import fleet_processes, requires_redis
 from google.protobuf import duration_pb2
 from helpers import assert_eventually, png_bytes
 from PIL import Image
@@ -30,25 +33,43 @@ from server.compute.wire import HealthAnswer, TaskAnswer, parse
 from server.config import ComputeSettings
 from server.media.probe import probe_media
 
-TOKEN = "wire-fault-token"
 COMPLETED = enums_pb2.GENERATION_STATUS_COMPLETED
 
 
 @dataclass(frozen=True)
 class ComputeProcess:
-    """A compute server process: its port and base URL."""
+    """The compute server: its API servers' ports (one, or the fleet's), the first's URL."""
 
-    port: int
+    ports: tuple[int, ...]
+    mode: str = "embedded"
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
 
-def compute_process(workdir: Path) -> Iterator[ComputeProcess]:
-    """Run the compute server (``python -m server.compute.server``) until the generator ends."""
+# Each fault-proxy module runs against both modes of the compute server.
+MODES = [
+    pytest.param("embedded"),
+    pytest.param("fleet", marks=requires_redis),
+]
+
+
+def compute_process(workdir: Path, mode: str = "embedded") -> Iterator[ComputeProcess]:
+    """Run the compute server until the generator ends, embedded or as a fleet.
+
+    The fleet: two API servers and two Celery workers; the proxy spreads calls over both.
+    """
+    if mode == "fleet":
+        with fleet_processes(workdir) as ports:
+            yield ComputeProcess(tuple(ports), mode)
+        return
     with ServerProcess.compute_server(workdir, token=TOKEN, workers="2").running() as port:
-        yield ComputeProcess(port)
+        yield ComputeProcess((port,), mode)
 
 
 @dataclass
@@ -163,7 +184,7 @@ async def rig(
 
     ``push=False``: the service polls each task's status, never asking for its events.
     """
-    proxy = FaultProxy(compute.port)
+    proxy = FaultProxy(compute.port, also=compute.ports[1:])
     await proxy.start()
     settings = make_settings(tmp_path).model_copy(
         update={

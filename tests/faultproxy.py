@@ -192,9 +192,13 @@ def chaos_faults(call: str, rng: random.Random) -> Fault:
 
 @dataclass
 class FaultProxy:
-    """Listens on 127.0.0.1 and forwards to ``upstream_port``."""
+    """Listens on 127.0.0.1 and forwards to ``upstream_port`` (and ``also``, round robin).
+
+    With ``also``, each request goes to the next server: a load balancer in front of them.
+    """
 
     upstream_port: int
+    also: tuple[int, ...] = ()
     faults: list[Fault] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
@@ -205,6 +209,7 @@ class FaultProxy:
     _chaos_rate: float = 0.0
     _chaos: dict[str, random.Random] = field(default_factory=dict)
     _seed: int = 0
+    _forwarded: int = 0
 
     async def start(self) -> int:
         """Listen (on the port used before, if any); returns the port."""
@@ -301,7 +306,7 @@ class FaultProxy:
             await writer.drain()
             return True
         if call_of(method, path) == "events":
-            upstream = await _Upstream.open(self.upstream_port, raw)
+            upstream = await _Upstream.open(self._next_upstream(), raw)
             try:
                 if upstream.chunked:
                     return await self._stream(upstream, fault, method, path, writer)
@@ -405,8 +410,14 @@ class FaultProxy:
         await writer.drain()
         return b"connection: close" not in upstream.head.lower()
 
+    def _next_upstream(self) -> int:
+        """The port the next request goes to (round robin when there are several)."""
+        upstreams = (self.upstream_port, *self.also)
+        self._forwarded += 1
+        return upstreams[self._forwarded % len(upstreams)]
+
     async def _forward(self, raw: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self._next_upstream())
         try:
             writer.write(_with_close(raw))
             await writer.drain()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from server.compute.base import OutputFile
+from server.compute.registry import ProcessorError
 from server.domain.enums import TaskType
-from server.media.probe import MediaInfo, probe_media
+from server.media.probe import InvalidMediaError, MediaInfo, probe_media
 
 # Outputs bigger than this are refused by every backend.
 MAX_OUTPUT_BYTES = 512 * 1024 * 1024
@@ -43,3 +44,20 @@ def expected_kind(task_type: TaskType) -> str:
 def kind_of(output: OutputFile) -> str:
     """The output's kind, "video" or "image", by its (probed) mime type."""
     return "video" if output.mime_type.startswith("video/") else "image"
+
+
+def verified(outputs: list[OutputFile]) -> list[OutputFile]:
+    """A processor's outputs, each probed (blocking: in the worker, off any loop).
+
+    Raises:
+        ProcessorError: no output, or one that is not a decodable image or video
+            (category internal).
+    """
+    if not outputs:
+        raise ProcessorError("internal", "the processor returned no output")
+    try:
+        return [probed(o.data, seed=o.seed, notes=o.notes) for o in outputs]
+    except InvalidMediaError as exc:
+        raise ProcessorError(
+            "internal", f"the processor returned an output that does not decode: {exc}"
+        ) from None

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import grpc
 import pytest
-from compute_rig import COMPLETED, ComputeProcess, Rig, compute_process, rig
+from compute_rig import COMPLETED, MODES, ComputeProcess, Rig, compute_process, rig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 GENERATIONS = 20
 BATCH = 2
 
 
-@pytest.fixture(scope="module")
-def compute(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComputeProcess]:
-    yield from compute_process(tmp_path_factory.mktemp("partial-faults-compute"))
+@pytest.fixture(scope="module", params=MODES)
+def compute(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ComputeProcess]:
+    yield from compute_process(tmp_path_factory.mktemp("partial-faults-compute"), request.param)
 
 
 async def _watch_compute_health(r: Rig, seen: list[int]) -> None:

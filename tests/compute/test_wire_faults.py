@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from compute_rig import COMPLETED, TOKEN, ComputeProcess, Rig, compute_process, rig
+from compute_rig import COMPLETED, MODES, TOKEN, ComputeProcess, Rig, compute_process, rig
 from faultproxy import NO_FIELDS, NOT_OBJECTS, Fault, FaultProxy
 from helpers import assert_eventually, png_bytes
 
@@ -35,9 +35,11 @@ CANCELLED = enums_pb2.GENERATION_STATUS_CANCELLED
 NOT_AN_IMAGE = b"<html><body>502 from some cache</body></html>"
 
 
-@pytest.fixture(scope="module")
-def compute(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComputeProcess]:
-    yield from compute_process(tmp_path_factory.mktemp("wire-faults-compute"))
+@pytest.fixture(scope="module", params=MODES)
+def compute(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ComputeProcess]:
+    yield from compute_process(tmp_path_factory.mktemp("wire-faults-compute"), request.param)
 
 
 def _status(value: str) -> Callable[[bytes], bytes | None]:

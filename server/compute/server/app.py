@@ -277,7 +277,9 @@ def _authenticated(handler: Handler, token: str) -> Handler:
 def open_board(settings: ComputeServerSettings) -> TaskBoard:
     """The fleet's board when a broker is configured, else the embedded one."""
     if settings.broker_url:
-        raise NotImplementedError("the fleet mode is being built (issue 17)")
+        from server.compute.fleet.board import FleetBoard  # celery and redis: on use
+
+        return FleetBoard(settings)
     from server.compute.server.embedded import EmbeddedBoard
 
     return EmbeddedBoard(settings)

@@ -8,12 +8,14 @@ records in Redis, Celery workers over a broker, outputs in object storage). The 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.compute.base import TaskRequest
-from server.compute.wire import Capacity, TaskAnswer
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.compute.base import OutputFile, TaskRequest
+from server.compute.wire import Capacity, OutputItem, TaskAnswer, TaskOutput, output_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +24,47 @@ class OutputBytes:
 
     data: bytes
     mime_type: str
+
+
+class NamedOutput(BaseModel):
+    """One output of a completed task, named by its bytes: what a status answer says of it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sha256: str
+    size: int = Field(ge=1)
+    mime_type: str
+    width: int = 0
+    height: int = 0
+    seed: int = 0
+    duration_s: float | None = None
+    frame_count: int = 0
+    notes: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, output: OutputFile, sha256: str) -> NamedOutput:
+        """The facts of a probed output whose bytes hash to ``sha256``."""
+        return cls(
+            sha256=sha256,
+            size=len(output.data),
+            mime_type=output.mime_type,
+            width=output.width,
+            height=output.height,
+            seed=output.seed,
+            duration_s=output.duration_s,
+            frame_count=output.frame_count,
+            notes=list(output.notes),
+        )
+
+
+def task_output(task_id: str, outputs: Sequence[NamedOutput]) -> TaskOutput:
+    """A completed task's outputs on the wire: each at its output path, images and videos."""
+    images: list[OutputItem] = []
+    videos: list[OutputItem] = []
+    for index, output in enumerate(outputs):
+        item = OutputItem(url=output_path(task_id, index), **output.model_dump())
+        (videos if output.mime_type.startswith("video/") else images).append(item)
+    return TaskOutput(images=images, videos=videos)
 
 
 class TaskBoard(Protocol):

@@ -12,18 +12,9 @@ from collections.abc import AsyncIterator
 from server.compute.base import ComputeError, TaskRequest
 from server.compute.local import LocalComputeBackend, LocalTask
 from server.compute.processors.tasks import default_registry
-from server.compute.server.board import OutputBytes
+from server.compute.server.board import NamedOutput, OutputBytes, task_output
 from server.compute.server.settings import ComputeServerSettings
-from server.compute.wire import (
-    Capacity,
-    OutputItem,
-    TaskAnswer,
-    TaskOutput,
-    WireStatus,
-    decode_data_uri,
-    is_data_uri,
-    output_path,
-)
+from server.compute.wire import Capacity, TaskAnswer, WireStatus, decode_data_uri, is_data_uri
 from server.domain.enums import ComputeErrorCategory, TaskStatus
 
 WIRE_STATUS: dict[TaskStatus, WireStatus] = {
@@ -111,22 +102,7 @@ class EmbeddedBoard:
 def task_answer(cell: LocalTask) -> TaskAnswer:
     """The wire answer for a task: its state, and each output named by hash and size."""
     category, message = cell.error or (None, None)
-    images: list[OutputItem] = []
-    videos: list[OutputItem] = []
-    for index, (output, digest) in enumerate(zip(cell.outputs, cell.digests, strict=True)):
-        item = OutputItem(
-            url=output_path(cell.id, index),
-            sha256=digest,
-            size=len(output.data),
-            seed=output.seed,
-            mime_type=output.mime_type,
-            width=output.width,
-            height=output.height,
-            duration_s=output.duration_s,
-            frame_count=output.frame_count,
-            notes=list(output.notes),
-        )
-        (videos if output.mime_type.startswith("video/") else images).append(item)
+    outputs = [NamedOutput.of(o, d) for o, d in zip(cell.outputs, cell.digests, strict=True)]
     return TaskAnswer(
         id=cell.id,
         idempotency_key=cell.request.idempotency_key,
@@ -136,7 +112,7 @@ def task_answer(cell: LocalTask) -> TaskAnswer:
         created_at=cell.created_at,
         started_at=cell.started_at,
         completed_at=cell.finished_at,
-        output=TaskOutput(images=images, videos=videos),
+        output=task_output(cell.id, outputs),
         error_category=category,
         error_message=message,
     )
