@@ -1,8 +1,9 @@
 """Task status pushed on the events stream, polling as the fallback.
 
-The project's compute server in its own process, a fault proxy in front of it, and the
-service over the HTTP adapter with a real gRPC client (``compute_rig``); the adapter alone
-where what it yields is the point. A task followed on its stream costs one events request
+The project's compute server in its own processes (embedded, and the fleet: two API
+servers over Redis, two Celery workers), a fault proxy in front of it, and the service
+over the HTTP adapter with a real gRPC client (``compute_rig``); the adapter alone where
+what it yields is the point. A task followed on its stream costs one events request
 and no status poll; every fault on the events call (refused, reset, 5xx, 404, an older
 server's 405 and 501, a stream cut mid-event, a flipped bit, a stream gone silent past
 the read timeout, the wrong content type, a body that is no stream, an event that does
@@ -21,7 +22,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from compute_rig import COMPLETED, TOKEN, ComputeProcess, Rig, compute_process, rig
+from compute_rig import COMPLETED, MODES, TOKEN, ComputeProcess, Rig, compute_process, rig
 from faultproxy import NO_FIELDS, NOT_OBJECTS, Fault, FaultProxy, call_of
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import assert_eventually, png_bytes
@@ -29,7 +30,7 @@ from helpers import assert_eventually, png_bytes
 from sartiq_grpc.sartiq.generation.v1 import enums_pb2
 from server.compute.base import TaskRequest
 from server.compute.http import HttpComputeBackend
-from server.compute.wire import EVENTS_KEEPALIVE_S, ErrorBody, parse
+from server.compute.wire import EVENTS_KEEPALIVE_S, ErrorBody, HealthAnswer, parse
 from server.domain.enums import TaskStatus, TaskType
 
 FAILED = enums_pb2.GENERATION_STATUS_FAILED
@@ -40,9 +41,11 @@ RANK = {TaskStatus.PENDING: 0, TaskStatus.RUNNING: 1, TaskStatus.COMPLETED: 2}
 TIMEOUT = 5.0
 
 
-@pytest.fixture(scope="module")
-def compute(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComputeProcess]:
-    yield from compute_process(tmp_path_factory.mktemp("push-compute"))
+@pytest.fixture(scope="module", params=MODES)
+def compute(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ComputeProcess]:
+    yield from compute_process(tmp_path_factory.mktemp("push-compute"), request.param)
 
 
 def _requests(r: Rig, call: str, compute_id: str) -> int:
@@ -64,9 +67,16 @@ async def _completed(r: Rig, generation_id: str, tmp_path: Path) -> str:
     return str(task.compute_task_id)
 
 
+async def _event_streams(compute: ComputeProcess) -> int:
+    """The events streams open on every API server of the compute server."""
+    async with httpx.AsyncClient() as http:
+        answers = [await http.get(f"http://127.0.0.1:{port}/health") for port in compute.ports]
+    return sum(parse(HealthAnswer, answer.content).event_streams for answer in answers)
+
+
 async def _streams_closed(r: Rig) -> None:
     async def closed() -> bool:
-        return (await r.health()).event_streams == 0
+        return await _event_streams(r.compute) == 0
 
     await assert_eventually(closed, timeout=15, interval=0.05)
 
@@ -300,7 +310,7 @@ async def test_a_stream_shows_life_and_ends_when_its_client_leaves(
                     lines.append(line)
                     if line == ": keep-alive":
                         break
-            assert (await r.health()).event_streams == 1
+            assert await _event_streams(compute) == 1
         numbers = [int(line[4:]) for line in lines if line.startswith("id: ")]
         assert numbers == list(range(1, len(numbers) + 1))
         assert [line for line in lines if line.startswith("event: ")] == ["event: task"] * len(
@@ -340,7 +350,7 @@ async def test_a_watch_that_falls_back_never_repeats_a_state_nor_goes_back(
     def behind(body: bytes) -> bytes | None:
         return json.dumps(json.loads(body) | {"progress": passed["progress"] / 2}).encode()
 
-    proxy = FaultProxy(compute.port)
+    proxy = FaultProxy(compute.port, also=compute.ports[1:])
     await proxy.start()
     proxy.faults = [
         Fault.rewrite(events, call="events"),
