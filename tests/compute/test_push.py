@@ -264,9 +264,22 @@ async def test_a_pushed_completion_is_verified_as_a_polled_one(
 async def test_events_failing_open_their_circuit_and_the_service_polls_at_once(
     tmp_path: Path, compute: ComputeProcess
 ) -> None:
-    """Three failed streams open the events circuit; the service stays SERVING and polls."""
-    async with rig(tmp_path, compute, breaker_min_calls=3, breaker_reset=600.0) as r:
-        r.proxy.faults = [Fault.error(503, call="events", times=None)]
+    """Three failed streams open the events circuit; the service stays SERVING and polls.
+
+    Each kind of failure counts: an error answer, no answer, an event that does not parse.
+    """
+    async with rig(
+        tmp_path,
+        compute,
+        breaker_min_calls=3,
+        breaker_failure_rate=1.0,  # all three must count as failures
+        breaker_reset=600.0,
+    ) as r:
+        r.proxy.faults = [
+            Fault.error(503, call="events"),
+            Fault.reset(call="events"),
+            Fault.rewrite(_set(status="paused"), call="events"),
+        ]
         ids = [await _completed(r, await r.generate(), tmp_path) for _ in range(5)]
         asked = [_requests(r, "events", compute_id) for compute_id in ids]
         assert asked == [1, 1, 1, 0, 0]
