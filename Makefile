@@ -77,6 +77,7 @@ bench: install
 	$(BIN)/python -m benchmarks.harness
 	$(BIN)/python -m benchmarks.streams
 	$(BIN)/python -m benchmarks.replicas
+	$(BIN)/python -m benchmarks.push
 	$(BIN)/python -m benchmarks.compute_fleet
 
 ## chaos: the long chaos run (kill -9 under load, killed first starts); SEED=n repeats one

@@ -102,6 +102,7 @@ def _compute_backend(
             timeout_s=c.timeout,
             inline_limit=c.inline_limit,
             breakers=breakers,
+            push=c.push,
         )
     return LocalComputeBackend(
         default_registry(),

@@ -253,7 +253,7 @@ class ComputeSettings(BaseModel):
         description="seconds one compute call (submit, status, cancel) may keep retrying "
         "transient errors, backing off; new work waits this long for a backend that is down",
     )
-    # Circuit breakers, one per operation (submit, lookup, status, download, cancel,
+    # Circuit breakers, one per operation (submit, lookup, status, events, download, cancel,
     # evaluation): one opens when, over the last ``breaker_window`` seconds, at least
     # ``breaker_min_calls`` calls were made and ``breaker_failure_rate`` of them failed
     # transiently; it stays open ``breaker_reset`` seconds, then lets one trial call
@@ -277,6 +277,11 @@ class ComputeSettings(BaseModel):
     )
     inline_limit: int = Field(
         default=32 * 1024 * 1024, ge=1, description="bytes of inputs sent inline per task"
+    )
+    push: bool = Field(
+        default=True,
+        description="follow each task on the compute server's events stream (server-sent "
+        "events), polling when it fails; false: poll only",
     )
 
 

@@ -176,9 +176,14 @@ async def rig(
     compute: ComputeProcess,
     *,
     retry_budget: float = 30.0,
+    timeout: float = 2.0,
+    push: bool = True,
     **compute_settings: float | int,
 ) -> AsyncIterator[Rig]:
-    """A service (its own database) reaching ``compute`` through a new fault proxy."""
+    """A service (its own database) reaching ``compute`` through a new fault proxy.
+
+    ``push=False``: the service polls each task's status, never asking for its events.
+    """
     proxy = FaultProxy(compute.port, also=compute.ports[1:])
     await proxy.start()
     settings = make_settings(tmp_path).model_copy(
@@ -187,8 +192,9 @@ async def rig(
                 backend="http",
                 url=proxy.url,
                 token=TOKEN,
-                timeout=2.0,
+                timeout=timeout,
                 retry_budget=retry_budget,
+                push=push,
                 **compute_settings,
             )
         }

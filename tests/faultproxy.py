@@ -1,10 +1,10 @@
 """A fault-injecting HTTP/1.1 proxy: a real socket between the adapter and the compute server.
 
 Each request from the client is read whole, classified as one call of the wire protocol
-(``call_of``: submit, lookup, status, output, cancel, evaluation, health), matched against
-the scripted faults (the first one whose call, method and path prefix match is used), and
-then forwarded to the upstream server on a fresh connection, answered in its place,
-broken, or forwarded and its answer corrupted:
+(``call_of``: submit, lookup, status, events, output, cancel, evaluation, health), matched
+against the scripted faults (the first one whose call, method and path prefix match is
+used), and then forwarded to the upstream server on a fresh connection, answered in its
+place, broken, or forwarded and its answer corrupted:
 
 * ``Fault.error(500)``: answer the status without forwarding (a JSON error body; for
   502 an HTML page, as a gateway would send);
@@ -23,6 +23,19 @@ broken, or forwarded and its answer corrupted:
 * ``Fault.rewrite(change)``: forward, then answer ``change(body)``; when ``change``
   returns None the answer passes untouched and the fault waits for the next one.
 
+Answers are read whole, but for a task's events stream (a chunked answer to the events
+call), which is passed on as it arrives, one block (an event or a keep-alive comment) at
+a time, so that push can be measured through the proxy. The faults keep their meaning
+there: ``truncate`` passes the first block and half the next, then cuts the connection
+(a stream cut mid-event); ``bitflip`` flips a bit in the first event's data; ``hang``
+passes the first block, then nothing (not even keep-alives) for ``s`` seconds, and
+cuts; ``slow`` holds the stream ``s`` seconds before it starts; ``drop`` cuts it before
+it starts; ``twice`` passes its first event twice (a replay, number and all);
+``rewrite`` changes the data of every event it returns something for (when it returns
+nothing for any, it waits for the next stream); ``answer`` and ``content_type`` replace
+the answer or its content type. An answer to the events call that is not a stream (an
+error answer) is handled as any other.
+
 A fault is used up by the request it hits, unless ``times`` says otherwise (None: it
 applies to every matching request). ``chaos(rate, seed)`` adds random faults: each
 request not hit by a scripted fault is faulted with probability ``rate``, with a fault
@@ -39,7 +52,7 @@ import contextlib
 import json
 import random
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 Times = int | None  # how many matching requests a fault hits; None: every one
@@ -47,6 +60,7 @@ Times = int | None  # how many matching requests a fault hits; None: every one
 _CALLS = (
     ("lookup", "GET", re.compile(r"/api/v1/tasks/\?.*")),
     ("submit", "POST", re.compile(r"/api/v1/tasks/")),
+    ("events", "GET", re.compile(r"/api/v1/tasks/[^/?]+/events")),
     ("output", "GET", re.compile(r"/api/v1/tasks/[^/?]+/outputs/\d+")),
     ("cancel", "POST", re.compile(r"/api/v1/tasks/[^/?]+/cancel")),
     ("status", "GET", re.compile(r"/api/v1/tasks/[^/?]+")),
@@ -107,8 +121,15 @@ class Fault:
         return cls("twice", method, prefix, call=call)
 
     @classmethod
-    def forget(cls, method: str = "GET", prefix: str = "/api/v1/tasks/") -> Fault:
-        return cls("forget", method, prefix)
+    def forget(
+        cls,
+        method: str = "GET",
+        prefix: str = "/api/v1/tasks/",
+        *,
+        call: str = "",
+        times: Times = 1,
+    ) -> Fault:
+        return cls("forget", method, prefix, call=call, times=times)
 
     @classmethod
     def answer(
@@ -284,7 +305,16 @@ class FaultProxy:
             writer.write(_response(status, payload))
             await writer.drain()
             return True
-        answer = await self._forward(raw)
+        if call_of(method, path) == "events":
+            upstream = await _Upstream.open(self._next_upstream(), raw)
+            try:
+                if upstream.chunked:
+                    return await self._stream(upstream, fault, method, path, writer)
+                answer = upstream.head + await upstream.reader.read()
+            finally:
+                upstream.close()
+        else:
+            answer = await self._forward(raw)
         if kind == "twice":
             await self._forward(raw)
         if kind == "drop":
@@ -322,11 +352,72 @@ class FaultProxy:
             return _join(head, changed)
         return answer
 
-    async def _forward(self, raw: bytes) -> bytes:
+    async def _stream(
+        self,
+        upstream: _Upstream,
+        fault: Fault | None,
+        method: str,
+        path: str,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        """Pass an events stream on block by block, as ``fault`` breaks it."""
+        kind = fault.kind if fault else ""
+        head, _ = _split(upstream.head)
+        if kind == "drop":
+            return False
+        if kind == "slow" and fault is not None:
+            await asyncio.sleep(fault.seconds)
+        if kind == "answer" and fault is not None:
+            writer.write(_join(_with_header(head, "content-type", fault.content), fault.payload))
+            await writer.drain()
+            return False
+        if kind == "content_type" and fault is not None:
+            head = _with_header(head, "content-type", fault.content)
+        writer.write(b"\r\n".join(head) + b"\r\n\r\n")
+        await writer.drain()
+        rewritten = False
+        blocks = 0
+        try:
+            async for block in upstream.blocks():
+                blocks += 1
+                if kind == "truncate" and blocks == 2:
+                    writer.write(_chunk(block[: len(block) // 2]))
+                    await writer.drain()
+                    return False
+                if kind == "bitflip" and blocks == 1:
+                    block = _flip_data(block, len(self.requests))
+                if kind == "rewrite" and fault is not None and fault.change is not None:
+                    changed = _rewrite_data(block, fault.change)
+                    if changed is not None and not rewritten:
+                        rewritten = True
+                        self.injected.append((call_of(method, path), "rewrite"))
+                    block = block if changed is None else changed
+                writer.write(_chunk(block))
+                if kind == "twice" and blocks == 1:
+                    writer.write(_chunk(block))  # the event replayed, its number with it
+                await writer.drain()
+                if kind == "hang" and fault is not None:
+                    await asyncio.sleep(fault.seconds)
+                    return False
+        finally:
+            if kind == "rewrite" and fault is not None and not rewritten:
+                self._keep(fault)  # no event of this stream was changed
+        if kind == "truncate":
+            return False  # the stream had one block: cut before its end
+        if not upstream.complete:
+            return False  # the server cut it: so does the proxy
+        writer.write(_chunk(b""))
+        await writer.drain()
+        return b"connection: close" not in upstream.head.lower()
+
+    def _next_upstream(self) -> int:
+        """The port the next request goes to (round robin when there are several)."""
         upstreams = (self.upstream_port, *self.also)
         self._forwarded += 1
-        upstream = upstreams[self._forwarded % len(upstreams)]
-        reader, writer = await asyncio.open_connection("127.0.0.1", upstream)
+        return upstreams[self._forwarded % len(upstreams)]
+
+    async def _forward(self, raw: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self._next_upstream())
         try:
             writer.write(_with_close(raw))
             await writer.drain()
@@ -335,6 +426,105 @@ class FaultProxy:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+@dataclass
+class _Upstream:
+    """A request forwarded to the server, its answer's head read; the body still to come."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    head: bytes
+    complete: bool = False  # the chunked body was read to its end
+
+    @classmethod
+    async def open(cls, port: int, raw: bytes) -> _Upstream:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_with_close(raw))
+        await writer.drain()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            head = exc.partial  # no whole head: passed on as it is
+        return cls(reader, writer, head)
+
+    @property
+    def chunked(self) -> bool:
+        head, _ = _split(self.head)
+        return any(
+            line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower()
+            for line in head
+        )
+
+    async def blocks(self) -> AsyncIterator[bytes]:
+        """The body's blocks (each an event or a comment, with its blank line) as they come.
+
+        Ends at the body's end (``complete``) or where the server cut the connection.
+        """
+        pending = b""
+        try:
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readuntil(b"\r\n")
+                    self.complete = True
+                    break
+                pending += await self.reader.readexactly(size)
+                await self.reader.readexactly(2)
+                while (end := _block_end(pending)) > 0:
+                    yield pending[:end]
+                    pending = pending[end:]
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        if pending:
+            yield pending
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+def _block_end(data: bytes) -> int:
+    """Where the first block of an event stream ends (after its blank line); 0 if not yet."""
+    ends = [at + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (at := data.find(sep)) >= 0]
+    return min(ends, default=0)
+
+
+def _chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body (the empty one ends it)."""
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _data_line(block: bytes) -> int:
+    """The index of the ``data:`` line of an event block, -1 when it has none."""
+    lines = block.split(b"\r\n")
+    return next((n for n, line in enumerate(lines) if line.startswith(b"data:")), -1)
+
+
+def _flip_data(block: bytes, seed: int) -> bytes:
+    """The block with one bit flipped in its data (a comment passes untouched)."""
+    lines = block.split(b"\r\n")
+    at = _data_line(block)
+    if at < 0 or len(lines[at]) <= len(b"data: "):
+        return block
+    line = bytearray(lines[at])
+    rng = random.Random(seed)
+    index = rng.randrange(len(b"data: "), len(line))
+    line[index] ^= 1 << (seed % 8)
+    lines[at] = bytes(line)
+    return b"\r\n".join(lines)
+
+
+def _rewrite_data(block: bytes, change: Callable[[bytes], bytes | None]) -> bytes | None:
+    """The block with its data changed, or None when ``change`` leaves it alone."""
+    lines = block.split(b"\r\n")
+    at = _data_line(block)
+    if at < 0:
+        return None
+    changed = change(lines[at][len(b"data:") :].strip())
+    if changed is None:
+        return None
+    lines[at] = b"data: " + changed.replace(b"\n", b" ").replace(b"\r", b" ")
+    return b"\r\n".join(lines)
 
 
 async def _read_request(

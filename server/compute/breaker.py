@@ -1,11 +1,12 @@
 """Circuit breakers in front of a remote backend: stop hammering it while it is down.
 
-One breaker per operation (submit, status, download, cancel, lookup, evaluation), so a
-fault in one kind of call does not stop the others. A breaker counts calls and transient
-failures over a sliding time window (``window_s``, in ten buckets); it opens only once
-the window holds at least ``min_calls`` calls and ``failure_rate`` of them failed. Partial
-faults (a third of the calls failing at random) therefore never open it, while a server
-that is down does, once there is traffic enough to tell.
+One breaker per operation (submit, status, events, download, cancel, lookup,
+evaluation), so a fault in one kind of call does not stop the others. A breaker counts
+calls and transient failures over a sliding time window (``window_s``, in ten buckets);
+it opens only once the window holds at least ``min_calls`` calls and ``failure_rate`` of
+them failed. Partial faults (a third of the calls failing at random) therefore never open
+it, while a server that is down does, once there is traffic enough to tell. A streamed
+call (a task's events) is one call, counted when its stream ends (``Attempt``).
 
 Closed: calls go through. Open: calls fail at once with a transient error (callers back
 off, within their retry budget) until ``open_s`` passed. Then one trial call goes through
@@ -13,7 +14,8 @@ off, within their retry budget) until ``open_s`` passed. Then one trial call goe
 again. A permanent answer (4xx) proves the server up and counts as a success.
 
 ``Breakers`` holds one per operation and tells its listeners whether all are closed, so
-the health service can report the degradation.
+the health service can report the degradation. An operation with a fallback (the events
+stream, which polling replaces) is left out of that: its circuit open only means polling.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from server.domain.enums import ComputeErrorCategory
 
 T = TypeVar("T")
 _BUCKETS = 10
+# Operations whose calls have a fallback: their circuit open leaves the backend healthy.
+WITH_FALLBACK = frozenset({"events"})
 
 
 class BreakerState(StrEnum):
@@ -88,18 +92,25 @@ class CircuitBreaker:
         Raises:
             ComputeError: transient, at once, while open; else whatever the call raised.
         """
-        trial = self._admit()
+        attempt = self.attempt()
         try:
             result = await operation()
         except ComputeError as exc:
-            self._record(failed=exc.transient, trial=trial)
+            attempt.ended(exc)
             raise
         except BaseException:
-            if trial:
-                self._trial = False  # cancelled or a bug: no verdict; the next call tries
+            attempt.abandoned()  # cancelled or a bug: no verdict
             raise
-        self._record(failed=False, trial=trial)
+        attempt.ended()
         return result
+
+    def attempt(self) -> Attempt:
+        """Let one call through, its verdict to be given when it ends (a streamed call).
+
+        Raises:
+            ComputeError: transient, at once, while open.
+        """
+        return Attempt(self, self._admit())
 
     def _admit(self) -> bool:
         """Let a call through (True: it is the half-open trial) or refuse it."""
@@ -162,6 +173,33 @@ class CircuitBreaker:
             listener(self)
 
 
+class Attempt:
+    """One call let through a breaker; its verdict is given once, when the call ends.
+
+    ``call`` gives it around one awaited operation; a streamed call (the task events)
+    holds it for the stream's life: ``ended()`` when it ends as it should, ``ended(error)``
+    when it fails, ``abandoned()`` when its caller leaves before either (no verdict).
+    """
+
+    def __init__(self, breaker: CircuitBreaker, trial: bool) -> None:
+        self._breaker = breaker
+        self._trial = trial
+        self._open = True
+
+    def ended(self, error: ComputeError | None = None) -> None:
+        """Count the call: failed when ``error`` is transient (a 4xx proves the server up)."""
+        if self._open:
+            self._open = False
+            self._breaker._record(failed=error is not None and error.transient, trial=self._trial)
+
+    def abandoned(self) -> None:
+        """No verdict: the call is not counted; a half-open breaker lets the next one try."""
+        if self._open:
+            self._open = False
+            if self._trial:
+                self._breaker._trial = False
+
+
 class Breakers:
     """One breaker per operation of a remote backend, made on first use."""
 
@@ -186,8 +224,12 @@ class Breakers:
 
     @property
     def healthy(self) -> bool:
-        """Whether every breaker is closed."""
-        return all(b.state is BreakerState.CLOSED for b in self._breakers.values())
+        """Whether every breaker is closed (those of ``WITH_FALLBACK`` aside)."""
+        return all(
+            b.state is BreakerState.CLOSED
+            for name, b in self._breakers.items()
+            if name not in WITH_FALLBACK
+        )
 
     @property
     def open_operations(self) -> list[str]:

@@ -15,13 +15,23 @@ escapes as an exception of its own.
   task it may have created here.
 * ``GET /api/v1/tasks/{id}``: ``TaskAnswer``; 404 for an unknown id. A completed task
   names each output (``OutputItem``) with its ``url``, ``sha256`` and ``size``.
+* ``GET /api/v1/tasks/{id}/events``: the task pushed as it changes, a
+  ``text/event-stream`` of server-sent events: one ``event: task`` per change, its
+  ``id: n`` counting up from 1, its ``data:`` the ``TaskAnswer`` as one line of JSON. The
+  first event is the task now; the stream ends after the terminal state. While nothing
+  changes, a ``: keep-alive`` comment comes at least every ``EVENTS_KEEPALIVE_S`` seconds,
+  so proxies and the client's read timeout see the stream alive. 404 (an ``ErrorBody``,
+  before any event) for an unknown id. Polling the task is the fallback: a client whose
+  stream fails, is cut or carries an event it cannot read (or a server without the route:
+  404, 405, 501) polls the task instead.
 * ``GET /api/v1/tasks/{id}/outputs/{n}``: the bytes of output n. The client checks the
   size and the SHA-256 while it downloads, then decodes the bytes: the mime type,
   dimensions, frame count and duration are the bytes' own, never the JSON's.
 * ``POST /api/v1/tasks/{id}/cancel``: idempotent; answers the ``TaskAnswer``.
 * ``POST /api/v1/evaluation/``: ``EvaluationRequest`` -> ``EvaluationAnswer``.
-* ``GET /health``: ``HealthAnswer``: capacity, and how many tasks were ever created and
-  have ended (created - ended = running + waiting: the tasks still live).
+* ``GET /health``: ``HealthAnswer``: capacity, how many tasks were ever created and have
+  ended (created - ended = running + waiting: the tasks still live), and how many event
+  streams are open.
 
 Input images travel inside the parameters as ``data:`` URIs (base64); every error answer
 is an ``ErrorBody``. Calls need ``authorization: Bearer <token>`` when the server has one,
@@ -52,6 +62,9 @@ TASKS_PATH = "/api/v1/tasks/"
 EVALUATION_PATH = "/api/v1/evaluation/"
 HEALTH_PATH = "/health"
 JSON_TYPE = "application/json"
+EVENTS_TYPE = "text/event-stream"
+TASK_EVENT = "task"  # the name of a task event in the events stream
+EVENTS_KEEPALIVE_S = 2.0  # the longest the events stream stays silent
 STATUSES = {status.value.lower(): status for status in TaskStatus}
 _DATA_URI = re.compile(r"data:([\w.+/-]+);base64,", re.ASCII)
 _MAGIC = (
@@ -170,6 +183,7 @@ class HealthAnswer(_Wire):
     capacity: Capacity
     tasks_created: int = Field(ge=0)
     tasks_ended: int = Field(ge=0)
+    event_streams: int = Field(default=0, ge=0)  # events streams open now
 
     @property
     def live(self) -> int:
@@ -232,6 +246,11 @@ def describe(exc: ValidationError, limit: int = 3) -> str:
 def task_path(compute_id: str) -> str:
     """The path of a task."""
     return f"{TASKS_PATH}{compute_id}"
+
+
+def events_path(compute_id: str) -> str:
+    """The path of a task's events stream."""
+    return f"{TASKS_PATH}{compute_id}/events"
 
 
 def output_path(compute_id: str, index: int) -> str:

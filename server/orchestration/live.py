@@ -92,7 +92,10 @@ class StopToken:
         Raises:
             Stopped: the token was set before ``awaitable`` finished.
         """
-        self.check()
+        if self.reason is not None:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # never started: not a coroutine "never awaited"
+            raise Stopped(self.reason)
         work = asyncio.ensure_future(awaitable)
         stop = asyncio.ensure_future(self._event.wait())
         try:

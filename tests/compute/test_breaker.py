@@ -242,3 +242,36 @@ async def test_progress_gives_a_long_call_a_fresh_budget() -> None:
     first = backoff.next_delay()
     assert first is not None
     assert 0.05 <= first <= 0.1  # the shortest wait again, in a fresh budget
+
+
+async def test_a_streamed_call_is_counted_once_when_it_ends() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("events", SMALL, clock=clock)
+    attempt = breaker.attempt()
+    attempt.ended()
+    attempt.ended(ComputeError(ComputeErrorCategory.TRANSIENT, "late"))  # one verdict only
+    assert breaker.counts == (1, 0)
+    breaker.attempt().abandoned()  # its caller left: not counted
+    assert breaker.counts == (1, 0)
+    for _ in range(3):
+        breaker.attempt().ended(ComputeError(ComputeErrorCategory.TRANSIENT, "cut"))
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(ComputeError, match="circuit open"):
+        breaker.attempt()
+    clock.now = 5.0
+    trial = breaker.attempt()
+    with pytest.raises(ComputeError, match="circuit open"):
+        breaker.attempt()  # one trial at a time
+    trial.abandoned()
+    breaker.attempt().ended()  # the next one tries, and closes it
+    assert breaker.counts == (0, 0)  # closed: an empty window
+    breaker.attempt().ended()  # and calls go through
+
+
+async def test_an_open_events_circuit_leaves_the_backend_healthy() -> None:
+    breakers = Breakers(SMALL, clock=Clock())
+    for _ in range(4):
+        breakers["events"].attempt().ended(ComputeError(ComputeErrorCategory.TRANSIENT, "cut"))
+    assert breakers["events"].state is BreakerState.OPEN
+    assert breakers.healthy  # polling takes over
+    assert breakers.open_operations == ["events"]

@@ -71,7 +71,9 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    """The service over a proxy to a compute server; ``push`` unless the test says False."""
+    push: bool = getattr(request, "param", True)
     compute = ServerProcess.compute_server(tmp_path, token=TOKEN)
     await compute.start()
     proxy = FaultProxy(compute.port)
@@ -86,6 +88,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
                 retry_budget=30.0,
                 breaker_min_calls=3,
                 breaker_reset=0.3,
+                push=push,
             )
         }
     )
@@ -165,8 +168,18 @@ async def test_slow_answers_and_resets_are_ridden_out(rig: Rig) -> None:
     assert await rig.tasks_created() == 1
 
 
+def _forgotten(times: int) -> list[Fault]:
+    """A server that lost the task: 404 for its events (push) and for the poll after them."""
+    return [Fault.forget(call="events", times=times), Fault.forget(call="status", times=times)]
+
+
+def _events_asked(rig: Rig) -> bool:
+    return any(path.endswith("/events") for _, path in rig.proxy.requests)
+
+
+@pytest.mark.parametrize("rig", [True, False], ids=["push", "poll"], indirect=True)
 async def test_a_task_the_server_forgot_is_submitted_again_once(rig: Rig) -> None:
-    rig.proxy.faults = [Fault.forget()]
+    rig.proxy.faults = _forgotten(1)
     generation_id = await rig.generate()
     done = await wait_terminal(rig.stub, generation_id, timeout=60)
     assert done.status == COMPLETED
@@ -175,6 +188,8 @@ async def test_a_task_the_server_forgot_is_submitted_again_once(rig: Rig) -> Non
     assert len(task.previous_compute_task_ids) == 1
     # The server had not really forgotten it: the same key found the same task again.
     assert await rig.tasks_created() == 1
+    assert ("status", "forget") in rig.proxy.injected
+    assert _events_asked(rig) is rig.app.settings.compute.push
 
 
 async def test_a_permanent_error_fails_at_once_with_the_remote_category(rig: Rig) -> None:
@@ -224,8 +239,9 @@ async def test_an_unusable_image_is_an_evaluation_error(rig: Rig) -> None:
         await evaluator.aclose()
 
 
+@pytest.mark.parametrize("rig", [True, False], ids=["push", "poll"], indirect=True)
 async def test_a_task_forgotten_twice_fails_instead_of_looping(rig: Rig) -> None:
-    rig.proxy.faults = [Fault.forget(), Fault.forget()]
+    rig.proxy.faults = _forgotten(2)
     generation_id = await rig.generate()
     done = await wait_terminal(rig.stub, generation_id, timeout=60)
     assert done.status == enums_pb2.GENERATION_STATUS_FAILED

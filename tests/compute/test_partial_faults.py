@@ -67,7 +67,7 @@ async def test_thirty_percent_random_faults_do_not_stop_new_work(
         kinds = Counter(kind for _, kind in r.proxy.injected)
         calls = Counter(call for call, _ in r.proxy.injected)
         assert {"truncate", "bitflip", "answer", "content_type", "error", "reset"} <= set(kinds)
-        assert {"submit", "status", "output"} <= set(calls)
+        assert {"submit", "events", "status", "output"} <= set(calls)
         faulted = len(r.proxy.injected) / len(r.proxy.requests)
         assert 0.25 <= faulted <= 0.4, faulted  # 30% drawn per request
         serving = health_pb2.HealthCheckResponse.SERVING

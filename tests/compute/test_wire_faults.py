@@ -6,6 +6,9 @@ answers. Every test checks that each generation ends terminal within a bound, th
 corrupt output is ever COMPLETED (every stored output is downloaded, hashed, decoded and
 compared with what the compute server produced), and that the compute server ends with
 nothing pending or running and every task it created ended: nothing leaked.
+
+The faults on status answers are met with push off (the service then polls each task's
+status); those on the events stream, which polling replaces, are in ``test_push``.
 """
 
 from __future__ import annotations
@@ -129,6 +132,11 @@ ONCE = [
 ]
 
 
+def _polls(*faults: Fault) -> bool:
+    """Push unless a fault is on the status answers, which only a polling service reads."""
+    return not any(fault.call == "status" for fault in faults)
+
+
 def _name(fault: Fault) -> str:
     if fault.change is not None:
         return f"{fault.call}-{fault.kind}-{fault.change.__name__}"
@@ -150,7 +158,7 @@ async def _one(rig: Rig, tmp_path: Path) -> None:
 async def test_a_mangled_answer_is_retried_and_nothing_corrupt_is_kept(
     fault: Fault, tmp_path: Path, compute: ComputeProcess
 ) -> None:
-    async with rig(tmp_path, compute) as r:
+    async with rig(tmp_path, compute, push=_polls(fault)) as r:
         r.proxy.faults = [fault]
         await _one(r, tmp_path)
         assert (fault.call, fault.kind) in r.proxy.injected
@@ -160,7 +168,7 @@ async def test_an_output_its_server_lies_about_is_not_stored(
     tmp_path: Path, compute: ComputeProcess
 ) -> None:
     """The status names junk with the junk's own hash and size: only decoding catches it."""
-    async with rig(tmp_path, compute) as r:
+    async with rig(tmp_path, compute, push=False) as r:
         r.proxy.faults = [
             Fault.rewrite(_announce(NOT_AN_IMAGE), call="status"),
             Fault.answer(NOT_AN_IMAGE, call="output", content="image/png"),
@@ -239,7 +247,7 @@ async def _failed(r: Rig, generation_id: str, *words: str) -> None:
 async def test_a_read_that_stays_mangled_fails_the_task_with_the_reason(
     faults: list[Fault], words: tuple[str, ...], tmp_path: Path, compute: ComputeProcess
 ) -> None:
-    async with rig(tmp_path, compute, retry_budget=1.5) as r:
+    async with rig(tmp_path, compute, retry_budget=1.5, push=_polls(*faults)) as r:
         r.proxy.faults = faults
         await _failed(r, await r.generate(), *words)
 
@@ -279,7 +287,7 @@ async def test_a_submit_whose_answers_stay_unreadable_releases_the_task_it_creat
 async def test_a_task_given_up_on_is_released_not_left_running(
     tmp_path: Path, compute: ComputeProcess
 ) -> None:
-    async with rig(tmp_path, compute, retry_budget=1.5) as r:
+    async with rig(tmp_path, compute, retry_budget=1.5, push=False) as r:
         generation_id = await r.video()
         await assert_eventually(lambda: r.running(generation_id), timeout=30)
         r.proxy.faults = [Fault.answer(b"null", call="status", times=None)]
@@ -288,13 +296,14 @@ async def test_a_task_given_up_on_is_released_not_left_running(
         assert (await r.remote_task(task.compute_task_id)).status == "cancelled"
 
 
+@pytest.mark.parametrize("push", [True, False], ids=["pushed", "polled"])
 async def test_a_video_task_that_returns_an_image_fails(
-    tmp_path: Path, compute: ComputeProcess
+    push: bool, tmp_path: Path, compute: ComputeProcess
 ) -> None:
     image = png_bytes((10, 200, 30), (64, 64))
-    async with rig(tmp_path, compute, retry_budget=1.5) as r:
+    async with rig(tmp_path, compute, retry_budget=1.5, push=push) as r:
         r.proxy.faults = [
-            Fault.rewrite(_announce(image, kind="videos"), call="status"),
+            Fault.rewrite(_announce(image, kind="videos"), call="events" if push else "status"),
             Fault.answer(image, call="output", content="video/mp4"),
         ]
         await _failed(r, await r.video(seconds=1, fps=8), "image/png", "VIDEO_GENERATION")
@@ -336,7 +345,7 @@ async def test_unreadable_status_then_unreadable_cancel_answers_still_end_it(
 
     The retry budget (5 s) outlasts the moment between the first `null` and the cancel.
     """
-    async with rig(tmp_path, compute, retry_budget=5.0) as r:
+    async with rig(tmp_path, compute, retry_budget=5.0, push=False) as r:
         generation_id = await r.video()
         await assert_eventually(lambda: r.running(generation_id), timeout=30)
         r.proxy.faults = [
@@ -359,7 +368,7 @@ async def test_faults_spread_over_a_long_task_each_get_a_fresh_retry_budget(
     tmp_path: Path, compute: ComputeProcess
 ) -> None:
     """The retry budget (1.5 s) runs from a failure; a snapshot since then starts it over."""
-    async with rig(tmp_path, compute, retry_budget=1.5) as r:
+    async with rig(tmp_path, compute, retry_budget=1.5, push=False) as r:
         generation_id = await r.video(seconds=20, fps=24)
 
         def progress(at_least: float) -> Callable[[], Awaitable[bool]]:

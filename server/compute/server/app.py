@@ -6,8 +6,14 @@ server, Celery workers, outputs in object storage): see ``board``. A submit is i
 by its key, and a task can be looked up by that key. Every request body is validated and
 every answer built through the models of ``wire``; each output is named with its SHA-256
 and size. Inputs arrive as ``data:`` URIs inside the parameters. Bearer-token auth guards
-everything but ``/health``, which reports the capacity and the task counters (created,
-ended).
+everything but ``/health``, which reports the capacity, the task counters (created,
+ended) and the event streams open.
+
+A task's events (``GET /api/v1/tasks/{id}/events``) are served with sse-starlette's
+``EventSourceResponse`` over the board's ``follow``: it formats the events, sends the
+``: keep-alive`` comments on its own timer, and stops the stream (closing ``follow``) when
+the client disconnects or the server shuts down (it hooks uvicorn's exit signal for that).
+The unknown-task 404 is answered before the stream starts, from ``follow``'s first step.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,13 +37,16 @@ from server.compute.server.board import TaskBoard
 from server.compute.server.settings import ComputeServerSettings
 from server.compute.wire import (
     EVALUATION_PATH,
+    EVENTS_KEEPALIVE_S,
     HEALTH_PATH,
+    TASK_EVENT,
     TASKS_PATH,
     ErrorBody,
     EvaluationAnswer,
     EvaluationRequest,
     HealthAnswer,
     SubmitRequest,
+    TaskAnswer,
     TaskList,
     decode_data_uri,
     describe,
@@ -80,6 +90,7 @@ class ComputeService:
         self._evaluator = LocalEvaluator(
             max_pixels=settings.max_input_pixels, concurrency=settings.workers
         )
+        self.event_streams = 0  # open now
 
     async def submit(self, request: Request) -> Response:
         """POST /api/v1/tasks/: start a task, or answer the one this key started."""
@@ -129,6 +140,38 @@ class ComputeService:
             return _unknown(exc)
         except ComputeError as exc:
             return _unavailable(exc)
+
+    async def events(self, request: Request) -> Response:
+        """GET /api/v1/tasks/{id}/events: the task at every change, as server-sent events."""
+        follow = self.board.follow(request.path_params["task_id"])
+        try:
+            first = await anext(follow)
+        except UnknownComputeTaskError as exc:
+            await _close(follow)
+            return _unknown(exc)
+        except ComputeError as exc:
+            await _close(follow)
+            return _unavailable(exc)
+        return EventSourceResponse(
+            self._task_events(first, follow),
+            ping=EVENTS_KEEPALIVE_S,
+            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
+        )
+
+    async def _task_events(
+        self, first: TaskAnswer, rest: AsyncIterator[TaskAnswer]
+    ) -> AsyncIterator[ServerSentEvent]:
+        """One event per answer, numbered from 1; ``rest`` is closed however it ends."""
+        self.event_streams += 1
+        try:
+            yield _event(1, first)
+            number = 1
+            async for answer in rest:
+                number += 1
+                yield _event(number, answer)
+        finally:
+            self.event_streams -= 1
+            await _close(rest)
 
     async def output(self, request: Request) -> Response:
         """GET /api/v1/tasks/{id}/outputs/{n}: an output's bytes."""
@@ -190,8 +233,25 @@ class ComputeService:
         except ComputeError as exc:
             return _unavailable(exc)
         return _answer(
-            HealthAnswer(status="ok", capacity=capacity, tasks_created=created, tasks_ended=ended)
+            HealthAnswer(
+                status="ok",
+                capacity=capacity,
+                tasks_created=created,
+                tasks_ended=ended,
+                event_streams=self.event_streams,
+            )
         )
+
+
+def _event(number: int, answer: TaskAnswer) -> ServerSentEvent:
+    return ServerSentEvent(answer.model_dump_json(), event=TASK_EVENT, id=str(number))
+
+
+async def _close(answers: AsyncIterator[TaskAnswer]) -> None:
+    """Close a board's ``follow`` (an async generator) before it ran to its end."""
+    aclose = getattr(answers, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def _body(request: Request, model: type[M]) -> M | Response:
@@ -244,6 +304,7 @@ def create_app(settings: ComputeServerSettings, board: TaskBoard | None = None) 
         Route(TASKS_PATH, guard(service.submit), methods=["POST"]),
         Route(TASKS_PATH, guard(service.lookup), methods=["GET"]),
         Route(TASKS_PATH + "{task_id}", guard(service.status), methods=["GET"]),
+        Route(TASKS_PATH + "{task_id}/events", guard(service.events), methods=["GET"]),
         Route(TASKS_PATH + "{task_id}/outputs/{index:int}", guard(service.output), methods=["GET"]),
         Route(TASKS_PATH + "{task_id}/cancel", guard(service.cancel), methods=["POST"]),
         Route(EVALUATION_PATH, guard(service.evaluate), methods=["POST"]),
