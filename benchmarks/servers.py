@@ -1,7 +1,8 @@
 """Servers the harness measures, each run in its own process and printing its port.
 
 python -m benchmarks.servers echo
-python -m benchmarks.servers sartiq DIR
+python -m benchmarks.servers sartiq DIR hold|instant
+python -m benchmarks.servers local DIR
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 
 from server.app import App
 from server.compute.fake import FakeComputeBackend
+from server.compute.local import LocalComputeBackend
 from server.config import (
     DatabaseSettings,
     MediaSettings,
@@ -106,6 +108,26 @@ async def _serve_sartiq(stop: asyncio.Event, root: Path, *, hold: bool) -> None:
     print(json.dumps(dataclasses.asdict(stats)), flush=True)
 
 
+async def _serve_local(stop: asyncio.Event, root: Path) -> None:
+    """The embedded default of ``make run``: SQLite, the real local compute backend.
+
+    Only the port and the directories differ from the defaults (admission limits included).
+    """
+    settings = Settings(
+        server=ServerSettings(port=0, grace_period=0.5),
+        database=DatabaseSettings(url=f"sqlite+aiosqlite:///{root / 'bench.db'}"),
+        media=MediaSettings(artifact_dir=root / "artifacts"),
+    )
+    async with App(settings) as app:
+        print(app.port, flush=True)
+        await stop.wait()
+        stats = dataclasses.asdict(app.writer_stats)
+        compute = app.compute
+        if isinstance(compute, LocalComputeBackend):
+            stats |= {"compute_created": compute.created, "compute_ended": compute.ended}
+    print(json.dumps(stats), flush=True)
+
+
 async def _main(argv: list[str]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -113,6 +135,8 @@ async def _main(argv: list[str]) -> None:
         loop.add_signal_handler(sig, stop.set)
     if argv[0] == "echo":
         await _serve_echo(stop)
+    elif argv[0] == "local":
+        await _serve_local(stop, Path(argv[1]))
     else:
         await _serve_sartiq(stop, Path(argv[1]), hold=argv[2:] == ["hold"])
 

@@ -248,6 +248,13 @@ class App:
         return self._grpc.port
 
     @property
+    def compute(self) -> ComputeBackend:
+        """The compute backend in use (the one given, or the one the settings name)."""
+        if self._compute is None:
+            raise RuntimeError("the app is not started")
+        return self._compute
+
+    @property
     def writer_stats(self) -> WriterStats:
         """What the store's writer has done (transactions, statements, driver calls)."""
         if self._writer is None:
