@@ -108,6 +108,7 @@ def _compute_backend(
         resolve=resolve,
         workers=c.local_workers,
         max_input_pixels=settings.media.max_input_pixels,
+        nice=c.local_nice,
     )
 
 
