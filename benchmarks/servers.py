@@ -2,7 +2,7 @@
 
 python -m benchmarks.servers echo
 python -m benchmarks.servers sartiq DIR hold|instant
-python -m benchmarks.servers local DIR
+python -m benchmarks.servers local DIR [lifted]
 """
 
 from __future__ import annotations
@@ -108,24 +108,38 @@ async def _serve_sartiq(stop: asyncio.Event, root: Path, *, hold: bool) -> None:
     print(json.dumps(dataclasses.asdict(stats)), flush=True)
 
 
-async def _serve_local(stop: asyncio.Event, root: Path) -> None:
+async def _serve_local(stop: asyncio.Event, root: Path, *, lifted: bool) -> None:
     """The embedded default of ``make run``: SQLite, the real local compute backend.
 
-    Only the port and the directories differ from the defaults (admission limits included).
+    Only the port and the directories differ from the defaults, and with ``lifted`` the
+    admission limits (so that no create is refused while the renders fall behind).
     """
+    orchestration = OrchestrationSettings()
+    if lifted:
+        orchestration = OrchestrationSettings(
+            max_queued_generations=1_000_000, max_live_per_organization=1_000_000
+        )
     settings = Settings(
         server=ServerSettings(port=0, grace_period=0.5),
         database=DatabaseSettings(url=f"sqlite+aiosqlite:///{root / 'bench.db'}"),
         media=MediaSettings(artifact_dir=root / "artifacts"),
+        orchestration=orchestration,
     )
     async with App(settings) as app:
+        compute = app.compute
+        if not isinstance(compute, LocalComputeBackend):
+            raise RuntimeError("the embedded default is the local backend")
+
+        def counts() -> None:  # SIGUSR1: the tasks so far, for the harness
+            partial = root / "compute.json.partial"
+            partial.write_text(json.dumps({"created": compute.created, "ended": compute.ended}))
+            partial.rename(root / "compute.json")
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, counts)
         print(app.port, flush=True)
         await stop.wait()
-        stats = dataclasses.asdict(app.writer_stats)
-        compute = app.compute
-        if isinstance(compute, LocalComputeBackend):
-            stats |= {"compute_created": compute.created, "compute_ended": compute.ended}
-    print(json.dumps(stats), flush=True)
+        stats = app.writer_stats
+    print(json.dumps(dataclasses.asdict(stats)), flush=True)
 
 
 async def _main(argv: list[str]) -> None:
@@ -136,7 +150,7 @@ async def _main(argv: list[str]) -> None:
     if argv[0] == "echo":
         await _serve_echo(stop)
     elif argv[0] == "local":
-        await _serve_local(stop, Path(argv[1]))
+        await _serve_local(stop, Path(argv[1]), lifted=argv[2:] == ["lifted"])
     else:
         await _serve_sartiq(stop, Path(argv[1]), hold=argv[2:] == ["hold"])
 
