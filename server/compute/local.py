@@ -407,10 +407,12 @@ class _Processes(_Runner):
         self._running[task.id] = (worker, seq)
         try:
             return await self._exchange(worker, seq, task, processor, inputs)
-        except _WorkerDiedError as exc:
+        except _WorkerDiedError:
             self._workers[slot] = None  # a fresh worker for the slot's next task
-            await worker.stop()
-            raise ProcessorError("internal", f"the worker process died: {exc}") from None
+            await worker.stop()  # reaped: its exit status is known
+            raise ProcessorError(
+                "internal", f"the worker process died ({worker.exit_status()})"
+            ) from None
         except asyncio.CancelledError:
             # Abandoned (aclose): the worker may be mid-task, so it is not used again.
             self._workers[slot] = None
@@ -482,6 +484,7 @@ class _Worker:
         self._reader = reader
         self._writer = writer
         self._stopping: asyncio.Task[None] | None = None
+        self._exitcode: int | None = None
 
     @classmethod
     async def start(cls, context: SpawnContext, slot: int, nice: int) -> _Worker:
@@ -506,7 +509,7 @@ class _Worker:
         try:
             await self._writer.drain()
         except ConnectionError as exc:
-            raise _WorkerDiedError(self._exit()) from exc
+            raise _WorkerDiedError from exc
 
     def send_nowait(self, message: tuple[Any, ...]) -> None:
         """Queue one message on the stream (a dead worker's reads will say so)."""
@@ -530,14 +533,15 @@ class _Worker:
                 (size,) = _LONG_HEADER.unpack(await self._reader.readexactly(_LONG_HEADER.size))
             data = await self._reader.readexactly(size)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise _WorkerDiedError(self._exit()) from exc
+            raise _WorkerDiedError from exc
         message: tuple[Any, ...] = pickle.loads(data)
         return message
 
-    def _exit(self) -> str:
-        code = self.process.exitcode
+    def exit_status(self) -> str:
+        """How the process ended, once ``stop`` has reaped it."""
+        code = self._exitcode
         if code is None:
-            return "its stream ended"
+            return "still running"
         if code < 0:
             with contextlib.suppress(ValueError):
                 return f"killed by {signal.Signals(-code).name}"
@@ -553,11 +557,11 @@ class _Worker:
         self._writer.close()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
-        await asyncio.to_thread(_end, self.process)
+        self._exitcode = await asyncio.to_thread(_end, self.process)
 
 
-def _end(process: BaseProcess) -> None:
-    """Wait for ``process`` to exit (terminate, then kill it if it does not) and reap it."""
+def _end(process: BaseProcess) -> int | None:
+    """Its exit code, once it exited (terminated, then killed if it does not) and is reaped."""
     process.join(STOP_GRACE_S)
     if process.exitcode is None:
         process.terminate()
@@ -565,7 +569,9 @@ def _end(process: BaseProcess) -> None:
     if process.exitcode is None:
         process.kill()
         process.join()
+    code = process.exitcode
     process.close()
+    return code
 
 
 def _read_inputs(
