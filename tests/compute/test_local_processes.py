@@ -178,8 +178,7 @@ async def test_a_killed_worker_fails_its_task_as_internal_and_the_next_task_runs
         os.kill(pid, signal.SIGKILL)
         last = await _last(backend, compute_id)
         assert (last.status, last.error_category) == (TaskStatus.FAILED, "internal")
-        assert "worker process died" in (last.error_message or "")
-        assert "SIGKILL" in (last.error_message or "")
+        assert "the worker process died (killed by SIGKILL)" in (last.error_message or "")
 
         async def reaped() -> bool:
             return _gone(pid)
@@ -251,6 +250,26 @@ async def test_outputs_are_the_same_bytes_for_a_seed_in_any_process() -> None:
     assert await _render(1, isolation="thread") == first  # and this process
     assert await _render(2) != first
     assert Image.open(io.BytesIO(first)).size == (64, 48)
+
+
+async def test_outputs_are_probed_in_the_worker_before_the_task_completes() -> None:
+    registry = ProcessorRegistry(
+        {TaskType.GENERATION: procs.mislabelled, TaskType.EDITING: procs.undecodable}
+    )
+    backend = LocalComputeBackend(registry, resolve=_no_inputs, workers=1, max_input_pixels=10**7)
+    try:
+        last = await _last(backend, await backend.submit(_request("o1", {})))
+        assert last.status is TaskStatus.COMPLETED
+        (output,) = last.outputs
+        assert (output.mime_type, output.width, output.height) == ("image/png", 64, 48)
+        assert (output.seed, output.notes) == (7, ("n",))
+        request = TaskRequest(TaskType.EDITING, {}, "o2", "org")
+        broken = await _last(backend, await backend.submit(request))
+        assert (broken.status, broken.error_category) == (TaskStatus.FAILED, "internal")
+        assert "does not decode" in (broken.error_message or "")
+        assert not broken.outputs
+    finally:
+        await backend.aclose()
 
 
 @pytest.mark.parametrize(

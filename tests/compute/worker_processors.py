@@ -69,6 +69,18 @@ def echo_input(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile
     return [OutputFile(data, "image/png", 4, 4, seed=0)]
 
 
+def mislabelled(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+    """A 64x48 PNG said to be a 1x1 JPEG."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(buffer, format="PNG")
+    return [OutputFile(buffer.getvalue(), "image/jpeg", 1, 1, seed=7, notes=("n",))]
+
+
+def undecodable(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+    """Bytes said to be a PNG that are not one."""
+    return [OutputFile(png()[:40], "image/png", 4, 4, seed=0)]
+
+
 def refusing(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
     """Refuses its parameters."""
     raise ProcessorError("validation", "width must be positive")
