@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import slow_import_processors as slow_import
 import worker_processors as procs
 from helpers import assert_eventually
 from PIL import Image
@@ -100,6 +101,15 @@ async def _last(backend: LocalComputeBackend, compute_id: str) -> TaskSnapshot:
     return await _until(backend, compute_id, lambda snap: snap.status in TASK_TERMINAL)
 
 
+async def _statuses(backend: LocalComputeBackend, compute_id: str) -> list[TaskStatus]:
+    """Every status the task's snapshots show, in order, until it ends."""
+    seen: list[TaskStatus] = []
+    async for snap in backend.watch(compute_id):
+        if not seen or seen[-1] is not snap.status:
+            seen.append(snap.status)
+    return seen
+
+
 def _gone(pid: int) -> bool:
     """The process has exited and been reaped (no zombie left)."""
     return not Path(f"/proc/{pid}").exists()
@@ -153,15 +163,42 @@ async def test_a_queued_task_is_pending_and_cancels_at_once_without_running(
         running = await backend.submit(_request("q1", first.params()))
         await _until(backend, running, lambda s: s.status is TaskStatus.RUNNING)
         queued = await backend.submit(_request("q2", queued_files.params()))
+        statuses = asyncio.create_task(_statuses(backend, queued))
+        # The next progress report of the running task: the queued one's turn on the loop
+        # (scheduled at its submit) has come and gone, and it waits for the worker.
+        reports = aiter(backend.watch(running))
+        await anext(reports)
+        await asyncio.wait_for(anext(reports), WAIT_S)
         assert backend.cell(queued).status is TaskStatus.PENDING
         assert backend.load == (1, 1)
         # Cancelled while the only worker is still busy: it ends without waiting for it.
         assert await asyncio.wait_for(backend.cancel(queued), WAIT_S)
-        assert (await _last(backend, queued)).status is TaskStatus.CANCELLED
+        assert await statuses == [TaskStatus.PENDING, TaskStatus.CANCELLED]
         assert backend.cell(running).status is TaskStatus.RUNNING
         first.release.touch()
         assert (await _last(backend, running)).status is TaskStatus.COMPLETED
         assert not queued_files.pid_file.exists()  # it never ran
+    finally:
+        await backend.aclose()
+
+
+async def test_a_task_cancelled_before_its_worker_starts_it_never_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker, files = tmp_path / "importing", Files(tmp_path, "a")
+    monkeypatch.setenv("SARTIQ_TEST_IMPORT_MARKER", str(marker))
+    backend = _backend(slow_import.stepped, workers=1)
+    try:
+        compute_id = await backend.submit(_request("e1", files.params()))
+        statuses = asyncio.create_task(_statuses(backend, compute_id))
+
+        async def sent() -> bool:  # the worker is unpickling the task (importing)
+            return marker.exists()
+
+        await assert_eventually(sent, timeout=WAIT_S)
+        assert await asyncio.wait_for(backend.cancel(compute_id), WAIT_S)
+        assert await statuses == [TaskStatus.PENDING, TaskStatus.CANCELLED]
+        assert not files.pid_file.exists()  # the processor never started
     finally:
         await backend.aclose()
 
@@ -211,6 +248,30 @@ async def test_aclose_leaves_no_worker_process_even_one_that_ignores_cancel(
     assert time.monotonic() - started < 2 * STOP_GRACE_S + 5
     assert all(_gone(pid) for pid in pids)
     assert multiprocessing.active_children() == []
+
+
+async def test_aclose_stops_idle_workers(tmp_path: Path) -> None:
+    files = Files(tmp_path, "a")
+    backend = _backend(procs.quick, workers=2)
+    compute_id = await backend.submit(_request("i1", files.params()))
+    assert (await _last(backend, compute_id)).status is TaskStatus.COMPLETED
+    pid = await files.pid()
+    await asyncio.wait_for(backend.aclose(), WAIT_S)
+    assert _gone(pid)
+    assert multiprocessing.active_children() == []
+
+
+async def test_workers_are_fresh_interpreters_not_forks() -> None:
+    import tabnanny  # noqa: F401 (in this process only: a fork would inherit it)
+
+    registry = ProcessorRegistry({TaskType.GENERATION: procs.modules})
+    backend = LocalComputeBackend(registry, resolve=_no_inputs, workers=1, max_input_pixels=10**7)
+    try:
+        params = {"modules": ["tabnanny", "worker_processors"]}
+        last = await _last(backend, await backend.submit(_request("m1", params)))
+        assert last.outputs[0].notes == ("worker_processors",)
+    finally:
+        await backend.aclose()
 
 
 async def test_a_closed_backend_that_never_ran_a_task_started_no_process() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,12 @@ def mislabelled(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFil
 def undecodable(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
     """Bytes said to be a PNG that are not one."""
     return [OutputFile(png()[:40], "image/png", 4, 4, seed=0)]
+
+
+def modules(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
+    """Notes which of ``params["modules"]`` this process has imported."""
+    loaded = tuple(name for name in params["modules"] if name in sys.modules)
+    return [OutputFile(png(), "image/png", 4, 4, seed=0, notes=loaded)]
 
 
 def refusing(params: dict[str, Any], ctx: ProcessorContext) -> list[OutputFile]:
