@@ -36,9 +36,15 @@ How a task runs in a process
        no shared memory, no lock), and then raises in the processor; a cancel that arrives
        after its task ended is recognised by its ``seq`` and dropped.
     5. A worker that dies (SIGKILL, a crash in native code) closes its end: the parent
-       reads end of file, fails the task as internal, reaps the process, and the slot gets
-       a fresh worker for its next task. A parent that dies the same way leaves its
-       workers end of file too: they exit at their next progress call or task.
+       reads end of file, reaps the process and fails the task as internal, and the slot
+       gets a fresh worker for its next task (as it does when its worker is found dead
+       between tasks). A parent that dies the same way leaves its workers end of file
+       too: they exit at their next progress call or task.
+
+``spawn`` starts each worker as a fresh interpreter with this process's ``sys.path`` and
+environment; like any ``spawn``, it imports the program's main module first, so that
+module must be importable without side effects (the ``if __name__ == "__main__":``
+idiom; the service's entry points are).
 
 ``aclose`` closes every stream (workers exit), waits ``STOP_GRACE_S`` for them, then
 terminates and, if need be, kills them, and reaps every one.
@@ -391,6 +397,10 @@ class _Processes(_Runner):
 
     async def run(self, slot: int, task: LocalTask, processor: Processor) -> Outcome:
         worker = self._workers[slot]
+        if worker is not None and not worker.alive():  # died between tasks
+            self._workers[slot] = None
+            await worker.stop()
+            worker = None
         if worker is None:
             # Shielded: a start cut short would leave a process nobody stops (aclose waits
             # for the starts still under way, then stops every worker they recorded).
@@ -500,8 +510,17 @@ class _Worker:
             raise
         finally:
             theirs.close()  # the worker has its own copy now; ours would hide its exit
-        reader, writer = await asyncio.open_connection(sock=ours)
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()  # the worker reads the end of its stream and exits
+            await asyncio.to_thread(_end, process)
+            raise
         return cls(process, reader, writer)
+
+    def alive(self) -> bool:
+        """Whether the process still runs (a dead one is reaped by asking)."""
+        return self.process.is_alive()
 
     async def send(self, message: tuple[Any, ...]) -> None:
         """Write one message and wait until the stream has taken it."""

@@ -110,6 +110,17 @@ async def _statuses(backend: LocalComputeBackend, compute_id: str) -> list[TaskS
     return seen
 
 
+def _zombie(pid: int) -> bool:
+    """The process has exited and waits for its parent to reap it.
+
+    Its main thread shows as a zombie before its other threads are gone too; only then
+    can it be reaped.
+    """
+    proc = Path(f"/proc/{pid}")
+    threads = [task.name for task in (proc / "task").iterdir()]
+    return threads == [str(pid)] and (proc / "stat").read_text().split(") ")[1].startswith("Z")
+
+
 def _gone(pid: int) -> bool:
     """The process has exited and been reaped (no zombie left)."""
     return not Path(f"/proc/{pid}").exists()
@@ -225,6 +236,27 @@ async def test_a_killed_worker_fails_its_task_as_internal_and_the_next_task_runs
         following = await backend.submit(_request("k2", after.params()))
         assert (await _last(backend, following)).status is TaskStatus.COMPLETED
         assert await after.pid() not in (pid, os.getpid())  # a fresh worker
+    finally:
+        await backend.aclose()
+
+
+async def test_a_worker_killed_between_tasks_is_replaced_before_the_next(tmp_path: Path) -> None:
+    first, second = Files(tmp_path, "a"), Files(tmp_path, "b")
+    backend = _backend(procs.quick, workers=1)
+    try:
+        done = await backend.submit(_request("b1", first.params()))
+        assert (await _last(backend, done)).status is TaskStatus.COMPLETED
+        pid = await first.pid()
+        os.kill(pid, signal.SIGKILL)
+
+        async def dead() -> bool:
+            return _zombie(pid)
+
+        await assert_eventually(dead, timeout=WAIT_S)
+        following = await backend.submit(_request("b2", second.params()))
+        assert (await _last(backend, following)).status is TaskStatus.COMPLETED
+        assert await second.pid() != pid
+        assert _gone(pid)
     finally:
         await backend.aclose()
 
