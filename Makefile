@@ -79,6 +79,7 @@ bench: install
 	$(BIN)/python -m benchmarks.replicas
 	$(BIN)/python -m benchmarks.push
 	$(BIN)/python -m benchmarks.compute_fleet
+	$(BIN)/python -m benchmarks.local_compute --rounds 2
 
 ## chaos: the long chaos run (kill -9 under load, killed first starts); SEED=n repeats one
 SEED ?= $(shell date +%s)

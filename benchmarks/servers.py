@@ -1,7 +1,8 @@
 """Servers the harness measures, each run in its own process and printing its port.
 
 python -m benchmarks.servers echo
-python -m benchmarks.servers sartiq DIR
+python -m benchmarks.servers sartiq DIR hold|instant
+python -m benchmarks.servers local DIR [lifted]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 
 from server.app import App
 from server.compute.fake import FakeComputeBackend
+from server.compute.local import LocalComputeBackend
 from server.config import (
     DatabaseSettings,
     MediaSettings,
@@ -106,6 +108,40 @@ async def _serve_sartiq(stop: asyncio.Event, root: Path, *, hold: bool) -> None:
     print(json.dumps(dataclasses.asdict(stats)), flush=True)
 
 
+async def _serve_local(stop: asyncio.Event, root: Path, *, lifted: bool) -> None:
+    """The embedded default of ``make run``: SQLite, the real local compute backend.
+
+    Only the port and the directories differ from the defaults, and with ``lifted`` the
+    admission limits (so that no create is refused while the renders fall behind).
+    """
+    orchestration = OrchestrationSettings()
+    if lifted:
+        orchestration = OrchestrationSettings(
+            max_queued_generations=1_000_000, max_live_per_organization=1_000_000
+        )
+    settings = Settings(
+        server=ServerSettings(port=0, grace_period=0.5),
+        database=DatabaseSettings(url=f"sqlite+aiosqlite:///{root / 'bench.db'}"),
+        media=MediaSettings(artifact_dir=root / "artifacts"),
+        orchestration=orchestration,
+    )
+    async with App(settings) as app:
+        compute = app.compute
+        if not isinstance(compute, LocalComputeBackend):
+            raise RuntimeError("the embedded default is the local backend")
+
+        def counts() -> None:  # SIGUSR1: the tasks so far, for the harness
+            partial = root / "compute.json.partial"
+            partial.write_text(json.dumps({"created": compute.created, "ended": compute.ended}))
+            partial.rename(root / "compute.json")
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, counts)
+        print(app.port, flush=True)
+        await stop.wait()
+        stats = app.writer_stats
+    print(json.dumps(dataclasses.asdict(stats)), flush=True)
+
+
 async def _main(argv: list[str]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -113,6 +149,8 @@ async def _main(argv: list[str]) -> None:
         loop.add_signal_handler(sig, stop.set)
     if argv[0] == "echo":
         await _serve_echo(stop)
+    elif argv[0] == "local":
+        await _serve_local(stop, Path(argv[1]), lifted=argv[2:] == ["lifted"])
     else:
         await _serve_sartiq(stop, Path(argv[1]), hold=argv[2:] == ["hold"])
 

@@ -109,6 +109,7 @@ def _compute_backend(
         resolve=resolve,
         workers=c.local_workers,
         max_input_pixels=settings.media.max_input_pixels,
+        nice=c.local_nice,
     )
 
 
@@ -247,6 +248,13 @@ class App:
         if self._grpc is None:
             raise RuntimeError("the app is not started")
         return self._grpc.port
+
+    @property
+    def compute(self) -> ComputeBackend:
+        """The compute backend in use (the one given, or the one the settings name)."""
+        if self._compute is None:
+            raise RuntimeError("the app is not started")
+        return self._compute
 
     @property
     def writer_stats(self) -> WriterStats:

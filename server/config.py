@@ -241,7 +241,16 @@ class ComputeSettings(BaseModel):
     model_config = _FROZEN
 
     backend: Literal["local", "http"] = "local"
-    local_workers: int = Field(default=2, ge=1, le=64)
+    local_workers: int = Field(
+        default=2, ge=1, le=64, description="worker processes of the local backend"
+    )
+    local_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="how much lower the local backend's worker processes run than the "
+        "server (os.nice), so that on a busy machine the event loop's work comes first",
+    )
     url: str = Field(
         default="http://127.0.0.1:8700", description="the compute server, when backend is http"
     )

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from server.compute.base import ComputeError, OutputFile, TaskRequest, UnknownComputeTaskError
-from server.compute.local import LocalComputeBackend
+from server.compute.local import Isolation, LocalComputeBackend
 from server.compute.processors.tasks import default_registry
 from server.compute.registry import (
     Processor,
@@ -33,14 +33,22 @@ def _png(size: tuple[int, int] = (4, 4)) -> bytes:
 
 
 def _backend_with(processor: Processor | None = None, **options: Any) -> LocalComputeBackend:
-    """A one-worker backend running ``processor`` (the real ones when None)."""
-    registry = (
-        default_registry()
-        if processor is None
-        else ProcessorRegistry({TaskType.GENERATION: processor})
-    )
+    """A one-worker backend: ``processor`` in a thread, or the real ones in a process if None.
+
+    The closures of these tests coordinate with them through threading events, so they run
+    in threads; tests/compute/test_local_processes.py tests the worker processes.
+    """
+    isolation: Isolation = "process"
+    registry = default_registry()
+    if processor is not None:
+        registry, isolation = ProcessorRegistry({TaskType.GENERATION: processor}), "thread"
     return LocalComputeBackend(
-        registry, resolve=_no_inputs, workers=1, max_input_pixels=10**7, **options
+        registry,
+        resolve=_no_inputs,
+        workers=1,
+        max_input_pixels=10**7,
+        isolation=isolation,
+        **options,
     )
 
 
