@@ -30,7 +30,7 @@ How a task runs in a process
        ``PROGRESS_INTERVAL_S``), then one of ``("done", outputs, digests)``,
        ``("failed", category, message)``, ``("cancelled",)`` or ``("error", traceback)``,
        in that order on the one stream, so the outcome is never overtaken by a progress
-       report. Outputs are probed (``_verified``) and hashed in the worker.
+       report. Outputs are probed (``outputs.verified``) and hashed in the worker.
     4. Cancel: the parent writes ``("cancel", seq)``. The worker looks for it before it
        starts the processor and at every ``ctx.progress`` call (a ``poll`` of its socket,
        no shared memory, no lock), and then raises in the processor; a cancel that arrives
@@ -84,10 +84,9 @@ from typing import Any, Literal
 
 from server.compute.base import OutputFile, TaskRequest, TaskSnapshot, UnknownComputeTaskError
 from server.compute.cell import TaskCell
-from server.compute.outputs import probed
+from server.compute.outputs import verified
 from server.compute.registry import Processor, ProcessorContext, ProcessorError, ProcessorRegistry
 from server.domain.enums import TaskStatus
-from server.media.probe import InvalidMediaError
 
 log = logging.getLogger(__name__)
 
@@ -624,24 +623,8 @@ def _read_inputs(
 
 def _finished(outputs: list[OutputFile]) -> Outcome:
     """The processor's outputs probed, and their SHA-256 digests; in the worker."""
-    checked = _verified(outputs)
+    checked = verified(outputs)
     return checked, tuple(hashlib.sha256(o.data).hexdigest() for o in checked)
-
-
-def _verified(outputs: list[OutputFile]) -> list[OutputFile]:
-    """The processor's outputs, each probed; in the worker.
-
-    Raises:
-        ProcessorError: an output is not a decodable image or video (category internal).
-    """
-    if not outputs:
-        raise ProcessorError("internal", "the processor returned no output")
-    try:
-        return [probed(o.data, seed=o.seed, notes=o.notes) for o in outputs]
-    except InvalidMediaError as exc:
-        raise ProcessorError(
-            "internal", f"the processor returned an output that does not decode: {exc}"
-        ) from None
 
 
 # -- in the worker process ---------------------------------------------------------------
