@@ -1,6 +1,7 @@
 """Status delay, push vs poll: from a task finishing on the compute server to the service.
 
     python -m benchmarks.push [--mode push|poll|both] [--tasks 50] [--size 64]
+        [--fleet redis://127.0.0.1:6379/9]
 
 The project's compute server (``python -m server.compute.server``, embedded board, two
 workers) and the service (``python -m server`` with ``SARTIQ_COMPUTE__BACKEND=http``), each
@@ -67,17 +68,39 @@ def _env(**settings: str) -> dict[str, str]:
     return env
 
 
-def compute_server(workdir: Path) -> contextlib.AbstractAsyncContextManager[int]:
-    """The compute server, embedded board, two workers."""
+@contextlib.asynccontextmanager
+async def compute_server(workdir: Path, fleet: str = "") -> AsyncIterator[int]:
+    """The compute server: embedded with two workers, or a fleet's (``fleet``: Redis).
+
+    The fleet: one API server and one Celery worker of two processes, its own namespace.
+    """
     port_file = workdir / "compute.port"
-    env = _env(
-        SARTIQ_COMPUTE_SERVER__PORT="0",
-        SARTIQ_COMPUTE_SERVER__PORT_FILE=str(port_file),
-        SARTIQ_COMPUTE_SERVER__TOKEN=TOKEN,
-        SARTIQ_COMPUTE_SERVER__WORKERS="2",
-        SARTIQ_COMPUTE_SERVER__LOG_LEVEL="WARNING",
-    )
-    return _process([sys.executable, "-m", "server.compute.server"], env, port_file)
+    namespace = f"bench:{os.getpid()}"
+    settings = {
+        "SARTIQ_COMPUTE_SERVER__PORT": "0",
+        "SARTIQ_COMPUTE_SERVER__PORT_FILE": str(port_file),
+        "SARTIQ_COMPUTE_SERVER__TOKEN": TOKEN,
+        "SARTIQ_COMPUTE_SERVER__WORKERS": "2",
+        "SARTIQ_COMPUTE_SERVER__LOG_LEVEL": "WARNING",
+    }
+    if fleet:
+        settings.update(
+            SARTIQ_COMPUTE_SERVER__BROKER_URL=fleet,
+            SARTIQ_COMPUTE_SERVER__STORAGE__URL=f"file://{workdir / 'storage'}",
+            SARTIQ_COMPUTE_SERVER__NAMESPACE=namespace,
+        )
+    env = _env(**settings)
+    async with _process([sys.executable, "-m", "server.compute.server"], env, port_file) as port:
+        if not fleet:
+            yield port
+            return
+        argv = [sys.executable, "-m", "server.compute.fleet.worker", "--concurrency=2"]
+        worker = await asyncio.create_subprocess_exec(*argv, env=env, start_new_session=True)
+        try:
+            yield port
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            await worker.wait()
 
 
 def service(
@@ -169,7 +192,7 @@ async def run(args: argparse.Namespace) -> None:
     """Measure the modes asked for against one compute server."""
     modes = ["push", "poll"] if args.mode == "both" else [args.mode]
     with tempfile.TemporaryDirectory() as tmp:
-        async with compute_server(Path(tmp)) as port:
+        async with compute_server(Path(tmp), args.fleet) as port:
             url = f"http://127.0.0.1:{port}"
             results = [await measure(mode, url, tasks=args.tasks, size=args.size) for mode in modes]
     report(results, args.size)
@@ -181,6 +204,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("push", "poll", "both"), default="both")
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--size", type=int, default=64, help="pixels, width and height")
+    parser.add_argument(
+        "--fleet", default="", help="a Redis URL: measure against a fleet (API server + worker)"
+    )
     args = parser.parse_args()
     asyncio.run(run(args))
 

@@ -251,3 +251,19 @@ async def test_a_task_whose_api_server_died_before_queueing_it_is_queued_by_anot
         done = await f.terminal_at(task_id, index=1, timeout=60)
         assert done.status == "completed", done
         assert f.runs()["orphan"] == 1
+
+
+async def test_a_task_is_queued_on_its_own_types_queue_alone(tmp_path: Path) -> None:
+    async with fleet(tmp_path, apis=1) as f:  # no worker: the deliveries stay queued
+        await f.submit("IMAGE_ADJUSTER", adjust("queued-a"), "qa")
+        await f.submit("VIDEO_GENERATION", video("queued-v"), "qv")
+        client = aioredis.Redis.from_url(REDIS_URL)
+        prefix = f.namespace.replace(":", ".")
+        try:
+            lengths = {
+                task_type: await client.llen(f"{prefix}.{task_type.lower()}")
+                for task_type in ("IMAGE_ADJUSTER", "VIDEO_GENERATION", "GENERATION", "REFINE")
+            }
+        finally:
+            await client.aclose()
+        assert lengths == {"IMAGE_ADJUSTER": 1, "VIDEO_GENERATION": 1, "GENERATION": 0, "REFINE": 0}

@@ -44,7 +44,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from server.compute.base import ComputeError, OutputFile
 from server.compute.fleet.records import (
@@ -87,6 +87,7 @@ def make_celery(
     API servers only send (``send_task`` by name), so they build it without a runner.
     """
     app = Celery("sartiq-compute", broker=settings.broker_url, set_as_current=False)
+    exchange = Exchange(settings.namespace.replace(":", "."), type="direct")
     restore_every = max(1, int(settings.redeliver_after_s / 4))
     app.conf.update(
         task_acks_late=True,
@@ -95,7 +96,12 @@ def make_celery(
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
-        task_queues=[Queue(queue_name(settings, t)) for t in TaskType],
+        # Each queue bound by its own name, so a delivery reaches that queue alone.
+        task_queues=[
+            Queue(queue_name(settings, t), exchange, routing_key=queue_name(settings, t))
+            for t in TaskType
+        ],
+        task_default_exchange=exchange.name,
         task_default_queue=queue_name(settings, TaskType.GENERATION),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
