@@ -6,8 +6,8 @@
 For each worker count: one API server and that many workers (one process each), in a
 namespace of their own; ``--tasks`` IMAGE_ADJUSTER tasks on a ``--side`` square photo-like
 image are submitted at once (16 at a time), and the time from the first submit to the last
-task ended is measured. Also reports the embedded one-process server (its pool of
-``--embedded-workers`` threads) on the same tasks, as the baseline.
+task ended is measured. Also reports the embedded one-process server (its
+``--embedded-workers`` worker processes) on the same tasks, as the baseline.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ async def main() -> None:
     ]
     for name, workers in runs:
         if workers == 0:
-            name = f"embedded ({args.embedded_workers} threads)"
+            name = f"embedded ({args.embedded_workers} worker processes)"
         with tempfile.TemporaryDirectory(prefix="sartiq-fleet-bench-") as tmp:
             async with _compute(Path(tmp), workers, args.redis, args.embedded_workers) as url:
                 await _run(url, min(20, args.tasks), image)  # warm up
