@@ -43,6 +43,7 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
@@ -140,6 +141,10 @@ class HttpComputeBackend:
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
         self._resolve = resolve
+        # Inputs are read (``resolve``) on threads of their own: a resolver that waits for
+        # the event loop, whose storage reads use the loop's default executor, would
+        # deadlock once every default thread waited in it (concurrent submits).
+        self._inliner = ThreadPoolExecutor(max_workers=4, thread_name_prefix="inline")
         self._push = push
         # Streams get their own pool: a connection per task followed, held while it runs,
         # must never leave the other calls waiting for one. A stream is silent at most
@@ -158,7 +163,8 @@ class HttpComputeBackend:
 
     async def submit(self, request: TaskRequest) -> str:
         """Create the remote task (or find the one this idempotency key created)."""
-        parameters = await asyncio.to_thread(self._inline, request.params)
+        loop = asyncio.get_running_loop()
+        parameters = await loop.run_in_executor(self._inliner, self._inline, request.params)
         body = SubmitRequest(
             task_type=request.task_type.value,
             parameters=parameters,
@@ -231,9 +237,10 @@ class HttpComputeBackend:
         return await self._call("health", HealthAnswer, "GET", HEALTH_PATH)
 
     async def aclose(self) -> None:
-        """Close the connection pools."""
+        """Close the connection pools and the input threads."""
         await self._client.aclose()
         await self._events_client.aclose()
+        self._inliner.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ----------------------------------------------------------------------
 
