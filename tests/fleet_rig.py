@@ -144,10 +144,6 @@ class Fleet:
     apis: list[ServerProcess] = field(default_factory=list)
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    @property
-    def urls(self) -> list[str]:
-        return [api.url for api in self.apis if api.returncode is None]
-
     async def add_api(self) -> ServerProcess:
         """Start one more API server and wait until it serves."""
         index = len(self.apis)

@@ -43,7 +43,12 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from kombu import Exchange, Queue
 
 from server.compute.base import ComputeError, OutputFile
@@ -345,6 +350,12 @@ class _ProcessRunner:
             self._pid = os.getpid()
         return self._runner
 
+    def close(self) -> None:
+        """Close this process's runner, if it made one; never raises."""
+        if self._runner is not None and self._pid == os.getpid():
+            self._runner.close()
+            self._runner = None
+
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the settings once and run a Celery worker until SIGTERM (warm shutdown)."""
@@ -371,8 +382,10 @@ def main(argv: list[str] | None = None) -> None:
     app = make_celery(settings, runner)
     if args.pool == "prefork":
         worker_process_init.connect(lambda **_: runner(), weak=False)
+        worker_process_shutdown.connect(lambda **_: runner.close(), weak=False)
     else:
         worker_ready.connect(lambda **_: runner(), weak=False)
+        worker_shutdown.connect(lambda **_: runner.close(), weak=False)
     queues = ",".join(queue_name(settings, t) for t in (types or list(TaskType)))
     name = args.name or f"sartiq-compute@{socket.gethostname()}-{os.getpid()}"
     app.worker_main(
