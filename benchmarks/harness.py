@@ -58,11 +58,27 @@ def _retry_after(error: grpc.aio.AioRpcError) -> float:
     return 0.1
 
 
-async def load(name: str, call: Call, concurrency: int, seconds: float) -> Result:
-    """Run ``call`` from ``concurrency`` callers for ``seconds``; rate and latency."""
+async def load(
+    name: str,
+    call: Call,
+    concurrency: int,
+    seconds: float,
+    *,
+    warm_up: float = 0.0,
+    on_window: Callable[[], Awaitable[None]] | None = None,
+) -> Result:
+    """Run ``call`` from ``concurrency`` callers for ``seconds``; rate and latency.
+
+    With ``warm_up`` the callers run that much longer first, and only the calls started
+    after it count: the window sees the load's steady state, not the burst of every caller
+    starting at once. ``on_window`` is awaited when the window opens (e.g. to take
+    counters), while the callers go on.
+    """
     latencies: list[float] = []
     refused = 0
-    deadline = time.perf_counter() + seconds
+    started = time.perf_counter()
+    window = started + warm_up
+    deadline = window + seconds
 
     async def worker() -> None:
         nonlocal refused
@@ -74,14 +90,19 @@ async def load(name: str, call: Call, concurrency: int, seconds: float) -> Resul
                 if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
                 # Back-pressure is an answer, not a crash: count it, wait as told.
-                refused += 1
+                refused += start >= window
                 await asyncio.sleep(_retry_after(error))
                 continue
-            latencies.append(time.perf_counter() - start)
+            if start >= window:
+                latencies.append(time.perf_counter() - start)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    async def open_window() -> None:
+        await asyncio.sleep(warm_up)
+        if on_window is not None:
+            await on_window()
+
+    await asyncio.gather(open_window(), *(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - window
     ordered = sorted(latencies) or [float("nan")]
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
     return Result(

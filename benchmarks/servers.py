@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from server.app import App
+from server.app import App, freeze_heap
 from server.compute.fake import FakeComputeBackend
 from server.compute.local import LocalComputeBackend
 from server.config import (
@@ -101,6 +101,7 @@ async def _serve_sartiq(stop: asyncio.Event, root: Path, *, hold: bool) -> None:
         ),
     )
     async with App(settings, compute=FakeComputeBackend(hold=hold, retain_finished=1000)) as app:
+        freeze_heap()  # as ``python -m server`` does once it serves
         print(app.port, flush=True)
         await stop.wait()
         stats = app.writer_stats
@@ -126,6 +127,7 @@ async def _serve_local(stop: asyncio.Event, root: Path, *, lifted: bool) -> None
         orchestration=orchestration,
     )
     async with App(settings) as app:
+        freeze_heap()  # as ``python -m server`` does once it serves
         compute = app.compute
         if not isinstance(compute, LocalComputeBackend):
             raise RuntimeError("the embedded default is the local backend")

@@ -31,6 +31,8 @@ _SUPERVISOR_FD = 0
 
 async def serve(settings: Settings, make_app: Callable[[Settings], App]) -> None:
     """Run the app until a termination signal (or, for a worker, its supervisor's end)."""
+    from server.app import freeze_heap
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -38,6 +40,7 @@ async def serve(settings: Settings, make_app: Callable[[Settings], App]) -> None
     supervised = settings.server.worker_index is not None and _stop_with_supervisor(loop, stop)
     try:
         async with make_app(settings) as app:
+            freeze_heap()
             loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
             if supervised:
                 _tell_supervisor(SERVING)

@@ -251,6 +251,12 @@ class ComputeSettings(BaseModel):
         description="how much lower the local backend's worker processes run than the "
         "server (os.nice), so that on a busy machine the event loop's work comes first",
     )
+    local_idle: bool = Field(
+        default=True,
+        description="run the local backend's worker processes under SCHED_IDLE too (Linux): "
+        "they get a CPU only when no other thread of the machine wants one, so the event "
+        "loop and the database writer never wait behind a render; false: the niceness alone",
+    )
     url: str = Field(
         default="http://127.0.0.1:8700", description="the compute server, when backend is http"
     )
@@ -313,7 +319,16 @@ class OrchestrationSettings(BaseModel):
         description="the most compute tasks one AGENTIC generation may cause "
         "(predictions x max_attempts x tasks per attempt); larger requests are refused",
     )
-    retry_after_seconds: float = Field(default=2.0, gt=0)
+    retry_after_seconds: float = Field(
+        default=2.0, gt=0, description="the mean delay a refused create is told (RetryInfo)"
+    )
+    retry_after_jitter: float = Field(
+        default=0.5,
+        ge=0,
+        lt=1,
+        description="each refusal's delay is drawn from retry_after_seconds x (1 +/- this), "
+        "so callers refused together do not all come back at the same moment",
+    )
     progress_interval: float = Field(
         default=0.5, ge=0, description="minimum seconds between stored progress events per task"
     )

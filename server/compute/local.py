@@ -4,8 +4,9 @@ Processors run in worker processes (``isolation="process"``, what the service an
 compute server use): rendering holds the GIL for most of its time, and in threads of the
 server's own process it took the GIL from the event loop, which then waited for it after
 every socket write, database call and wake-up. A worker process has its own interpreter,
-and it runs at a lower CPU priority (``os.nice``), so on a busy machine the event loop's
-work comes first.
+and it runs at a lower CPU priority (``os.nice``; with ``idle``, Linux's ``SCHED_IDLE``
+as well: it gets a CPU only when no other thread wants one, and yields it the moment one
+does), so on a busy machine the event loop's work comes first.
 
 How a task runs in a process
     There are ``workers`` slots, handed out first come, first served; a task is PENDING
@@ -132,6 +133,7 @@ class LocalComputeBackend:
         retain_finished: int = 64,
         isolation: Isolation = "process",
         nice: int = 10,
+        idle: bool = False,
     ) -> None:
         """A backend with ``workers`` slots.
 
@@ -144,12 +146,14 @@ class LocalComputeBackend:
             isolation: "process" (worker processes, processors importable functions) or
                 "thread" (a thread pool of this process, any callable).
             nice: how much lower the worker processes' CPU priority is (``os.nice``).
+            idle: run the worker processes under ``SCHED_IDLE`` too, where the system has
+                it (Linux): any other runnable thread of the machine goes first.
         """
         self._processors = processors
         self._slots = _Slots(range(workers))
         self._runner: _Runner
         if isolation == "process":
-            self._runner = _Processes(workers, resolve, max_input_pixels, nice)
+            self._runner = _Processes(workers, resolve, max_input_pixels, _Priority(nice, idle))
         else:
             self._runner = _Threads(workers, resolve, max_input_pixels)
         self._tasks: dict[str, LocalTask] = {}
@@ -383,14 +387,18 @@ class _Processes(_Runner):
     """Processors in worker processes, one per slot (see the module docstring)."""
 
     def __init__(
-        self, workers: int, resolve: Callable[[str], bytes], max_input_pixels: int, nice: int
+        self,
+        workers: int,
+        resolve: Callable[[str], bytes],
+        max_input_pixels: int,
+        priority: _Priority,
     ) -> None:
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker | None] = [None] * workers
         self._starting: set[asyncio.Task[_Worker]] = set()
         self._resolve = resolve
         self._max_input_pixels = max_input_pixels
-        self._nice = nice
+        self._priority = priority
         self._seq = 0
         self._running: dict[str, tuple[_Worker, int]] = {}  # task id -> its worker, its seq
 
@@ -431,7 +439,7 @@ class _Processes(_Runner):
             del self._running[task.id]
 
     async def _start(self, slot: int) -> _Worker:
-        worker = await _Worker.start(self._context, slot, self._nice)
+        worker = await _Worker.start(self._context, slot, self._priority)
         self._workers[slot] = worker
         return worker
 
@@ -496,12 +504,15 @@ class _Worker:
         self._exitcode: int | None = None
 
     @classmethod
-    async def start(cls, context: SpawnContext, slot: int, nice: int) -> _Worker:
+    async def start(cls, context: SpawnContext, slot: int, priority: _Priority) -> _Worker:
         """Spawn a worker process (off the loop: it forks and execs an interpreter)."""
         ours, theirs = socket.socketpair()
         try:
             process = context.Process(
-                target=_worker_main, args=(theirs, nice), name=f"compute-{slot}", daemon=True
+                target=_worker_main,
+                args=(theirs, priority),
+                name=f"compute-{slot}",
+                daemon=True,
             )
             await asyncio.to_thread(process.start)
         except BaseException:
@@ -674,12 +685,30 @@ class _Channel:
             self.send(("progress", min(max(value, 0.0), 1.0)))
 
 
-def _worker_main(sock: socket.socket, nice: int) -> None:
+@dataclass(frozen=True)
+class _Priority:
+    """How far below the server a worker process runs."""
+
+    nice: int  # added to the process's niceness
+    idle: bool  # SCHED_IDLE as well, where the system has it
+
+    def lower(self) -> None:
+        """Lower the calling process's priority; a policy the system refuses is skipped."""
+        if self.nice:
+            os.nice(self.nice)
+        policy = getattr(os, "SCHED_IDLE", None)
+        if self.idle and policy is not None:
+            try:
+                os.sched_setscheduler(0, policy, os.sched_param(0))
+            except OSError:  # a sandbox that forbids it: the niceness alone
+                log.warning("SCHED_IDLE was refused; the compute worker runs niced only")
+
+
+def _worker_main(sock: socket.socket, priority: _Priority) -> None:
     """A worker process: run tasks as the parent sends them, until its stream ends."""
     # Ctrl-C reaches the whole process group: the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if nice:
-        os.nice(nice)
+    priority.lower()
     conn = Connection(sock.detach())
     channel = _Channel(conn)
     with contextlib.suppress(EOFError, OSError):  # the parent closed the stream, or left

@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from server.domain.errors import ResourceExhaustedError
 
 
-def queue_full(retry_after: float) -> ResourceExhaustedError:
+@dataclass(frozen=True, slots=True)
+class RetryDelay:
+    """What a refused create is told to wait (``RetryInfo``), spread around ``seconds``.
+
+    Callers refused together and told the same delay all come back at the same moment,
+    and are refused together again: a burst every ``seconds`` that the next refusals
+    repeat. Each refusal draws its delay uniformly from ``seconds x (1 +/- jitter)``
+    instead, so the callers' returns spread out while the mean wait stays ``seconds``.
+    """
+
+    seconds: float
+    jitter: float = 0.0
+
+    def draw(self) -> float:
+        """One refusal's delay, in seconds."""
+        if not self.jitter:
+            return self.seconds
+        return self.seconds * (1 + self.jitter * random.uniform(-1.0, 1.0))
+
+
+def queue_full(retry: RetryDelay) -> ResourceExhaustedError:
     """The refusal of a create once the queue bound is reached."""
     return ResourceExhaustedError(
-        "too many generations are in progress; retry later", retry_after=retry_after
+        "too many generations are in progress; retry later", retry_after=retry.draw()
     )
 
 
-def organization_full(limit: int, retry_after: float) -> ResourceExhaustedError:
+def organization_full(limit: int, retry: RetryDelay) -> ResourceExhaustedError:
     """The refusal of a create once its organization has ``limit`` generations live."""
     return ResourceExhaustedError(
         f"this organization has {limit} generations in progress, its limit; "
         "retry when some have finished",
-        retry_after=retry_after,
+        retry_after=retry.draw(),
         reason="ORGANIZATION_LIMIT",
     )
 

@@ -18,7 +18,7 @@ import re
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from server.domain.model import Artifact, artifact_name
 from server.domain.recorder import utcnow
@@ -176,14 +176,29 @@ class ArtifactStorage(Protocol):
         """Release connections and threads; idempotent."""
 
 
+@runtime_checkable
+class ReadsBlocking(Protocol):
+    """A storage that can also read a blob in the calling thread (no event loop needed)."""
+
+    def read_sync(self, sha256: str) -> bytes:
+        """``read``, blocking: the whole blob, checked against its digest.
+
+        Raises:
+            ArtifactNotFoundError: nothing is stored under ``sha256``.
+        """
+        ...
+
+
 def blocking_reader(
     storage: ArtifactStorage, loop: asyncio.AbstractEventLoop
 ) -> Callable[[str], bytes]:
     """``artifact:<sha256>`` inputs read for a compute backend, from its worker threads.
 
-    The read itself runs on ``loop`` (the storage is async); the calling thread waits.
-    Called on the loop itself it would wait forever, so it refuses.
+    A storage that reads blocking (``ReadsBlocking``: files on a local disk) is read in
+    the calling thread. Otherwise the read runs on ``loop`` (the storage is async) and the
+    calling thread waits: called on the loop itself that would wait forever, so it refuses.
     """
+    read_sync = storage.read_sync if isinstance(storage, ReadsBlocking) else None
 
     def resolve(uri: str) -> bytes:
         match = _ARTIFACT_URI.fullmatch(uri)
@@ -191,6 +206,8 @@ def blocking_reader(
             raise FileNotFoundError(f"cannot resolve {uri!r}")
         if _running_loop() is loop:
             raise RuntimeError("an artifact is read off the event loop, never on it")
+        if read_sync is not None:
+            return read_sync(match.group(1))
         return asyncio.run_coroutine_threadsafe(storage.read(match.group(1)), loop).result()
 
     return resolve

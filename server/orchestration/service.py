@@ -22,7 +22,7 @@ from server.domain.errors import (
 )
 from server.domain.filters import GenerationFilter
 from server.domain.ids import IdSource
-from server.domain.limits import organization_full, queue_full
+from server.domain.limits import RetryDelay, organization_full, queue_full
 from server.domain.model import Artifact, CatalogEntity, Generation, Orchestration, clone
 from server.domain.paging import Cursor, PageTokens, paginate, query_key
 from server.orchestration.adjust import MAX_PASSES
@@ -245,12 +245,12 @@ class GenerationService:
         Raises:
             ResourceExhaustedError: the queue bound or the organization's limit is reached.
         """
-        retry_after = self._settings.retry_after_seconds
+        retry = RetryDelay(self._settings.retry_after_seconds, self._settings.retry_after_jitter)
         if self._engine.in_flight >= self._settings.max_queued_generations:
-            raise queue_full(retry_after)
+            raise queue_full(retry)
         limit = self._settings.max_live_per_organization
         if self._engine.live_count(org) >= limit:
-            raise organization_full(limit, retry_after)
+            raise organization_full(limit, retry)
         return self._engine.reserve(org)
 
     async def get(self, org: str, generation_id: str) -> Generation:

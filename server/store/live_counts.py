@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 
 from server.domain.errors import ResourceExhaustedError
-from server.domain.limits import organization_full, queue_full
+from server.domain.limits import RetryDelay, organization_full, queue_full
 from server.domain.states import GENERATION_TERMINAL
 
 ORGANIZATION = "organization"
@@ -66,7 +66,7 @@ class LiveLimits:
 
     per_organization: int
     total: int
-    retry_after: float
+    retry_after: RetryDelay
 
 
 @dataclass(frozen=True, slots=True)

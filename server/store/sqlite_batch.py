@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Table
@@ -30,11 +31,9 @@ def to_sqlite_datetime(value: datetime | None) -> str | None:
     """A datetime as SQLAlchemy stores it in SQLite: naive UTC text with microseconds."""
     if value is None:
         return None
-    value = value.astimezone(UTC)
-    return (
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d} "
-        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}"
-    )
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _json(value: Any) -> str | None:
@@ -62,15 +61,29 @@ class Statement:
         keys = [c.name for c in table.primary_key.columns]
         columns = keys if mode is Mode.DELETE else [c.name for c in table.columns]
         self._columns = columns
-        self._convert = [_converter(table.c[name].type) for name in columns]
+        converters = [_converter(table.c[name].type) for name in columns]
+        # (index, converter) of the columns whose values need converting, the rest as is.
+        self._converted = [(i, c) for i, c in enumerate(converters) if c is not None]
+        self._values = _getter(columns)
         self.sql = _sql(table, mode, columns, keys)
 
     def parameters(self, row: dict[str, Any]) -> tuple[Any, ...]:
         """The row's values in the statement's order, converted for SQLite."""
-        return tuple(
-            row[name] if convert is None else convert(row[name])
-            for name, convert in zip(self._columns, self._convert, strict=True)
-        )
+        values = self._values(row)
+        if not self._converted:
+            return values
+        converted = list(values)
+        for index, convert in self._converted:
+            converted[index] = convert(converted[index])
+        return tuple(converted)
+
+
+def _getter(columns: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """A function of a row: its values of ``columns``, in order, as a tuple."""
+    if len(columns) == 1:
+        (name,) = columns
+        return lambda row: (row[name],)
+    return itemgetter(*columns)
 
 
 def _quoted(name: str) -> str:
@@ -100,10 +113,10 @@ def _sql(table: Table, mode: Mode, columns: list[str], keys: list[str]) -> str:
 
 
 class Connection:
-    """The writer's SQLite connection, used on the event loop; checkpoints run elsewhere.
+    """The writer's SQLite connection, used from one thread at a time; checkpoints elsewhere.
 
-    A batch is a few ``executemany`` calls in C, well under a millisecond for hundreds
-    of rows, so it runs where the writer runs, with no hop to another thread. What can
+    A batch is a few ``executemany`` calls in C that release the GIL while SQLite works,
+    so the thread that runs them (the writer's own) leaves the event loop free. What can
     take longer, copying the write-ahead log back into the database (a checkpoint, with
     its fsync), is left to a thread of its own, so a commit never waits for it.
     """

@@ -6,9 +6,11 @@ events and releases the callers waiting for durability. A caller that is cancell
 it waits does not stop its write: once queued, a write is committed and published, or
 fails as a whole.
 
-On SQLite the whole batch is one call into a dedicated thread that owns a plain
-(synchronous) connection, so a batch costs one hop to the driver however many rows it
-holds. Elsewhere (PostgreSQL) the batch runs on an async connection, one round trip per
+On SQLite the rows are turned into plain tuples on the loop, and the whole batch is one
+call into a thread of the writer's own that owns a plain (synchronous) connection: a
+batch costs one hop to the driver however many rows it holds, and while SQLite inserts,
+commits and waits for its file (in C, the GIL released) the loop goes on answering
+calls. Elsewhere (PostgreSQL) the batch runs on an async connection, one round trip per
 statement.
 
 Event cursors are per organization: its events are numbered 1, 2, 3... in commit order,
@@ -43,9 +45,10 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -69,6 +72,7 @@ from server.store.live_counts import LimitReached, LiveCounts, LiveLimits, Tally
 from server.store.rows import EVENTS, GENERATIONS, TABLE_ORDER, Mode, Op
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 MAX_BATCH = 2000
 _TERMINAL = frozenset(s.value for s in GENERATION_TERMINAL)
 
@@ -165,8 +169,15 @@ class _Statements:
         return built
 
 
+# Each table's primary key columns, by table name (SQLAlchemy's own lookup is slow).
+_PRIMARY_KEYS = {
+    table.name: tuple(c.name for c in table.primary_key.columns) for table, _ in TABLE_ORDER
+}
+
+
 def _key(op: Op) -> tuple[Any, ...]:
-    return tuple(op.row[c.name] for c in op.table.primary_key.columns)
+    row = op.row
+    return tuple([row[name] for name in _PRIMARY_KEYS[op.table.name]])
 
 
 Group = tuple[Table, Mode, list[dict[str, Any]]]
@@ -228,19 +239,27 @@ class _Backend:
 
 
 class _SqliteBackend(_Backend):
-    """SQLite: a batch runs on the loop in C (see ``sqlite_batch``): no hop at all."""
+    """SQLite: rows converted on the loop, each batch run in C on the writer's own thread.
+
+    Every call on the connection goes through that one thread, in the order the writer
+    makes them, so the connection is never used by two threads at once.
+    """
 
     dialect = "sqlite"
 
     def __init__(self, connection: sqlite_batch.Connection) -> None:
         self._connection = connection
         self._statements: dict[tuple[str, Mode], sqlite_batch.Statement] = {}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
 
     def _statement(self, table: Table, mode: Mode) -> sqlite_batch.Statement:
         statement = self._statements.get((table.name, mode))
         if statement is None:
             statement = self._statements[(table.name, mode)] = sqlite_batch.Statement(table, mode)
         return statement
+
+    async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
     async def write(
         self, groups: list[Group], tally: Tally, fences: dict[str, int]
@@ -250,23 +269,29 @@ class _SqliteBackend(_Backend):
         prepared = []
         for table, mode, rows in groups:
             statement = self._statement(table, mode)
-            prepared.append((statement.sql, [statement.parameters(row) for row in rows]))
-        self._connection.write(prepared)
+            prepared.append((statement.sql, list(map(statement.parameters, rows))))
+        await self._call(self._connection.write, prepared)
         return len(prepared), 1
 
     async def last_cursor(self, organization: str) -> int:
-        rows = self._connection.query(
-            "SELECT max(cursor) FROM generation_events WHERE organization = ?", (organization,)
+        rows = await self._call(
+            self._connection.query,
+            "SELECT max(cursor) FROM generation_events WHERE organization = ?",
+            (organization,),
         )
         return int(rows[0][0] or 0)
 
     async def renew(self, owner: str, expiry: datetime) -> None:
-        self._connection.execute(
+        await self._call(
+            self._connection.execute,
             "UPDATE generations SET lease_expires_at = ? WHERE owner = ?",
             (sqlite_batch.to_sqlite_datetime(expiry), owner),
         )
 
     async def claim(self, owner: str, expiry: datetime) -> list[str]:
+        return await self._call(self._claim, owner, expiry)
+
+    def _claim(self, owner: str, expiry: datetime) -> list[str]:
         terminal = ", ".join(f"'{s.value}'" for s in GENERATION_TERMINAL)
         where = f"status NOT IN ({terminal})"
         connection = self._connection
@@ -286,7 +311,10 @@ class _SqliteBackend(_Backend):
         return [row[0] for row in rows]
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._connection.close)
+        try:
+            await self._call(self._connection.close)
+        finally:
+            self._thread.shutdown(wait=True)
 
 
 class _AsyncBackend(_Backend):
@@ -517,7 +545,7 @@ class Writer:
                 await self._renew_leases()
                 continue
             # One turn of the loop lets every ready task queue its write: they share the
-            # transaction (with SQLite the batch runs on the loop, so this is the window).
+            # transaction (and what is queued while it commits goes in the next one).
             await asyncio.sleep(0)
             batch = [first]
             while len(batch) < MAX_BATCH and not self._queue.empty():

@@ -144,6 +144,25 @@ async def test_progress_crosses_from_the_worker_process_while_it_runs(tmp_path: 
         await backend.aclose()
 
 
+@pytest.mark.parametrize("idle", [True, False])
+async def test_workers_run_below_the_server_niced_and_idle_scheduled_when_asked(
+    tmp_path: Path, idle: bool
+) -> None:
+    files = Files(tmp_path, "a")
+    backend = _backend(procs.quick, nice=7, idle=idle)
+    try:
+        compute_id = await backend.submit(_request("n1", files.params()))
+        assert (await _last(backend, compute_id)).status is TaskStatus.COMPLETED
+        pid = await files.pid()
+        assert pid != os.getpid()
+        niceness = os.getpriority(os.PRIO_PROCESS, pid) - os.getpriority(os.PRIO_PROCESS, 0)
+        assert niceness == 7
+        expected = os.SCHED_IDLE if idle else os.sched_getscheduler(0)
+        assert os.sched_getscheduler(pid) == expected
+    finally:
+        await backend.aclose()
+
+
 async def test_cancel_stops_the_processor_between_steps_and_frees_the_slot(
     tmp_path: Path,
 ) -> None:

@@ -117,7 +117,30 @@ async def test_admission_limit_answers_resource_exhausted_with_retry_info(
     ]
     info = error_details_pb2.RetryInfo()
     retry[0].Unpack(info)
-    assert info.retry_delay.seconds == 3
+    assert 1.5 <= info.retry_delay.ToTimedelta().total_seconds() <= 4.5  # 3 s +/- 50%
+
+
+async def test_callers_refused_together_are_told_delays_spread_around_the_setting(
+    stub: GenerationStub, fake_compute: FakeComputeBackend, product_id: str
+) -> None:
+    fake_compute.hold = True
+    await create_generation(stub, product_id)
+    refusals = await asyncio.gather(
+        *(create_generation(stub, product_id) for _ in range(20)), return_exceptions=True
+    )
+    delays = []
+    for refusal in refusals:
+        assert isinstance(refusal, grpc.aio.AioRpcError)
+        assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        (packed,) = [
+            d for d in rich_status(refusal).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+        ]
+        info = error_details_pb2.RetryInfo()
+        packed.Unpack(info)
+        delays.append(info.retry_delay.ToTimedelta().total_seconds())
+    assert all(1.5 <= delay <= 4.5 for delay in delays), delays
+    # Drawn per refusal: twenty equal draws of a millisecond delay do not happen.
+    assert len(set(delays)) > 10, delays
 
 
 async def _start_and_stop_midway(

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from server.config import DatabaseSettings
 from server.domain.errors import ResourceExhaustedError
+from server.domain.limits import RetryDelay
 from server.store.db import create_engine
 from server.store.events import EventBus
 from server.store.live_counts import LiveLimits
@@ -65,7 +66,7 @@ async def writer(url: str, limits: LiveLimits) -> AsyncIterator[Writer]:
 
 
 async def test_a_refused_create_fails_alone_and_writes_nothing(pg_url: str) -> None:
-    limits = LiveLimits(per_organization=2, total=100, retry_after=3.0)
+    limits = LiveLimits(per_organization=2, total=100, retry_after=RetryDelay(3.0))
     async with writer(pg_url, limits) as w:
         # Queued together, so they share one transaction: a's third and fourth do not fit.
         queued = [
@@ -90,7 +91,7 @@ async def test_a_refused_create_fails_alone_and_writes_nothing(pg_url: str) -> N
 
 
 async def test_ending_counts_once_even_when_written_again(pg_url: str) -> None:
-    limits = LiveLimits(per_organization=5, total=5, retry_after=1.0)
+    limits = LiveLimits(per_organization=5, total=5, retry_after=RetryDelay(1.0))
     async with writer(pg_url, limits) as w:
         for n in range(3, 5):
             await w.submit(upsert(f"g{n}", "org-a", "PENDING"), [], admit="org-a")
@@ -112,7 +113,7 @@ async def test_ending_counts_once_even_when_written_again(pg_url: str) -> None:
 
 
 async def test_two_writers_never_pass_the_cap_together(pg_url: str) -> None:
-    limits = LiveLimits(per_organization=10, total=15, retry_after=1.0)
+    limits = LiveLimits(per_organization=10, total=15, retry_after=RetryDelay(1.0))
     async with writer(pg_url, limits) as one, writer(pg_url, limits) as two:
         # Twenty creates per organization, alternating replicas, one at a time per
         # replica so each is a transaction of its own racing the other replica's.
@@ -160,7 +161,9 @@ async def test_0010_counts_the_generations_live_at_the_upgrade(pg_url: str) -> N
     await upgrade_to_head(settings)
     assert await counts(pg_url) == {"": 5, "org-a": 4, "org-b": 1}
     # And they go on from there: the next create of org-a meets its cap of 4.
-    async with writer(pg_url, LiveLimits(per_organization=4, total=100, retry_after=1.0)) as w:
+    async with writer(
+        pg_url, LiveLimits(per_organization=4, total=100, retry_after=RetryDelay(1.0))
+    ) as w:
         with pytest.raises(ResourceExhaustedError):
             await w.submit(upsert("new", "org-a", "PENDING"), [], admit="org-a")
         await w.submit(upsert("new", "org-b", "PENDING"), [], admit="org-b")

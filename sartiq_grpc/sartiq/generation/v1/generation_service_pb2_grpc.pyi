@@ -92,7 +92,10 @@ class GenerationServiceStub:
       generations in progress as it may; reason RATE_LIMITED: the
       organization sent more calls per second than the server allows (a token
       bucket per organization). A `google.rpc.RetryInfo` gives the delay after
-      which retrying is reasonable; retry with the same `request_id`.
+      which retrying is reasonable; retry with the same `request_id`. For
+      QUEUE_FULL and ORGANIZATION_LIMIT each refusal's delay is drawn around
+      the server's setting (2 s +/- 50% by default), so callers refused
+      together do not all come back at once.
     * UNIMPLEMENTED, reason NOT_IMPLEMENTED: a strategy or orchestration type
       this server does not run yet (see `GetCapabilities`);
       `metadata["feature"]` names it, e.g. "STRATEGY_EDITING".
@@ -261,7 +264,10 @@ class GenerationServiceAsyncStub(GenerationServiceStub):
       generations in progress as it may; reason RATE_LIMITED: the
       organization sent more calls per second than the server allows (a token
       bucket per organization). A `google.rpc.RetryInfo` gives the delay after
-      which retrying is reasonable; retry with the same `request_id`.
+      which retrying is reasonable; retry with the same `request_id`. For
+      QUEUE_FULL and ORGANIZATION_LIMIT each refusal's delay is drawn around
+      the server's setting (2 s +/- 50% by default), so callers refused
+      together do not all come back at once.
     * UNIMPLEMENTED, reason NOT_IMPLEMENTED: a strategy or orchestration type
       this server does not run yet (see `GetCapabilities`);
       `metadata["feature"]` names it, e.g. "STRATEGY_EDITING".
@@ -426,7 +432,10 @@ class GenerationServiceServicer(metaclass=_abc_1.ABCMeta):
       generations in progress as it may; reason RATE_LIMITED: the
       organization sent more calls per second than the server allows (a token
       bucket per organization). A `google.rpc.RetryInfo` gives the delay after
-      which retrying is reasonable; retry with the same `request_id`.
+      which retrying is reasonable; retry with the same `request_id`. For
+      QUEUE_FULL and ORGANIZATION_LIMIT each refusal's delay is drawn around
+      the server's setting (2 s +/- 50% by default), so callers refused
+      together do not all come back at once.
     * UNIMPLEMENTED, reason NOT_IMPLEMENTED: a strategy or orchestration type
       this server does not run yet (see `GetCapabilities`);
       `metadata["feature"]` names it, e.g. "STRATEGY_EDITING".
