@@ -7,7 +7,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
 
-.PHONY: install run compute-server compute-worker test fuzz lint fmt check protos protos-check breaking bench chaos demo clean
+.PHONY: install install-diffusion gpu-check run compute-server compute-worker test fuzz lint fmt check protos protos-check breaking bench chaos demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The diffusion extra, for the tests (the service itself runs without it). torch first, by
+# its exact version: on these machines pip takes the CPU build that lies on disk for it.
+TORCH ?= torch==2.13.0
+DIFFUSION_STAMP := $(VENV)/.diffusion
+$(DIFFUSION_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q '$(TORCH)'
+	$(BIN)/python -m pip install -q -e '.[dev,postgres,s3,fleet,diffusion]'
+	touch $(DIFFUSION_STAMP)
+
+install-diffusion: $(DIFFUSION_STAMP)
 
 # The Node.js example client, run by the suite against a real server.
 $(NODE_EXAMPLE): examples/node/package.json examples/node/package-lock.json
@@ -41,8 +52,17 @@ compute-worker: install
 	$(BIN)/sartiq-compute-worker
 
 ## test: lint, check the generated stubs for drift, run the whole suite (Node example included)
-test: lint protos-check $(NODE_EXAMPLE)
+test: lint protos-check $(NODE_EXAMPLE) $(DIFFUSION_STAMP)
 	$(BIN)/python -m pytest
+
+## gpu-check: the diffusion provider's tests on CUDA (fp16 on the device), where one is present
+gpu-check: $(DIFFUSION_STAMP)
+	@if $(BIN)/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then \
+		$(BIN)/python -c 'import torch; print("gpu-check on", torch.cuda.get_device_name(0))'; \
+		SARTIQ_TEST_DIFFUSION_DEVICE=cuda $(BIN)/python -m pytest tests/diffusion -p no:cacheprovider; \
+	else \
+		echo "gpu-check: no CUDA device on this machine (torch sees none): nothing was run"; \
+	fi
 
 ## fuzz: the hostile-input suite's long round (10,000 requests; SARTIQ_FUZZ_SEED=n to vary it)
 fuzz: install

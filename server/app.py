@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -21,7 +22,7 @@ from server.api.server import GrpcServer, Services, build_server
 from server.api.tls import TlsCredentials
 from server.artifacts.service import ArtifactService
 from server.catalog.service import CatalogService
-from server.compute.base import ComputeBackend
+from server.compute.base import ComputeBackend, ComputeError
 from server.compute.breaker import Breakers, BreakerSettings
 from server.compute.http import HttpComputeBackend
 from server.compute.local import LocalComputeBackend
@@ -113,6 +114,21 @@ def _compute_backend(
         nice=c.local_nice,
         idle=c.local_idle,
     )
+
+
+async def _compute_providers(compute: ComputeBackend) -> dict[str, dict[str, str]]:
+    """What serves each task type: CPU processors, or what the compute server's health says.
+
+    Empty while the compute server cannot be reached.
+    """
+    if isinstance(compute, LocalComputeBackend):
+        return {t.value: {"provider": "cpu"} for t in compute.task_types}
+    if isinstance(compute, HttpComputeBackend):
+        try:
+            return (await compute.health()).providers
+        except ComputeError:
+            return {}
+    return {}
 
 
 def _evaluators(settings: Settings, breakers: Breakers) -> Evaluators:
@@ -356,6 +372,7 @@ class App:
                 settings=s.orchestration,
                 media=s.media,
                 compute_backend=self._compute.name,
+                compute_providers=functools.partial(_compute_providers, self._compute),
                 evaluation_providers=evaluators.names,
                 tokens=tokens,
             ),

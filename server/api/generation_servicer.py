@@ -144,7 +144,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.GetCapabilitiesRequest, context: Context
     ) -> pb.GetCapabilitiesResponse:
         """What this server runs now."""
-        return capabilities(self._service.capabilities())
+        return capabilities(await self._service.capabilities())
 
 
 def capabilities(value: Capabilities) -> pb.GetCapabilitiesResponse:
@@ -176,4 +176,14 @@ def capabilities(value: Capabilities) -> pb.GetCapabilitiesResponse:
         compute_backend=value.compute_backend,
         max_upload_bytes=value.max_upload_bytes,
         max_input_pixels=value.max_input_pixels,
+        task_providers=[
+            pb.TaskTypeProvider(
+                task_type=to_proto(TaskType(name), TaskType),
+                provider=served.get("provider", ""),
+                model=served.get("model", ""),
+                pipeline=served.get("pipeline", ""),
+            )
+            for name, served in value.task_providers.items()
+            if name in TaskType.__members__
+        ],
     )

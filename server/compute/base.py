@@ -71,6 +71,9 @@ class OutputFile:
     frame_count: int = 0
     # Findings worth telling the caller, e.g. "no face detected; the image is unchanged".
     notes: tuple[str, ...] = ()
+    # What produced it beyond the task's parameters (the diffusion provider: model,
+    # pipeline, scheduler, steps, guidance, LoRAs); empty for the CPU processors.
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

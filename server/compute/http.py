@@ -370,7 +370,12 @@ class HttpComputeBackend:
         data = await self.breakers["download"].call(lambda: self._fetch(compute_id, item))
         try:
             return await asyncio.to_thread(
-                probed, data, seed=item.seed, notes=item.notes, max_bytes=self._max_output_bytes
+                probed,
+                data,
+                seed=item.seed,
+                notes=item.notes,
+                recipe=item.recipe,
+                max_bytes=self._max_output_bytes,
             )
         except InvalidMediaError as exc:
             raise ComputeError(

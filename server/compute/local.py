@@ -87,7 +87,7 @@ from server.compute.base import OutputFile, TaskRequest, TaskSnapshot, UnknownCo
 from server.compute.cell import TaskCell
 from server.compute.outputs import verified
 from server.compute.registry import Processor, ProcessorContext, ProcessorError, ProcessorRegistry
-from server.domain.enums import TaskStatus
+from server.domain.enums import TaskStatus, TaskType
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,11 @@ class LocalComputeBackend:
     """Runs each task's processor in a worker process (or thread), reporting progress."""
 
     name = "local"
+
+    @property
+    def task_types(self) -> tuple[TaskType, ...]:
+        """The task types it has a processor for."""
+        return self._processors.task_types
 
     def __init__(
         self,
@@ -354,6 +359,9 @@ class _Threads(_Runner):
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compute")
         self._resolve = resolve
         self._max_input_pixels = max_input_pixels
+        # What processors keep between tasks. The pool's threads share it: a processor
+        # that keeps something must guard it (the diffusion provider locks its models).
+        self._keep: dict[str, Any] = {}
 
     async def run(self, slot: int, task: LocalTask, processor: Processor) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -366,7 +374,10 @@ class _Threads(_Runner):
                 loop.call_soon_threadsafe(lambda: task.update(progress=clamped))
 
         context = ProcessorContext(
-            resolve=self._resolve, progress=report, max_input_pixels=self._max_input_pixels
+            resolve=self._resolve,
+            progress=report,
+            max_input_pixels=self._max_input_pixels,
+            keep=self._keep,
         )
 
         def work() -> Outcome:
@@ -709,6 +720,7 @@ def _worker_main(sock: socket.socket, priority: _Priority) -> None:
     # Ctrl-C reaches the whole process group: the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     priority.lower()
+    keep: dict[str, Any] = {}  # what processors keep between this process's tasks
     conn = Connection(sock.detach())
     channel = _Channel(conn)
     with contextlib.suppress(EOFError, OSError):  # the parent closed the stream, or left
@@ -725,7 +737,7 @@ def _worker_main(sock: socket.socket, priority: _Priority) -> None:
                 continue  # a cancel that came after its task had ended
             _, seq, processor, params, inputs, max_input_pixels = message
             channel.begin(seq)
-            conn.send(_execute(channel, processor, params, inputs, max_input_pixels))
+            conn.send(_execute(channel, processor, params, inputs, max_input_pixels, keep))
 
 
 def _execute(
@@ -734,6 +746,7 @@ def _execute(
     params: dict[str, Any],
     inputs: dict[str, bytes | Exception],
     max_input_pixels: int,
+    keep: dict[str, Any],
 ) -> tuple[Any, ...]:
     """Run one task in the worker; the message that ends it."""
 
@@ -746,7 +759,7 @@ def _execute(
         return found
 
     context = ProcessorContext(
-        resolve=resolve, progress=channel.progress, max_input_pixels=max_input_pixels
+        resolve=resolve, progress=channel.progress, max_input_pixels=max_input_pixels, keep=keep
     )
     try:
         channel.check_cancelled()

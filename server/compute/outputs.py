@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from server.compute.base import OutputFile
 from server.compute.registry import ProcessorError
@@ -14,7 +15,12 @@ MAX_OUTPUT_BYTES = 512 * 1024 * 1024
 
 
 def probed(
-    data: bytes, *, seed: int, notes: Iterable[str] = (), max_bytes: int = MAX_OUTPUT_BYTES
+    data: bytes,
+    *,
+    seed: int,
+    notes: Iterable[str] = (),
+    recipe: Mapping[str, Any] | None = None,
+    max_bytes: int = MAX_OUTPUT_BYTES,
 ) -> OutputFile:
     """An ``OutputFile`` whose mime type and media facts come from decoding ``data``.
 
@@ -33,6 +39,7 @@ def probed(
         duration_s=info.duration_s,
         frame_count=info.frame_count,
         notes=tuple(notes),
+        recipe=dict(recipe or {}),
     )
 
 
@@ -56,7 +63,7 @@ def verified(outputs: list[OutputFile]) -> list[OutputFile]:
     if not outputs:
         raise ProcessorError("internal", "the processor returned no output")
     try:
-        return [probed(o.data, seed=o.seed, notes=o.notes) for o in outputs]
+        return [probed(o.data, seed=o.seed, notes=o.notes, recipe=o.recipe) for o in outputs]
     except InvalidMediaError as exc:
         raise ProcessorError(
             "internal", f"the processor returned an output that does not decode: {exc}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from server.compute.base import ComputeError, OutputFile
@@ -20,11 +20,19 @@ class ProcessorError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ProcessorContext:
-    """What a processor may use besides its parameters."""
+    """What a processor may use besides its parameters.
+
+    ``keep`` lives as long as the worker that runs the processor (its process, its thread
+    pool, its Celery process): what a processor puts there (loaded models) the next task
+    of the same worker finds again. A worker process or a Celery process runs one task at
+    a time; the threads of the ``thread`` isolation share one, so what is kept there must
+    be guarded (the diffusion provider locks it).
+    """
 
     resolve: Callable[[str], bytes]
     progress: Callable[[float], None]
     max_input_pixels: int
+    keep: dict[str, Any] = field(default_factory=dict)
 
 
 Processor = Callable[[dict[str, Any], ProcessorContext], list[OutputFile]]
@@ -47,6 +55,11 @@ class ProcessorRegistry:
         if task_type in self._processors:
             raise ValueError(f"a processor for {task_type} is registered already")
         self._processors[task_type] = processor
+
+    @property
+    def task_types(self) -> tuple[TaskType, ...]:
+        """The task types with a processor, in declaration order."""
+        return tuple(t for t in TaskType if t in self._processors)
 
     def get(self, task_type: TaskType) -> Processor:
         """The processor for ``task_type``.

@@ -79,6 +79,9 @@ Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Text = Annotated[str, StringConstraints(max_length=4000)]
 Word = Annotated[str, StringConstraints(max_length=64)]
+# What a provider says produced an output: scalars, and lists of small records (LoRAs).
+RecipeScalar = Annotated[str, StringConstraints(max_length=2048)] | int | float | bool | None
+RecipeValue = RecipeScalar | Annotated[list[dict[Word, RecipeScalar]], Field(max_length=16)]
 
 
 class WireFormatError(ValueError):
@@ -113,6 +116,7 @@ class OutputItem(_Wire):
     duration_s: float | None = Field(default=None, ge=0)
     frame_count: int = Field(default=0, ge=0)
     notes: list[Text] = Field(default_factory=list, max_length=32)
+    recipe: dict[Word, RecipeValue] = Field(default_factory=dict, max_length=32)
 
 
 class TaskOutput(_Wire):
@@ -184,6 +188,9 @@ class HealthAnswer(_Wire):
     tasks_created: int = Field(ge=0)
     tasks_ended: int = Field(ge=0)
     event_streams: int = Field(default=0, ge=0)  # events streams open now
+    # What serves each task type: {"provider": "cpu"}, or "diffusion" with its "model"
+    # (the registry's name) and "pipeline" (the diffusers class).
+    providers: dict[Word, dict[Word, Text]] = Field(default_factory=dict, max_length=32)
 
     @property
     def live(self) -> int:

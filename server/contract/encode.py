@@ -110,6 +110,7 @@ def recipe(value: model.Recipe | None) -> pb.Recipe | None:
         seed=value.seed,
         backend=value.backend,
         input_sha256=value.input_sha256,
+        provider=struct(value.provider),
     )
 
 

@@ -139,6 +139,8 @@ class Recipe:
     seed: int
     backend: str
     input_sha256: list[str] = field(default_factory=list)
+    # What the compute provider used beyond the parameters (model, scheduler, LoRAs...).
+    provider: dict[str, Any] = field(default_factory=dict)
 
 
 def artifact_name(sha256: str) -> str:

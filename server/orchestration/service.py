@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,9 @@ class Capabilities:
     compute_backend: str
     max_upload_bytes: int
     max_input_pixels: int
+    # What serves each compute task type ("provider", and "model" and "pipeline" for
+    # diffusion); empty when the compute backend cannot say now.
+    task_providers: dict[str, dict[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,7 @@ class GenerationService:
         settings: OrchestrationSettings,
         media: MediaSettings,
         compute_backend: str,
+        compute_providers: Callable[[], Awaitable[dict[str, dict[str, str]]]],
         evaluation_providers: tuple[str, ...],
         tokens: PageTokens,
     ) -> None:
@@ -94,13 +98,14 @@ class GenerationService:
         self._settings = settings
         self._media = media
         self._compute_backend = compute_backend
+        self._compute_providers = compute_providers
         self._providers = evaluation_providers
         self._tokens = tokens
         self._ids = IdSource()
         # Creates in flight by idempotency key: a concurrent duplicate waits for the first.
         self._creates = CreatesInFlight(self._stored)
 
-    def capabilities(self) -> Capabilities:
+    async def capabilities(self) -> Capabilities:
         """The strategies, orchestration types and limits this server runs now."""
         return Capabilities(
             strategies=self._strategies.available(),
@@ -110,6 +115,7 @@ class GenerationService:
             compute_backend=self._compute_backend,
             max_upload_bytes=self._media.max_upload_bytes,
             max_input_pixels=self._media.max_input_pixels,
+            task_providers=await self._compute_providers(),
         )
 
     async def create(

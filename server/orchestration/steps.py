@@ -297,6 +297,7 @@ class TaskRunner:
                 seed=int(task.params.get("seed", output.seed)),
                 backend=self._compute.name,
                 input_sha256=input_hashes(task.params),
+                provider=dict(output.recipe),
             ),
         )
         live.recorder.artifact_stored(artifact)

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from server.compute.base import ComputeError, TaskRequest, UnknownComputeTaskError
+from server.compute.diffusion import providers
 from server.compute.fleet.records import CANCEL, CREATE, LIVE_WORKERS, Keys, TaskRecord
 from server.compute.fleet.worker import RUN_TASK, make_celery, queue_name
 from server.compute.server.board import OutputBytes
@@ -57,6 +58,8 @@ class FleetBoard:
         self._celery = make_celery(settings)
         self._storage: ArtifactStorage = open_storage(settings.storage, MediaSettings())
         self._ttl_ms = int(settings.retain_finished_s * 1000)
+        # What the workers run: they read the same settings (weights on their machines).
+        self.serving = providers(settings.models, runs_here=False).serving
 
     async def start(self) -> None:
         """Open the storage and check Redis answers."""

@@ -52,6 +52,8 @@ from celery.signals import (
 from kombu import Exchange, Queue
 
 from server.compute.base import ComputeError, OutputFile
+from server.compute.diffusion import providers
+from server.compute.diffusion.models import ModelRegistryError
 from server.compute.fleet.records import (
     CLAIM,
     FINISH,
@@ -151,6 +153,7 @@ class Runner:
     def __init__(self, settings: ComputeServerSettings, processors: ProcessorRegistry) -> None:
         self._settings = settings
         self._processors = processors
+        self._keep: dict[str, Any] = {}  # what processors keep between this process's tasks
         self._keys = Keys(settings.namespace)
         self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
         self._claim = self._redis.register_script(CLAIM)
@@ -290,6 +293,7 @@ class Runner:
             resolve=resolve,
             progress=report,
             max_input_pixels=self._settings.max_input_pixels,
+            keep=self._keep,
         )
         try:
             processor = self._processors.get(TaskType(record.task_type))
@@ -346,7 +350,9 @@ class _ProcessRunner:
 
     def __call__(self) -> Runner:
         if self._runner is None or self._pid != os.getpid():
-            self._runner = Runner(self._settings, load_processors(self._settings.processors))
+            base = load_processors(self._settings.processors)
+            chosen = providers(self._settings.models, base)
+            self._runner = Runner(self._settings, chosen.processors)
             self._pid = os.getpid()
         return self._runner
 
@@ -378,6 +384,10 @@ def main(argv: list[str] | None = None) -> None:
         types = [TaskType(t.strip()) for t in args.task_types.split(",") if t.strip()]
     except ValueError as exc:
         sys.exit(f"sartiq-compute-worker: {exc}")
+    try:  # the model registry checked once, before any process starts
+        providers(settings.models, load_processors(settings.processors))
+    except ModelRegistryError as exc:
+        sys.exit(f"sartiq-compute-worker: cannot start: {exc}")
     runner = _ProcessRunner(settings)
     app = make_celery(settings, runner)
     if args.pool == "prefork":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,14 +124,34 @@ def render_video(img: Image.Image, spec: VideoInput, progress: ProgressFn) -> Re
     frames = frame_count(spec.fps, spec.duration_s)
     move = camera_move(spec.motion_bucket_id, spec.seed)
     every = max(1, frames // 50)
+
+    def rendered() -> Iterator[U8]:
+        for i in range(frames):
+            yield _frame(still, move, i / (frames - 1) if frames > 1 else 0.0)
+            if (i + 1) % every == 0:
+                progress(0.05 + 0.85 * (i + 1) / frames)
+
+    data = encode_mp4(rendered(), w, h, spec.fps)
+    progress(0.97)
+    return RenderedVideo(data, w, h, frames, frames / spec.fps)
+
+
+def encode_mp4(frames: Iterable[U8], width: int, height: int, fps: int) -> bytes:
+    """RGB frames of ``width`` x ``height`` as an H.264 MP4 (the module's fixed settings).
+
+    The same frames give the same bytes.
+
+    Raises:
+        ProcessorError: "internal" when the encoder fails or writes nothing.
+    """
     with tempfile.TemporaryDirectory(prefix="sartiq-video-") as tmp:
         path = Path(tmp) / "out.mp4"
         writer = imageio_ffmpeg.write_frames(
             str(path),
-            (w, h),
+            (width, height),
             pix_fmt_in="rgb24",
             pix_fmt_out="yuv420p",
-            fps=spec.fps,
+            fps=fps,
             quality=None,
             codec="libx264",
             macro_block_size=1,
@@ -141,10 +161,8 @@ def render_video(img: Image.Image, spec: VideoInput, progress: ProgressFn) -> Re
         )
         try:
             writer.send(None)
-            for i in range(frames):
-                writer.send(_frame(still, move, i / (frames - 1) if frames > 1 else 0.0))
-                if (i + 1) % every == 0:
-                    progress(0.05 + 0.85 * (i + 1) / frames)
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
         except OSError as exc:
             raise ProcessorError("internal", f"video encoder failed: {exc}") from exc
         finally:
@@ -152,8 +170,7 @@ def render_video(img: Image.Image, spec: VideoInput, progress: ProgressFn) -> Re
         data = path.read_bytes() if path.exists() else b""
     if len(data) < 32:
         raise ProcessorError("internal", "video encoder produced no output")
-    progress(0.97)
-    return RenderedVideo(data, w, h, frames, frames / spec.fps)
+    return data
 
 
 def _validate(spec: VideoInput) -> None:

@@ -8,6 +8,7 @@ import sys
 
 import uvicorn
 
+from server.compute.diffusion.models import ModelRegistryError
 from server.compute.server.app import create_app
 from server.compute.server.settings import ComputeServerSettings
 from server.logs import configure
@@ -52,6 +53,8 @@ def main() -> None:
         asyncio.run(serve(settings))
     except KeyboardInterrupt:
         sys.exit(0)
+    except ModelRegistryError as exc:  # the models named, before anything serves
+        sys.exit(f"sartiq-compute-server: cannot start: {exc}")
 
 
 if __name__ == "__main__":

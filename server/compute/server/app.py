@@ -239,6 +239,7 @@ class ComputeService:
                 tasks_created=created,
                 tasks_ended=ended,
                 event_streams=self.event_streams,
+                providers=self.board.serving,
             )
         )
 

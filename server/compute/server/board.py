@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,6 +40,7 @@ class NamedOutput(BaseModel):
     duration_s: float | None = None
     frame_count: int = 0
     notes: list[str] = Field(default_factory=list)
+    recipe: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def of(cls, output: OutputFile, sha256: str) -> NamedOutput:
@@ -54,6 +55,7 @@ class NamedOutput(BaseModel):
             duration_s=output.duration_s,
             frame_count=output.frame_count,
             notes=list(output.notes),
+            recipe=dict(output.recipe),
         )
 
 
@@ -69,6 +71,8 @@ def task_output(task_id: str, outputs: Sequence[NamedOutput]) -> TaskOutput:
 
 class TaskBoard(Protocol):
     """The task table behind the wire protocol; every answer is a ``wire.TaskAnswer``."""
+
+    serving: dict[str, dict[str, str]]  # task type -> its provider (and model, pipeline)
 
     async def start(self) -> None:
         """Connect whatever the board needs."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from server.compute.base import ComputeError, TaskRequest
+from server.compute.diffusion import providers
 from server.compute.local import LocalComputeBackend, LocalTask
-from server.compute.processors.tasks import default_registry
 from server.compute.server.board import NamedOutput, OutputBytes, task_output
 from server.compute.server.settings import ComputeServerSettings
 from server.compute.wire import Capacity, TaskAnswer, WireStatus, decode_data_uri, is_data_uri
@@ -31,8 +31,10 @@ class EmbeddedBoard:
 
     def __init__(self, settings: ComputeServerSettings) -> None:
         self._settings = settings
+        chosen = providers(settings.models)
+        self.serving = chosen.serving
         self.backend = LocalComputeBackend(
-            default_registry(),
+            chosen.processors,
             resolve=self._resolve,
             workers=settings.workers,
             max_input_pixels=settings.max_input_pixels,

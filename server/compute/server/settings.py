@@ -80,6 +80,11 @@ class ComputeServerSettings(BaseSettings):
         default=DEFAULT_PROCESSORS,
         description="module:function returning the workers' ProcessorRegistry",
     )
+    models: Path | None = Field(
+        default=None,
+        description="the model registry file (TOML): the task types it lists run on its "
+        "diffusion models (the diffusion extra); unset: every task on the CPU processors",
+    )
 
     @model_validator(mode="after")
     def _fleet_is_complete(self) -> ComputeServerSettings:

@@ -1239,6 +1239,7 @@ class GetCapabilitiesResponse(_message.Message):
     COMPUTE_BACKEND_FIELD_NUMBER: _builtins.int
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
     MAX_INPUT_PIXELS_FIELD_NUMBER: _builtins.int
+    TASK_PROVIDERS_FIELD_NUMBER: _builtins.int
     compute_backend: _builtins.str
     """The compute backend this server sends tasks to, e.g. "local" or "http"."""
     max_upload_bytes: _builtins.int
@@ -1259,6 +1260,13 @@ class GetCapabilitiesResponse(_message.Message):
         empty while AGENTIC is not available.
         """
 
+    @_builtins.property
+    def task_providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskTypeProvider]:
+        """What runs each compute task type: the CPU processors, or a diffusion
+        model of the compute server's model registry. Asked of the compute backend
+        at each call; empty when it cannot be reached.
+        """
+
     def __init__(
         self,
         *,
@@ -1268,11 +1276,46 @@ class GetCapabilitiesResponse(_message.Message):
         compute_backend: _builtins.str = ...,
         max_upload_bytes: _builtins.int = ...,
         max_input_pixels: _builtins.int = ...,
+        task_providers: _abc.Iterable[Global___TaskTypeProvider] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_backend", b"compute_backend", "evaluation_providers", b"evaluation_providers", "generation_types", b"generation_types", "max_input_pixels", b"max_input_pixels", "max_upload_bytes", b"max_upload_bytes", "strategies", b"strategies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_backend", b"compute_backend", "evaluation_providers", b"evaluation_providers", "generation_types", b"generation_types", "max_input_pixels", b"max_input_pixels", "max_upload_bytes", b"max_upload_bytes", "strategies", b"strategies", "task_providers", b"task_providers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCapabilitiesResponse: _TypeAlias = GetCapabilitiesResponse  # noqa: Y015
+
+@_typing.final
+class TaskTypeProvider(_message.Message):
+    """What runs one compute task type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    task_type: _enums_pb2.ComputeTaskType.ValueType
+    """The task type."""
+    provider: _builtins.str
+    """"cpu" (the built-in processors) or "diffusion"."""
+    model: _builtins.str
+    """The model registry's name of the model, for "diffusion"."""
+    pipeline: _builtins.str
+    """The diffusers pipeline class of that model, e.g. "StableDiffusionXLPipeline"."""
+    def __init__(
+        self,
+        *,
+        task_type: _enums_pb2.ComputeTaskType.ValueType = ...,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "pipeline", b"pipeline", "provider", b"provider", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskTypeProvider: _TypeAlias = TaskTypeProvider  # noqa: Y015

@@ -838,6 +838,7 @@ class Recipe(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     INPUT_SHA256_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
     task_type: _enums_pb2.ComputeTaskType.ValueType
     """The compute task type that produced the artifact."""
     seed: _builtins.int
@@ -856,6 +857,15 @@ class Recipe(_message.Message):
         images), in the order the task used them.
         """
 
+    @_builtins.property
+    def provider(self) -> _struct_pb2.Struct:
+        """What the compute provider used beyond `parameters`. The diffusion
+        provider (a compute server with a model registry) records "provider"
+        ("diffusion"), "model", "pipeline", "scheduler", "steps",
+        "guidance_scale", "strength" and "loras" (each with "role", the "sha256"
+        of its weights and "weight"); empty where the CPU processors ran.
+        """
+
     def __init__(
         self,
         *,
@@ -864,10 +874,11 @@ class Recipe(_message.Message):
         seed: _builtins.int = ...,
         backend: _builtins.str = ...,
         input_sha256: _abc.Iterable[_builtins.str] | None = ...,
+        provider: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "provider", b"provider"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "input_sha256", b"input_sha256", "parameters", b"parameters", "seed", b"seed", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "input_sha256", b"input_sha256", "parameters", b"parameters", "provider", b"provider", "seed", b"seed", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
