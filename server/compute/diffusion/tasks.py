@@ -44,7 +44,7 @@ from server.compute.diffusion.runtime import (
 )
 from server.compute.processors.background import cover, foreground_mask, grow_mask
 from server.compute.processors.face import detect_faces, face_mask, face_region
-from server.compute.processors.imaging import to_f32
+from server.compute.processors.imaging import to_f32, to_u8
 from server.compute.processors.tasks import (
     NO_FACE_NOTE,
     _image,
@@ -103,6 +103,49 @@ def _png(
     ]
 
 
+def _denoise(
+    name: str,
+    model: Model,
+    ctx: ProcessorContext,
+    rt: Runtime,
+    *,
+    kind: str,
+    steps: int,
+    strength: float,
+    seed: int,
+    span: tuple[float, float],
+    loras: tuple[Lora, ...] = (),
+    used_loras: tuple[dict[str, Any], ...] = (),
+    **arguments: Any,
+) -> tuple[Image.Image, dict[str, Any]]:
+    """One pass of ``model``'s ``kind`` pipeline; its image and recipe.
+
+    ``strength`` below 1 (image to image, inpainting) denoises that share of the steps,
+    and the steps are raised so that at least one does.
+    """
+    pipe = rt.pipeline(name, model, kind)
+    rt.use_loras(name, list(loras))
+    if kind != "base":
+        steps = _steps_for(steps, strength)
+        arguments["strength"] = strength
+    out = run(
+        pipe,
+        device_of(model),
+        num_inference_steps=steps,
+        guidance_scale=model.guidance,
+        generator=generator(seed),
+        callback_on_step_end=step_reporter(ctx, max(1, int(steps * strength)), *span),
+        **arguments,
+    ).images[0]
+    used = {
+        "steps": steps,
+        "guidance_scale": model.guidance,
+        "strength": strength,
+        "loras": list(used_loras),
+    }
+    return out, _recipe(name, model, pipe, **used)
+
+
 def _img2img(
     name: str,
     model: Model,
@@ -116,22 +159,19 @@ def _img2img(
     span: tuple[float, float] = (0.05, 0.9),
 ) -> tuple[Image.Image, dict[str, Any]]:
     """One image-to-image pass over ``image`` (its size a multiple of 8)."""
-    pipe = rt.pipeline(name, model, "img2img")
-    rt.use_loras(name, [])
-    steps = _steps_for(model.steps, strength)
-    out = run(
-        pipe,
-        device_of(model),
+    return _denoise(
+        name,
+        model,
+        ctx,
+        rt,
+        kind="img2img",
+        steps=model.steps,
+        strength=strength,
+        seed=seed,
+        span=span,
         prompt=prompt,
         image=image,
-        strength=strength,
-        num_inference_steps=steps,
-        guidance_scale=model.guidance,
-        generator=generator(seed),
-        callback_on_step_end=step_reporter(ctx, max(1, int(steps * strength)), *span),
-    ).images[0]
-    used = {"steps": steps, "guidance_scale": model.guidance, "strength": strength, "loras": []}
-    return out, _recipe(name, model, pipe, **used)
+    )
 
 
 def _base(params: dict[str, Any], ctx: ProcessorContext) -> Image.Image:
@@ -162,47 +202,29 @@ def generation(
             reference = _image(entity["images"][0], ctx, f"{role}.images[0]").convert("RGB")
             break
     size = (_fit(width), _fit(height))
-    arguments: dict[str, Any] = {
-        "prompt": str(params.get("prompt") or ""),
-        "negative_prompt": str(params.get("negative_prompt") or "") or None,
-        "num_inference_steps": steps,
-        "guidance_scale": model.guidance,
-        "generator": generator(seed),
-    }
+    inputs: dict[str, Any]
     if reference is None:
-        pipe = rt.pipeline(name, model, "base")
-        arguments.update(width=size[0], height=size[1])
-        effective, strength = steps, 1.0
+        kind, strength, inputs = "base", 1.0, {"width": size[0], "height": size[1]}
     else:
-        pipe = rt.pipeline(name, model, "img2img")
-        strength = REFERENCE_STRENGTH
-        steps = arguments["num_inference_steps"] = _steps_for(steps, strength)
-        arguments.update(image=cover_image(reference, *size), strength=strength)
-        effective = max(1, int(steps * strength))
-    rt.use_loras(name, loras)
-    arguments["callback_on_step_end"] = step_reporter(ctx, effective, 0.05, 0.9)
-    image = run(pipe, device_of(model), **arguments).images[0]
-    recipe = _recipe(
+        kind, strength = "img2img", REFERENCE_STRENGTH
+        inputs = {"image": Image.fromarray(to_u8(cover(reference, *size)), "RGB")}
+    image, recipe = _denoise(
         name,
         model,
-        pipe,
+        ctx,
+        rt,
+        kind=kind,
         steps=steps,
-        guidance_scale=model.guidance,
         strength=strength,
-        loras=used_loras,
+        seed=seed,
+        span=(0.05, 0.9),
+        loras=tuple(loras),
+        used_loras=tuple(used_loras),
+        prompt=str(params.get("prompt") or ""),
+        negative_prompt=str(params.get("negative_prompt") or "") or None,
+        **inputs,
     )
     return _png(_exact(image, width, height), seed, recipe)
-
-
-def cover_image(image: Image.Image, width: int, height: int) -> Image.Image:
-    """``image`` scaled to cover ``width`` x ``height`` and centre-cropped to it."""
-    scale = max(width / image.width, height / image.height)
-    resized = image.resize(
-        (max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-        Image.Resampling.LANCZOS,
-    )
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    return resized.crop((left, top, left + width, top + height))
 
 
 def editing(
@@ -302,29 +324,27 @@ def _inpaint(
     """Inpaint where ``keep`` is below 1; where it is 1 the pixels stay as they were."""
     size = (_fit(image.width), _fit(image.height))
     mask = Image.fromarray(np.round((1.0 - keep) * 255).astype(np.uint8), "L")
-    pipe = rt.pipeline(name, model, "inpaint")
-    rt.use_loras(name, [])
-    steps = _steps_for(model.steps, strength)
-    painted = run(
-        pipe,
-        device_of(model),
+    painted, recipe = _denoise(
+        name,
+        model,
+        ctx,
+        rt,
+        kind="inpaint",
+        steps=model.steps,
+        strength=strength,
+        seed=seed,
+        span=(0.1, 0.8),
         prompt=prompt,
         image=image.resize(size, Image.Resampling.LANCZOS),
         mask_image=mask.resize(size, Image.Resampling.BILINEAR),
         width=size[0],
         height=size[1],
-        strength=strength,
-        num_inference_steps=steps,
-        guidance_scale=model.guidance,
-        generator=generator(seed),
-        callback_on_step_end=step_reporter(ctx, max(1, int(steps * strength)), 0.1, 0.8),
-    ).images[0]
+    )
     painted_f = to_f32(_exact(painted, image.width, image.height))
     alpha = keep[..., None]
     out = alpha * to_f32(image) + (1.0 - alpha) * painted_f
     merged = Image.fromarray(np.clip(np.round(out * 255), 0, 255).astype(np.uint8), "RGB")
-    used = {"steps": steps, "guidance_scale": model.guidance, "strength": strength, "loras": []}
-    return merged, _recipe(name, model, pipe, **used)
+    return merged, recipe
 
 
 def background_fix(
