@@ -13,6 +13,7 @@ from server.compute.wire import (
     ErrorBody,
     EvaluationAnswer,
     HealthAnswer,
+    OutputItem,
     TaskAnswer,
     TaskList,
     WireFormatError,
@@ -106,3 +107,30 @@ def test_health_counts_live_tasks() -> None:
         b' "tasks_created": 9, "tasks_ended": 5}',
     )
     assert health.live == 4
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"model": {"nested": "object"}},  # not a scalar, not a list of records
+        {"model": "x" * 2049},  # past the bound of a value
+        {f"k{i}": 1 for i in range(33)},  # more keys than a recipe holds
+        {"loras": [{"role": {"deep": 1}}]},  # a record holding an object
+    ],
+)
+def test_an_output_recipe_outside_the_schema_is_refused(recipe: dict[str, Any]) -> None:
+    item = {"url": "/api/v1/tasks/t/outputs/0", "sha256": "a" * 64, "size": 1, "recipe": recipe}
+    with pytest.raises(WireFormatError):
+        parse(OutputItem, json.dumps(item).encode())
+
+
+def test_health_providers_must_be_records_of_words() -> None:
+    health: dict[str, Any] = {"status": "ok", "tasks_created": 0, "tasks_ended": 0}
+    health["capacity"] = {"workers": 1, "running": 0, "waiting": 0}
+    for providers in ({"GENERATION": "diffusion"}, {"GENERATION": {"model": None}}):
+        with pytest.raises(WireFormatError):
+            parse(HealthAnswer, json.dumps({**health, "providers": providers}).encode())
+    fine = parse(
+        HealthAnswer, json.dumps({**health, "providers": {"EDITING": {"provider": "cpu"}}}).encode()
+    )
+    assert fine.providers == {"EDITING": {"provider": "cpu"}}
